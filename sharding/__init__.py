@@ -1,0 +1,13 @@
+"""Where state lives: device meshes, logical-axis rules, and reallocation between layouts.
+
+Knows nothing of models or RLHF (DESIGN.md section 1).
+"""
+
+from sharding.mesh import AXES, DeviceMesh, Layout, Strategy, make_mesh, strategies, submeshes
+from sharding.rules import (ACTIVATION_RULES, PARAM_RULES, activation_sharding, check_rules, logical_axes_of,
+                            shardings_for, spec_for)
+
+__all__ = [
+    "ACTIVATION_RULES", "AXES", "DeviceMesh", "Layout", "PARAM_RULES", "Strategy", "activation_sharding",
+    "check_rules", "logical_axes_of", "make_mesh", "shardings_for", "spec_for", "strategies", "submeshes",
+]
