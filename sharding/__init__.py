@@ -11,3 +11,8 @@ __all__ = [
     "ACTIVATION_RULES", "AXES", "DeviceMesh", "Layout", "PARAM_RULES", "Strategy", "activation_sharding",
     "check_rules", "logical_axes_of", "make_mesh", "shardings_for", "spec_for", "strategies", "submeshes",
 ]
+
+from sharding.hardware import Hardware  # noqa: E402
+from sharding.realloc import DEFAULT_BUCKET_BYTES, realloc_cost, reallocate  # noqa: E402
+
+__all__ += ["DEFAULT_BUCKET_BYTES", "Hardware", "realloc_cost", "reallocate"]

@@ -1,0 +1,93 @@
+"""Hardware profile: the link and memory bandwidths that price a reallocation.
+
+`Hardware` is a frozen dataclass with the numbers `sharding.realloc_cost` needs. The search
+package stores profiles as JSON (`search/profiles/*.json`) that carry these fields and more;
+`Hardware.from_json` keeps every key it does not know in `extra` (a dict, round-tripped by
+`to_json`), so one profile file serves both packages.
+
+Bandwidth conventions (all in bytes per second):
+
+* `d2d_bandwidth` - one device-to-device copy inside a host, per device pair (what a plain
+  `jax.device_put` of a single-device shard achieves). Copies on disjoint pairs run in parallel.
+* `inter_host_bandwidth` - the same for a pair of devices on different hosts (per device).
+* `hbm_bandwidth` - on-device memory copy rate (read + write counted once each: a copy of B bytes
+  costs 2 B / hbm_bandwidth).
+* `intra_mesh_collective_bandwidth` - bytes *received per device* per second by a jitted reshard
+  (all-to-all / all-gather) inside one mesh.
+* `transfer_latency_s` - fixed cost of one dispatched transfer or reshard program.
+
+`H100_SXM` is the default, from measurements on 4x H100 SXM (NVLink) with jax 0.11.2 (DESIGN.md
+section 4) and recalibrated by `bench/realloc.py` (see bench/README.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+  """Bandwidths and latencies of one accelerator type and its interconnect."""
+
+  name: str
+  devices_per_host: int
+  d2d_bandwidth: float
+  inter_host_bandwidth: float
+  hbm_bandwidth: float
+  intra_mesh_collective_bandwidth: float
+  transfer_latency_s: float
+  extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+  def __post_init__(self):
+    for f in ("d2d_bandwidth", "inter_host_bandwidth", "hbm_bandwidth", "intra_mesh_collective_bandwidth"):
+      if not getattr(self, f) > 0:
+        raise ValueError(f"Hardware.{f} must be > 0, got {getattr(self, f)!r}")
+    if self.transfer_latency_s < 0 or self.devices_per_host < 1:
+      raise ValueError(f"Hardware {self.name}: transfer_latency_s must be >= 0 and devices_per_host >= 1")
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> Hardware:
+    """Known keys become fields; unknown keys are kept in `extra` (and merged with an `extra` key)."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    known = {k: v for k, v in d.items() if k in names}
+    extra = dict(d.get("extra", {}))
+    extra.update({k: v for k, v in d.items() if k not in names and k != "extra"})
+    missing = names - known.keys()
+    if missing:
+      raise ValueError(f"hardware profile lacks {sorted(missing)}")
+    return cls(**known, extra=extra)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+    d.update(self.extra)
+    return d
+
+  @classmethod
+  def from_json(cls, text_or_path: str) -> Hardware:
+    """From a JSON string, or from a path to a JSON file."""
+    text = text_or_path
+    if not text_or_path.lstrip().startswith("{"):
+      with open(text_or_path) as f:
+        text = f.read()
+    return cls.from_dict(json.loads(text))
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# 4x H100 SXM 80GB, NVLink 4, one host. d2d: 360 GB/s per pair (device_put of a shard);
+# collective: ~1.2 TB/s algorithmic all-to-all over 4 GPUs = 225 GB/s received per device;
+# HBM copy 2.58 TB/s; inter-host: 400 Gb/s InfiniBand per GPU. Latency: dispatch of one transfer.
+H100_SXM = Hardware(
+    name="h100_sxm",
+    devices_per_host=8,
+    d2d_bandwidth=360e9,
+    inter_host_bandwidth=45e9,
+    hbm_bandwidth=2.58e12,
+    intra_mesh_collective_bandwidth=225e9,
+    transfer_latency_s=20e-6,
+)
+
+DEFAULT = H100_SXM
