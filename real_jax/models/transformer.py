@@ -1,0 +1,407 @@
+"""A LLaMA-family decoder in Flax NNX, with layer-stacked parameters and an optional KV cache.
+
+Shape legend: see `real_jax/models/config.py` (B T S D N K H G F V L).
+
+Design:
+* Parameters carry *logical* axis names only, as `logical_axes` metadata on each `nnx.Param`
+  (`sharding.rules` maps them to mesh axes). Flax's own `sharding_names` metadata is not used, so
+  that creating a Variable never needs a mesh context.
+* The L decoder layers are one `Layers` module whose parameters are stacked along a leading
+  `layers` axis and run with `jax.lax.scan`: one layer is traced and compiled once, whatever L is.
+* One forward path (`Transformer.forward`) serves training, inference and generation prefill and
+  decode; the cache only changes which keys are visible. So log-probs of the sampler and of the
+  trainer come from the same code.
+* Attention masking is slot based. Keys live in slots 0..S-1 (the cache, or the sequence itself
+  without a cache); the query at slot q may see slot s iff s <= q and slot s holds a real token.
+  A query at a padded slot sees only itself, so no row is ever empty. RoPE uses `positions`
+  separately, so left-padded prompts get positions 0, 1, ... from their first real token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from real_jax.models.config import ModelConfig
+
+Array = jax.Array
+
+# ---------------------------------------------------------------------------------------------
+# Activation sharding hook. Model code names logical axes; the caller (a call under a Layout) sets
+# how they map to the mesh with `activation_constraints(fn)`, fn(x, logical_axes) -> x.
+
+_CONSTRAIN: contextvars.ContextVar[Any] = contextvars.ContextVar("real_jax_constrain", default=None)
+
+
+@contextlib.contextmanager
+def activation_constraints(fn):
+  """Within the block, `constrain(x, names)` calls `fn(x, names)` (e.g. a sharding constraint)."""
+  token = _CONSTRAIN.set(fn)
+  try:
+    yield
+  finally:
+    _CONSTRAIN.reset(token)
+
+
+def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
+  fn = _CONSTRAIN.get()
+  return x if fn is None else fn(x, names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks (pure functions on arrays).
+
+
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+  """RMSNorm computed in float32, returned in x's dtype (HF LlamaRMSNorm semantics)."""
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (scale.astype(jnp.float32) * y).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Array:
+  """Inverse frequencies [H/2], with LLaMA-3.1 frequency-dependent scaling when configured."""
+  h = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  sc = cfg.rope_scaling
+  if sc is None:
+    return inv
+  old = sc.original_max_position_embeddings
+  low_wavelen = old / sc.low_freq_factor
+  high_wavelen = old / sc.high_freq_factor
+  wavelen = 2 * jnp.pi / inv
+  scaled = jnp.where(wavelen > low_wavelen, inv / sc.factor, inv)
+  smooth = (old / wavelen - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+  medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x_BTnH: Array, positions_BT: Array, inv_freq: Array) -> Array:
+  """Rotary embedding, rotate-half convention (HF's), computed in float32."""
+  ang_BTh = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+  cos = jnp.cos(ang_BTh)[:, :, None, :]
+  sin = jnp.sin(ang_BTh)[:, :, None, :]
+  xf = x_BTnH.astype(jnp.float32)
+  x1, x2 = jnp.split(xf, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BTnH.dtype)
+
+
+def attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, impl: str | None) -> Array:
+  """Grouped-query attention through `jax.nn.dot_product_attention` (cuDNN on GPU where it applies)."""
+  mask = mask_BTS[:, None, :, :]
+  if impl is None:
+    # cuDNN's fused kernel needs fp16/bf16; fall back to XLA when it does not apply.
+    impl = "xla" if q_BTNH.dtype == jnp.float32 or jax.default_backend() != "gpu" else None
+  try:
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, implementation=impl)
+  except (NotImplementedError, ValueError, RuntimeError):
+    if impl == "cudnn":
+      raise
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, implementation="xla")
+
+
+def decode_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array) -> Array:
+  """Attention for a few query tokens against a long cache, as fused multiply-reduce (no dot).
+
+  Decode is bound by reading the cache: written as broadcast-multiply + reduce, XLA fuses the
+  read of this layer's cache slice (a dynamic slice of the stacked cache) into the reduction, so
+  the cache is read once per step instead of being copied out first. Same math as the XLA path
+  of `jax.nn.dot_product_attention` (fp32 scores and softmax, probabilities cast to the value
+  dtype before the PV product).
+  """
+  b, t, n, h = q_BTNH.shape
+  k = k_BSKH.shape[2]
+  g = n // k
+  f32 = jnp.float32
+  q = q_BTNH.reshape(b, t, 1, k, g, h).astype(f32)
+  s_BTSKG = jnp.sum(q * k_BSKH[:, None, :, :, None, :].astype(f32), axis=-1) * f32(1.0 / (h ** 0.5))
+  big_neg = jnp.finfo(f32).min / 2
+  s_BTSKG = jnp.where(mask_BTS[:, :, :, None, None], s_BTSKG, big_neg)
+  p_BTSKG = jax.nn.softmax(s_BTSKG, axis=2).astype(v_BSKH.dtype)
+  o = jnp.sum(p_BTSKG[..., None].astype(f32) * v_BSKH[:, None, :, :, None, :].astype(f32), axis=2)
+  return o.reshape(b, t, n, h).astype(q_BTNH.dtype)
+
+
+def slot_mask(q_slot_BT: Array, key_valid_BS: Array) -> Array:
+  """[B, T, S] bool: query at slot q sees key slot s iff s <= q and (s holds a real token or s == q)."""
+  s_idx = jnp.arange(key_valid_BS.shape[1])[None, None, :]
+  q = q_slot_BT[:, :, None]
+  return (s_idx <= q) & (key_valid_BS[:, None, :] | (s_idx == q))
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Pre-allocated keys/values for all layers, plus which slots hold real tokens.
+
+  k, v: [L, B, S, K, H]; valid: [B, S] bool; index: [] int32, the next slot to write.
+  """
+
+  k: Array
+  v: Array
+  valid: Array
+  index: Array
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool),
+               jnp.zeros((), jnp.int32))
+
+  @staticmethod
+  def logical_axes() -> KVCache:
+    """Logical axes of each field (for sharding the cache with `sharding.rules`)."""
+    kv = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
+    return KVCache(kv, kv, ("batch", "cache_seq"), ())  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules.
+
+
+def _param(rngs: nnx.Rngs | None, init, shape, dtype, axes) -> nnx.Param:
+  value = init(rngs.params(), shape, dtype) if rngs is not None else init(None, shape, dtype)
+  return nnx.Param(value, logical_axes=axes)
+
+
+def _normal(std):
+  return lambda key, shape, dtype: (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def _ones(key, shape, dtype):
+  del key
+  return jnp.ones(shape, dtype)
+
+
+def _zeros(key, shape, dtype):
+  del key
+  return jnp.zeros(shape, dtype)
+
+
+class Layers(nnx.Module):
+  """All L decoder layers, parameters stacked along a leading `layers` axis."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, init_std: float = 0.02):
+    l, d, n, k, h, f = cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    pd = jnp.dtype(cfg.param_dtype)
+    w = _normal(init_std)
+    self.attn_norm = _param(rngs, _ones, (l, d), pd, ("layers", "embed"))
+    self.wq = _param(rngs, w, (l, d, n, h), pd, ("layers", "embed", "heads", "head_dim"))
+    self.wk = _param(rngs, w, (l, d, k, h), pd, ("layers", "embed", "kv_heads", "head_dim"))
+    self.wv = _param(rngs, w, (l, d, k, h), pd, ("layers", "embed", "kv_heads", "head_dim"))
+    self.wo = _param(rngs, w, (l, n, h, d), pd, ("layers", "heads", "head_dim", "embed"))
+    if cfg.qkv_bias:
+      self.bq = _param(rngs, _zeros, (l, n, h), pd, ("layers", "heads", "head_dim"))
+      self.bk = _param(rngs, _zeros, (l, k, h), pd, ("layers", "kv_heads", "head_dim"))
+      self.bv = _param(rngs, _zeros, (l, k, h), pd, ("layers", "kv_heads", "head_dim"))
+    self.mlp_norm = _param(rngs, _ones, (l, d), pd, ("layers", "embed"))
+    self.w_gate = _param(rngs, w, (l, d, f), pd, ("layers", "embed", "mlp"))
+    self.w_up = _param(rngs, w, (l, d, f), pd, ("layers", "embed", "mlp"))
+    self.w_down = _param(rngs, w, (l, f, d), pd, ("layers", "mlp", "embed"))
+
+  def arrays(self) -> dict[str, Array]:
+    return {name: v.get_value() for name, v in vars(self).items() if isinstance(v, nnx.Param)}
+
+
+def _layer(cfg: ModelConfig, inv_freq, x_BTD, p, positions_BT, mask_BTS, kv_in, index):
+  """One decoder layer.
+
+  kv_in: None (no cache), or (k_LBSKH, v_LBSKH, layer) - the whole stacked cache and this layer's
+  index. The T new keys/values are written in place at slots [index, index + T) of that layer
+  first, then the layer's slice is read back for attention (so the cache is never copied).
+  Returns (x, (k_all, v_all) updated, or None).
+  """
+  dt = x_BTD.dtype
+  c = lambda name: p[name].astype(dt)  # noqa: E731
+  h_BTD = rms_norm(x_BTD, p["attn_norm"], cfg.rms_eps)
+  q = jnp.einsum("BTD,DNH->BTNH", h_BTD, c("wq"))
+  k = jnp.einsum("BTD,DKH->BTKH", h_BTD, c("wk"))
+  v = jnp.einsum("BTD,DKH->BTKH", h_BTD, c("wv"))
+  if cfg.qkv_bias:
+    q, k, v = q + c("bq"), k + c("bk"), v + c("bv")
+  q = constrain(apply_rope(q, positions_BT, inv_freq), ("batch", "seq", "heads", "head_dim"))
+  k = constrain(apply_rope(k, positions_BT, inv_freq), ("batch", "seq", "kv_heads", "head_dim"))
+  kv_out = None
+  if kv_in is None:
+    o = attention(q, k, v, mask_BTS, cfg.attention_impl)
+  else:
+    k_all, v_all, layer = kv_in
+    zero = jnp.zeros((), jnp.int32)
+    start = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(index, jnp.int32), zero, zero)
+    k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], start)
+    v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], start)
+    keys = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)
+    values = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
+    if q.shape[1] == 1:  # Decode step: bandwidth-bound, read the cache once.
+      o = decode_attention(q, keys, values, mask_BTS)
+    else:
+      o = attention(q, keys, values, mask_BTS, cfg.attention_impl)
+    kv_out = (k_all, v_all)
+  x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o, c("wo"))
+  x_BTD = constrain(x_BTD, ("batch", "seq", "embed"))
+  h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg.rms_eps)
+  gate = jnp.einsum("BTD,DF->BTF", h_BTD, c("w_gate"))
+  up = jnp.einsum("BTD,DF->BTF", h_BTD, c("w_up"))
+  act = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "mlp"))
+  x_BTD = x_BTD + jnp.einsum("BTF,FD->BTD", act, c("w_down"))
+  x_BTD = constrain(x_BTD, ("batch", "seq", "embed"))
+  return x_BTD, kv_out
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+  """LLaMA-family decoder with a language-model head ("lm") or a scalar head ("scalar").
+
+  `model(tokens_BT, positions_BT=None, attention_mask_BT=None)` returns logits [B, T, V] (lm)
+  or values [B, T] (scalar) in float32. `model.forward(...)` also takes and returns a KVCache.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, head: str = "lm", rngs: nnx.Rngs, init_std: float = 0.02):
+    if head not in ("lm", "scalar"):
+      raise ValueError(f"head={head!r}: expected 'lm' or 'scalar'")
+    self.cfg = cfg
+    self.head = head
+    pd = jnp.dtype(cfg.param_dtype)
+    self.embed = _param(rngs, _normal(init_std), (cfg.vocab_size, cfg.d_model), pd, ("vocab", "embed"))
+    self.layers = Layers(cfg, rngs=rngs, init_std=init_std)
+    self.final_norm = _param(rngs, _ones, (cfg.d_model,), pd, ("embed",))
+    if head == "lm" and not cfg.tie_embeddings:
+      self.lm_head = _param(rngs, _normal(init_std), (cfg.d_model, cfg.vocab_size), pd, ("embed", "vocab"))
+    if head == "scalar":
+      self.score = _param(rngs, _normal(init_std), (cfg.d_model,), pd, ("embed",))
+
+  # -- forward -------------------------------------------------------------------------------
+
+  def hidden(self, tokens_BT: Array, positions_BT: Array | None = None, attention_mask_BT: Array | None = None,
+             cache: KVCache | None = None, *, train: bool = False,
+             scan_layers: bool = True) -> tuple[Array, KVCache | None]:
+    """Final-norm hidden states [B, T, D] and the updated cache.
+
+    tokens_BT: int token ids. positions_BT: RoPE positions (default: cumsum of the mask - 1).
+    attention_mask_BT: 1/True for real tokens, 0/False for padding (default: all real).
+    cache: when given, the T tokens are written at slots [cache.index, cache.index + T) and attend
+      to every earlier valid slot; the returned cache has index advanced by T.
+    train: apply the configured rematerialisation.
+    scan_layers: with a cache, False unrolls the layer loop (static weight slices; used by the
+      decode loop of generation, where a scanned layer loop may copy each layer's weights out of
+      the stack every step). Same math either way.
+    """
+    cfg = self.cfg
+    b, t = tokens_BT.shape
+    mask_BT = jnp.ones((b, t), bool) if attention_mask_BT is None else attention_mask_BT.astype(bool)
+    if positions_BT is None:
+      positions_BT = jnp.maximum(jnp.cumsum(mask_BT, axis=1) - 1, 0)
+      if cache is not None:  # Continue from the real tokens already in the cache.
+        positions_BT = positions_BT + jnp.sum(cache.valid, axis=1, keepdims=True)
+    dt = jnp.dtype(cfg.dtype)
+    x_BTD = jnp.take(self.embed.get_value(), tokens_BT, axis=0).astype(dt)
+    x_BTD = constrain(x_BTD, ("batch", "seq", "embed"))
+    inv_freq = rope_inv_freq(cfg)
+    if cache is None:
+      index = jnp.zeros((), jnp.int32)
+      valid_BS = mask_BT
+    else:
+      index = cache.index
+      valid_BS = jax.lax.dynamic_update_slice_in_dim(cache.valid, mask_BT, index, axis=1)
+    q_slot_BT = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+    mask_BTS = slot_mask(q_slot_BT, valid_BS)
+
+    params = self.layers.arrays()
+    new_cache = None
+    if cache is None:
+      def body(x, p):
+        return _layer(cfg, inv_freq, x, p, positions_BT, mask_BTS, None, index)[0], None
+
+      if train and cfg.remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+      x_BTD, _ = jax.lax.scan(body, x_BTD, params)
+    else:
+      # The stacked cache rides in the carry and is updated in place (a scan over it as xs/ys
+      # would rewrite every layer's whole cache each step).
+      def body_kv(carry, xs):
+        x, k_all, v_all = carry
+        p, layer = xs
+        x, (k_all, v_all) = _layer(cfg, inv_freq, x, p, positions_BT, mask_BTS, (k_all, v_all, layer), index)
+        return (x, k_all, v_all), None
+
+      carry = (x_BTD, cache.k, cache.v)
+      if scan_layers:
+        carry, _ = jax.lax.scan(body_kv, carry, (params, jnp.arange(cfg.n_layers, dtype=jnp.int32)))
+      else:  # Unrolled: static per-layer weight slices (no per-step weight copies inside a decode loop).
+        for i in range(cfg.n_layers):
+          carry, _ = body_kv(carry, (jax.tree.map(lambda a, i=i: a[i], params), i))
+      x_BTD, k_all, v_all = carry
+      new_cache = KVCache(k_all, v_all, valid_BS, index + t)
+    h_BTD = rms_norm(x_BTD, self.final_norm.get_value(), cfg.rms_eps)
+    return h_BTD, new_cache
+
+  def project(self, h_BTD: Array) -> Array:
+    """Head on top of hidden states: logits [B, T, V] or values [B, T], float32."""
+    if self.head == "scalar":
+      return jnp.einsum("BTD,D->BT", h_BTD, self.score.get_value().astype(h_BTD.dtype)).astype(jnp.float32)
+    w_DV = self.embed.get_value().T if self.cfg.tie_embeddings else self.lm_head.get_value()
+    logits = jnp.einsum("BTD,DV->BTV", h_BTD, w_DV.astype(h_BTD.dtype))
+    return constrain(logits, ("batch", "seq", "vocab")).astype(jnp.float32)
+
+  def forward(self, tokens_BT, positions_BT=None, attention_mask_BT=None, cache=None, *, train=False,
+              scan_layers=True):
+    """(logits or values, updated cache)."""
+    h, cache = self.hidden(tokens_BT, positions_BT, attention_mask_BT, cache, train=train, scan_layers=scan_layers)
+    return self.project(h), cache
+
+  def __call__(self, tokens_BT, positions_BT=None, attention_mask_BT=None, *, train=False):
+    return self.forward(tokens_BT, positions_BT, attention_mask_BT, train=train)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Creation, sharded from birth.
+
+
+def abstract_model(cfg: ModelConfig, *, head: str = "lm") -> Transformer:
+  """The model with `jax.ShapeDtypeStruct` parameters (nothing allocated)."""
+  return nnx.eval_shape(lambda: Transformer(cfg, head=head, rngs=nnx.Rngs(0)))
+
+
+def create_model(cfg: ModelConfig, layout=None, *, seed: int = 0, head: str = "lm") -> Transformer:
+  """A randomly initialised model whose parameters are created directly in `layout`'s shardings.
+
+  eval_shape -> shardings from the logical-axis rules -> jit(init, out_shardings=...): no parameter
+  ever exists on a single device first. layout=None means device 0 alone.
+  """
+  from sharding import Layout, shardings_for
+
+  layout = layout if layout is not None else Layout.on(0)
+  graphdef, abstract_state = nnx.split(abstract_model(cfg, head=head))
+  shardings = shardings_for(abstract_state, layout)
+
+  @functools.partial(jax.jit, out_shardings=shardings)
+  def init():
+    return nnx.state(Transformer(cfg, head=head, rngs=nnx.Rngs(seed)))
+
+  return nnx.merge(graphdef, init())
+
+
+def param_shardings(model: Transformer, layout) -> Any:
+  """NamedShardings of `model`'s state (an nnx.State) under `layout`."""
+  from sharding import shardings_for
+
+  return shardings_for(nnx.state(model), layout)

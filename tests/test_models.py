@@ -1,0 +1,181 @@
+"""Model tests: published parameter counts, layout invariance, causality, padding and the KV cache."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from real_jax.models import KVCache, ModelConfig, RopeScaling, create_model, get_config, param_count
+from sharding import Layout
+
+# Counts of the real checkpoints' safetensors (model cards / HF hub metadata).
+PUBLISHED = {
+    "7b": 6_738_415_616,  # Llama-2-7b
+    "13b": 13_015_864_320,  # Llama-2-13b
+    "34b": 33_743_970_304,  # CodeLlama-34b
+    "70b": 68_976_648_192,  # Llama-2-70b
+    "1b": 1_235_814_400,  # Llama-3.2-1B
+    "qwen2.5-0.5b": 494_032_768,
+    "qwen2.5-1.5b": 1_543_714_304,
+    "qwen2.5-7b": 7_615_616_512,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_param_count_matches_published(name):
+  assert param_count(get_config(name)) == PUBLISHED[name]
+
+
+def test_param_count_matches_allocated_state():
+  for cfg in [get_config("tiny"), get_config("tiny", qkv_bias=True, tie_embeddings=True)]:
+    for head in ("lm", "scalar"):
+      from real_jax.models import abstract_model
+      state = nnx.state(abstract_model(cfg, head=head), nnx.Param)
+      n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+      assert n == param_count(cfg, head), (cfg, head)
+
+
+CFG = get_config("tiny", qkv_bias=True)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+  return np.asarray(jax.random.randint(jax.random.key(3), (8, 12), 0, CFG.vocab_size), np.int32)
+
+
+@pytest.fixture(scope="module")
+def reference_logits(tokens):
+  model = create_model(CFG, seed=7)
+  _randomise_biases(model)
+  return np.asarray(model(jnp.asarray(tokens)))
+
+
+def _randomise_biases(model):
+  """Zero-initialised biases would hide bias bugs; give them values (deterministically)."""
+  for i, name in enumerate(("bq", "bk", "bv")):
+    p = getattr(model.layers, name)
+    v = p.get_value()
+    p.set_value(jax.device_put(0.1 * jax.random.normal(jax.random.key(100 + i), v.shape, v.dtype), v.sharding))
+
+
+@pytest.mark.parametrize("layout", [
+    Layout.on(0),
+    Layout.on(0, data=8, rules="replicated"),
+    Layout.on(0, fsdp=8),
+    Layout.on(0, fsdp=4, tensor=2),
+    Layout.on(0, data=2, tensor=4),  # 2 kv heads over tensor=4: kv projections replicated (documented).
+    Layout.on(4, fsdp=2, tensor=2),
+], ids=str)
+def test_logits_equal_across_layouts(layout, tokens, reference_logits):
+  model = create_model(CFG, layout, seed=7)
+  _randomise_biases(model)
+  spec = model.layers.wq.get_value().sharding.spec
+  assert model.layers.wq.get_value().sharding.mesh.devices.size == layout.device_mesh.size
+  if layout.strategy.tensor > 1:
+    assert "tensor" in jax.tree.leaves(tuple(spec)), spec
+  batch = jax.device_put(tokens, layout.named(("data", "fsdp")))
+  out = nnx.jit(lambda m, t: m(t))(model, batch)
+  np.testing.assert_allclose(np.asarray(out), reference_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_strategy_that_does_not_divide_heads_fails_clearly():
+  with pytest.raises(ValueError, match=r"'heads' of size 4 does not divide over mesh axes tensor of size 8"):
+    create_model(CFG, Layout.on(0, tensor=8))
+
+
+@settings(max_examples=8, deadline=None)
+@given(t=st.integers(0, 11), new=st.integers(0, 255))
+def test_causality(t, new, tokens):
+  model = _shared_model()
+  base = np.asarray(_jit_call(model, jnp.asarray(tokens)))
+  changed = tokens.copy()
+  changed[:, t] = (tokens[:, t] + 1 + new) % CFG.vocab_size  # Really changed in every row.
+  out = np.asarray(_jit_call(model, jnp.asarray(changed)))
+  np.testing.assert_array_equal(out[:, :t], base[:, :t])  # Same program: bitwise equal before t.
+  assert (np.abs(out[:, t] - base[:, t]).max(axis=-1) > 0).all()  # ...and token t itself is seen.
+
+
+_MODEL = {}
+
+
+def _shared_model():
+  if "m" not in _MODEL:
+    _MODEL["m"] = create_model(CFG, seed=7)
+    _randomise_biases(_MODEL["m"])
+  return _MODEL["m"]
+
+
+@nnx.jit
+def _jit_call(model, tokens, positions=None, mask=None):
+  return model(tokens, positions, mask)
+
+
+def test_left_padding_does_not_change_real_positions(tokens, reference_logits):
+  model = _shared_model()
+  pad = 3
+  padded = np.concatenate([np.zeros((8, pad), np.int32), tokens], axis=1)
+  mask = np.concatenate([np.zeros((8, pad), bool), np.ones(tokens.shape, bool)], axis=1)
+  out = np.asarray(_jit_call(model, jnp.asarray(padded), None, jnp.asarray(mask)))
+  np.testing.assert_allclose(out[:, pad:], reference_logits, rtol=1e-5, atol=1e-5)
+  assert np.isfinite(out).all()
+
+
+def test_kv_cache_prefill_then_decode_equals_full_forward(tokens, reference_logits):
+  model = _shared_model()
+  cache = KVCache.zeros(CFG, 8, 16)
+  pieces = []
+  for lo, hi in [(0, 5), (5, 6), (6, 7), (7, 12)]:
+    logits, cache = model.forward(jnp.asarray(tokens[:, lo:hi]), cache=cache)
+    pieces.append(np.asarray(logits))
+  np.testing.assert_allclose(np.concatenate(pieces, axis=1), reference_logits, rtol=1e-5, atol=1e-5)
+  assert int(cache.index) == 12 and bool(cache.valid[:, :12].all()) and not bool(cache.valid[:, 12:].any())
+
+
+def test_rope_scaling_changes_long_range_logits(tokens):
+  base = get_config("tiny", rope_theta=500000.0)
+  scaled = dataclasses.replace(base, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8))
+  a = np.asarray(create_model(base, seed=1)(jnp.asarray(tokens)))
+  b = np.asarray(create_model(scaled, seed=1)(jnp.asarray(tokens)))
+  np.testing.assert_allclose(a[:, 0], b[:, 0], rtol=1e-5, atol=1e-6)  # Position 0: no rotation at all.
+  assert np.abs(a[:, 1:] - b[:, 1:]).max() > 1e-4
+
+
+def test_scalar_head_shapes_and_sharding():
+  model = create_model(CFG, Layout.on(0, fsdp=4, tensor=2), head="scalar", seed=2)
+  values = nnx.jit(lambda m, t: m(t))(model, jnp.zeros((4, 6), jnp.int32))
+  assert values.shape == (4, 6) and values.dtype == jnp.float32
+  assert not hasattr(model, "lm_head")
+
+
+def test_bf16_compute_with_fp32_params_is_close():
+  cfg32 = get_config("tiny")
+  cfg16 = cfg32.replace(dtype="bfloat16")
+  toks = jnp.arange(24, dtype=jnp.int32).reshape(2, 12)
+  a = np.asarray(create_model(cfg32, seed=5)(toks))
+  b_model = create_model(cfg16, seed=5)
+  assert b_model.embed.get_value().dtype == jnp.float32
+  b = np.asarray(b_model(toks))
+  assert b.dtype == np.float32
+  assert np.linalg.norm(a - b) / np.linalg.norm(a) < 2e-2
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(n_heads=6, n_kv_heads=4), "multiple of n_kv_heads"),
+    (dict(head_dim=15), "even"),
+    (dict(family="gpt2"), "family"),
+    (dict(d_model=0), "d_model"),
+    (dict(dtype="float16"), "dtype"),
+])
+def test_config_validation(bad, match):
+  with pytest.raises(ValueError, match=match):
+    ModelConfig(**bad)
+
+
+def test_unknown_preset():
+  with pytest.raises(ValueError, match="unknown model preset 'llama-9b'"):
+    get_config("llama-9b")
