@@ -45,29 +45,33 @@ def _overlap(r1: Region, r2: Region) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class Send:
-  """One target shard: comes from `src` (a device holding it in the intermediate) to `dst`.
+class Piece:
+  """One box of one target shard: cut from `src`'s intermediate shard, copied to `dst`.
 
   `local` is the (start, stop) box inside the source device's intermediate shard, or None when the
-  piece is that whole shard. `src == dst` means no copy at all.
+  piece is that whole shard. `offset` is where the piece starts inside the target shard; `whole`
+  says the piece is the entire target shard (no assembly). `src == dst` means no copy.
   """
 
   dst: jax.Device
   src: jax.Device
   local: Region | None
+  offset: tuple[int, ...]
   shape: tuple[int, ...]
+  whole: bool
 
 
 @dataclasses.dataclass(frozen=True)
 class LeafPlan:
-  """How one array moves. `inter` None: the source layout already holds every target region."""
+  """How one array moves. `inter` None: no reshard, pieces come from the source layout."""
 
   inter: NamedSharding | None
-  sends: tuple[Send, ...]
+  pieces: tuple[Piece, ...]  # Grouped by target device, in the target's device order.
   identical: bool            # Target regions equal source regions device by device: nothing moves.
   reshard_bytes: int         # Max bytes one source device receives in the reshard.
   copy_bytes: int            # Total bytes over device-to-device links.
   seconds: float             # Predicted time under the hardware profile.
+  stages: tuple[float, float, float, float]  # reshard, slice, copy, assemble seconds.
 
 
 def _grid(rs: dict[jax.Device, Region], ndim: int) -> tuple[int, ...]:
@@ -108,72 +112,102 @@ def _process(d: jax.Device) -> int:
 
 
 def _assign(src_rs: dict[jax.Device, Region], tgt_rs: dict[jax.Device, Region], itemsize: int,
-            hw: Hardware):
-  """For every target device, a source device holding its region; returns (sends, copy_seconds,
-  copy_bytes, slice_seconds) or None if some region is held nowhere."""
+            hw: Hardware, assemble: bool):
+  """Pieces for every target device, taken from the least-loaded holder (itself if it holds one).
+
+  Returns (pieces, (slice_s, copy_s, assemble_s), copy_bytes), or None when `assemble` is False
+  and some target region is not inside a single source region.
+  """
+  holders: dict[Region, list[jax.Device]] = {}
+  for d, r in src_rs.items():
+    holders.setdefault(r, []).append(d)
   load_out: dict[jax.Device, int] = {}
   load_in: dict[jax.Device, int] = {}
-  sends = []
-  slice_bytes: dict[jax.Device, int] = {}
-  copies: dict[jax.Device, int] = {}
+  sliced: dict[jax.Device, int] = {}
+  built: dict[jax.Device, int] = {}
+  ncopies: dict[jax.Device, int] = {}
+  pieces = []
   copy_bytes = 0
   cross = False
   for dst, r in tgt_rs.items():
-    holders = [s for s, sr in src_rs.items() if _contains(sr, r)]
-    if not holders:
-      return None
-    if dst in holders:
-      src = dst
+    if _size(r) == 0:  # Empty shard: any holder of a containing region will do.
+      cells = [(sr, r) for sr in holders if _contains(sr, r)][:1]
     else:
-      src = min(holders, key=lambda s: (load_out.get(s, 0), _process(s) != _process(dst)))
-    sr = src_rs[src]
-    nbytes = _size(r) * itemsize
-    local = None if sr == r else tuple((a - c, b - c) for (a, b), (c, _) in zip(r, sr))
-    if local is not None:
-      slice_bytes[src] = slice_bytes.get(src, 0) + nbytes
-    if src != dst:
-      load_out[src] = load_out.get(src, 0) + nbytes
-      load_in[dst] = load_in.get(dst, 0) + nbytes
-      copies[src] = copies.get(src, 0) + 1
-      copy_bytes += nbytes
-      cross |= _process(src) != _process(dst)
-    sends.append(Send(dst, src, local, tuple(b - a for a, b in r)))
+      cells = [(sr, box) for sr in holders
+               if _size(box := tuple((max(a, c), min(b, d)) for (a, b), (c, d) in zip(sr, r)))
+               and all(a < b for a, b in box)]
+    if len(cells) > 1 and not assemble:
+      return None
+    for sr, box in cells:
+      hs = holders[sr]
+      src = dst if dst in hs else min(hs, key=lambda s: (load_out.get(s, 0), _process(s) != _process(dst)))
+      nbytes = _size(box) * itemsize
+      local = None if box == sr else tuple((a - c, b - c) for (a, b), (c, _) in zip(box, sr))
+      if local is not None:
+        sliced[src] = sliced.get(src, 0) + nbytes
+      if src != dst:
+        load_out[src] = load_out.get(src, 0) + nbytes
+        load_in[dst] = load_in.get(dst, 0) + nbytes
+        ncopies[src] = ncopies.get(src, 0) + 1
+        copy_bytes += nbytes
+        cross |= _process(src) != _process(dst)
+      whole = len(cells) == 1
+      if not whole:
+        built[dst] = built.get(dst, 0) + nbytes
+      pieces.append(Piece(dst, src, local, tuple(a - c for (a, _), (c, _) in zip(box, r)),
+                          tuple(b - a for a, b in box), whole))
   bw = hw.inter_host_bandwidth if cross else hw.d2d_bandwidth
   busiest = max([*load_out.values(), *load_in.values(), 0])
-  copy_s = busiest / bw + (max(copies.values()) * hw.transfer_latency_s if copies else 0.0)
-  slice_s = 2 * max([*slice_bytes.values(), 0]) / hw.hbm_bandwidth
-  return tuple(sends), copy_s, copy_bytes, slice_s
+  copy_s = busiest / bw + (max(ncopies.values()) * hw.transfer_latency_s if ncopies else 0.0)
+  slice_s = 2 * max([*sliced.values(), 0]) / hw.hbm_bandwidth
+  assemble_s = 2 * max([*built.values(), 0]) / hw.hbm_bandwidth
+  return tuple(pieces), (slice_s, copy_s, assemble_s), copy_bytes
+
+
+MODES = ("auto", "reshard", "pieces")
 
 
 @functools.lru_cache(maxsize=4096)
 def plan_leaf(shape: tuple[int, ...], itemsize: int, src: NamedSharding, dst: NamedSharding,
-              hw: Hardware) -> LeafPlan:
-  """The cheapest on-device plan (under `hw`) to move one array from `src` to `dst`."""
+              hw: Hardware, mode: str = "auto") -> LeafPlan:
+  """The cheapest on-device plan (under `hw`) to move one array from `src` to `dst`.
+
+  mode "reshard": only intermediates whose shards contain whole target shards (no assembly);
+  "pieces": no reshard, target shards assembled from pieces of the source shards; "auto": the
+  cheapest of both.
+  """
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   src_rs = regions(src, shape)
   tgt_rs = regions(dst, shape)
   src_devices = tuple(src.mesh.devices.flat)
   if all(src_rs.get(d) == r for d, r in tgt_rs.items()):
-    sends = tuple(Send(d, d, None, tuple(b - a for a, b in r)) for d, r in tgt_rs.items())
-    return LeafPlan(None, sends, True, 0, 0, 0.0)
+    pieces = tuple(Piece(d, d, None, (0,) * len(shape), tuple(b - a for a, b in r), True)
+                   for d, r in tgt_rs.items())
+    return LeafPlan(None, pieces, True, 0, 0, 0.0, (0.0, 0.0, 0.0, 0.0))
+  options = []
+  if mode in ("auto", "pieces"):
+    options.append((None, src_rs, True))
+  if mode in ("auto", "reshard"):
+    options.append((None, src_rs, False))
+    for inter in _candidates(shape, src_devices, _grid(tgt_rs, len(shape))):
+      options.append((inter, regions(inter, shape), False))
   best = None
-  # Candidate "no reshard": the source layout itself, when every target region sits inside one.
-  options = [(None, src_rs)]
-  for inter in _candidates(shape, src_devices, _grid(tgt_rs, len(shape))):
-    options.append((inter, regions(inter, shape)))
-  for inter, irs in options:
-    a = _assign(irs, tgt_rs, itemsize, hw)
+  for inter, irs, assemble in options:
+    a = _assign(irs, tgt_rs, itemsize, hw, assemble)
     if a is None:
       continue
-    sends, copy_s, copy_bytes, slice_s = a
+    pieces, (slice_s, copy_s, assemble_s), copy_bytes = a
     if inter is None:
       recv = 0
     else:
       recv = max(_size(r) - _overlap(r, src_rs[d]) for d, r in irs.items()) * itemsize
     reshard_s = recv / hw.intra_mesh_collective_bandwidth + (hw.transfer_latency_s if inter is not None else 0)
-    seconds = reshard_s + slice_s + copy_s
+    stages = (reshard_s, slice_s, copy_s, assemble_s)
+    seconds = sum(stages)
     # Ties: prefer finer intermediates (less memory per device).
     key = (seconds, max(_size(r) for r in irs.values()))
     if best is None or key < best[0]:
-      best = (key, LeafPlan(inter, sends, False, recv, copy_bytes, seconds))
+      best = (key, LeafPlan(inter, pieces, False, recv, copy_bytes, seconds, stages))
   assert best is not None, "the fully replicated intermediate always holds every region"
   return best[1]

@@ -58,6 +58,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
@@ -90,11 +91,11 @@ def _targets_like(tree, target_shardings):
   return leaves, treedef, targets
 
 
-def _plan(x, target: NamedSharding, hw) -> LeafPlan:
+def _plan(x, target: NamedSharding, hw, mode="auto") -> LeafPlan:
   if not isinstance(x, jax.Array) or not isinstance(x.sharding, NamedSharding):
     raise TypeError(f"reallocate: leaves must be jax.Arrays with a NamedSharding, got "
                     f"{type(x).__name__} with {getattr(x, 'sharding', None)}")
-  return plan_leaf(tuple(x.shape), np.dtype(x.dtype).itemsize, x.sharding, target, hw)
+  return plan_leaf(tuple(x.shape), np.dtype(x.dtype).itemsize, x.sharding, target, hw, mode)
 
 
 def _buckets(leaves, bucket_bytes):
@@ -113,25 +114,35 @@ def _buckets(leaves, bucket_bytes):
   return out
 
 
+@functools.lru_cache(maxsize=None)
+def _assemble_fn(shape, offsets):
+  def f(*ps):
+    out = jnp.zeros(shape, ps[0].dtype)
+    for p, o in zip(ps, offsets):
+      out = jax.lax.dynamic_update_slice(out, p, o)
+    return out
+  return jax.jit(f)
+
+
 def _move_bucket(items, donate):
   """items: list of (x, target, plan). Returns the moved arrays, in order."""
+  me = jax.process_index()
   # 1. Reshard on the source meshes (one jitted identity per leaf, dispatched back to back).
   inters = []
   for x, _, p in items:
-    if p.identical or p.inter is None:
+    if p.inter is None:
       inters.append(x)
-    elif any(d.process_index == jax.process_index() for d in p.inter.device_set):
+    elif any(d.process_index == me for d in p.inter.device_set):
       inters.append(_reshard_fn(p.inter)(x))
     else:
       inters.append(None)  # Source entirely on other processes: they do the reshard.
   # 2. Local slices and the list of copies (same order on every process).
-  pieces: list[dict] = []
+  got: list[dict] = []
   put_x, put_dst, put_at = [], [], []
-  me = jax.process_index()
   for k, ((x, target, p), y) in enumerate(zip(items, inters)):
     local = {sh.device: sh.data for sh in y.addressable_shards} if y is not None else {}
-    got = {}
-    for s in p.sends:
+    g: dict = {}
+    for i, s in enumerate(p.pieces):
       src_mine, dst_mine = s.src.process_index == me, s.dst.process_index == me
       if not (src_mine or dst_mine):
         continue
@@ -143,26 +154,35 @@ def _move_bucket(items, donate):
         piece = jax.make_array_from_single_device_arrays(s.shape, SingleDeviceSharding(s.src), [],
                                                          dtype=x.dtype)
       if s.src == s.dst:
-        got[s.dst] = piece
+        g[i] = piece
       else:
         put_x.append(piece)
         put_dst.append(SingleDeviceSharding(s.dst))
-        put_at.append((k, s.dst, dst_mine))
-    pieces.append(got)
+        put_at.append((k, i, dst_mine))
+    got.append(g)
   # 3. All copies of the bucket in one batched device_put.
   if put_x:
-    for (k, d, dst_mine), out in zip(put_at, jax.device_put(put_x, put_dst)):
+    for (k, i, dst_mine), out in zip(put_at, jax.device_put(put_x, put_dst)):
       if dst_mine:
-        pieces[k][d] = out
-  # 4. Assemble in the target sharding; free donated sources.
+        got[k][i] = out
+  # 4. Assemble pieces, build the target arrays; free donated sources.
   results = []
-  for (x, target, p), got in zip(items, pieces):
+  for (x, target, p), g in zip(items, got):
     if p.identical and x.sharding == target:
       results.append(x)
       continue
-    arrays = [got[d] for d in target._addressable_device_assignment]
-    results.append(jax.make_array_from_single_device_arrays(tuple(x.shape), target, arrays,
-                                                            dtype=x.dtype))
+    shards, parts = {}, {}
+    for i, s in enumerate(p.pieces):
+      if s.dst.process_index != me:
+        continue
+      if s.whole:
+        shards[s.dst] = g[i]
+      else:
+        parts.setdefault(s.dst, []).append((s.offset, g[i]))
+    for d, ps in parts.items():
+      shards[d] = _assemble_fn(target.shard_shape(tuple(x.shape)), tuple(o for o, _ in ps))(*(a for _, a in ps))
+    arrays = [shards[d] for d in target.mesh.devices.flat if d in shards]
+    results.append(jax.make_array_from_single_device_arrays(tuple(x.shape), target, arrays, dtype=x.dtype))
     if donate and not _aliases(p):
       x.delete()
   return results
@@ -170,11 +190,12 @@ def _move_bucket(items, donate):
 
 def _aliases(p: LeafPlan) -> bool:
   """True when some result shard is a source buffer itself (no reshard, no slice, no copy)."""
-  return p.inter is None and any(s.src == s.dst and s.local is None for s in p.sends)
+  return p.inter is None and any(s.src == s.dst and s.local is None and s.whole for s in p.pieces)
 
 
 def reallocate(tree: Any, target_shardings: Any, *, donate: bool = False,
-               bucket_bytes: int | None = DEFAULT_BUCKET_BYTES, hardware: _hw.Hardware | None = None) -> Any:
+               bucket_bytes: int | None = DEFAULT_BUCKET_BYTES, hardware: _hw.Hardware | None = None,
+               mode: str = "auto") -> Any:
   """Moves every array of `tree` to its target NamedSharding, device to device.
 
   Args:
@@ -185,13 +206,14 @@ def reallocate(tree: Any, target_shardings: Any, *, donate: bool = False,
     bucket_bytes: peak-memory bound: leaves move in buckets of at most this many bytes, with at
       most two buckets in flight. None: no bound, no waiting.
     hardware: the profile the planner prices candidate plans with (default `hardware.DEFAULT`).
+    mode: "auto" (cheapest plan), or force "reshard" or "pieces" plans (see module docstring).
 
   Returns:
     A pytree like `tree` whose leaves have exactly the target shardings and bitwise the same values.
   """
   hw = hardware or _hw.DEFAULT
   leaves, treedef, targets = _targets_like(tree, target_shardings)
-  plans = [_plan(x, t, hw) for x, t in zip(leaves, targets)]
+  plans = [_plan(x, t, hw, mode) for x, t in zip(leaves, targets)]
   out: list = [None] * len(leaves)
   inflight: list[list] = []
   for bucket in _buckets(leaves, bucket_bytes):
@@ -205,7 +227,7 @@ def reallocate(tree: Any, target_shardings: Any, *, donate: bool = False,
 
 
 def realloc_cost(src_shardings: Any, dst_shardings: Any, tree_shapes: Any,
-                 hardware: _hw.Hardware | None = None) -> float:
+                 hardware: _hw.Hardware | None = None, mode: str = "auto") -> float:
   """Predicted seconds for `reallocate` to move `tree_shapes` from `src_shardings` to `dst_shardings`.
 
   `tree_shapes` is a pytree of anything with `.shape` and `.dtype` (e.g. `jax.ShapeDtypeStruct`);
@@ -224,12 +246,13 @@ def realloc_cost(src_shardings: Any, dst_shardings: Any, tree_shapes: Any,
 
   total = 0.0
   for x, s, d in zip(leaves, per_leaf(src_shardings), per_leaf(dst_shardings)):
-    total += plan_leaf(tuple(x.shape), np.dtype(x.dtype).itemsize, s, d, hw).seconds
+    total += plan_leaf(tuple(x.shape), np.dtype(x.dtype).itemsize, s, d, hw, mode).seconds
   return total
 
 
-def plans(tree: Any, target_shardings: Any, hardware: _hw.Hardware | None = None) -> Sequence[LeafPlan]:
+def plans(tree: Any, target_shardings: Any, hardware: _hw.Hardware | None = None,
+          mode: str = "auto") -> Sequence[LeafPlan]:
   """The per-leaf plans `reallocate` would use (for inspection, tests and benchmarks)."""
   hw = hardware or _hw.DEFAULT
   leaves, _, targets = _targets_like(tree, target_shardings)
-  return [_plan(x, t, hw) for x, t in zip(leaves, targets)]
+  return [_plan(x, t, hw, mode) for x, t in zip(leaves, targets)]
