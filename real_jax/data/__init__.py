@@ -16,7 +16,7 @@ from real_jax.data.batching import (BatchIterator, PreferenceBatch, PromptBatch,
                                     collate_preferences, collate_prompts, collate_sft, pad_sequences,
                                     preference_batches, prompt_batches, sft_batches)
 from real_jax.data.datasets import (DataError, PreferenceDataset, PreferenceRecord, PromptDataset, PromptRecord,
-                                    SFTDataset, SFTRecord)
+                                    SFTDataset, SFTRecord, encode_prompt, encode_response)
 from real_jax.data.rewards import (RewardFn, combine_rewards, decode_responses, get_reward, list_rewards,
                                    register_reward, score_responses)
 from real_jax.data.tasks import Example, Task, TaskDataset, TaskSFTDataset, get_task, list_tasks, register_task
@@ -26,7 +26,8 @@ __all__ = [
     "BatchIterator", "CHAR_ALPHABET", "CharTokenizer", "DataError", "Example", "HFTokenizer", "PreferenceBatch",
     "PreferenceDataset", "PreferenceRecord", "PromptBatch", "PromptDataset", "PromptRecord", "RewardFn", "SFTBatch",
     "SFTDataset", "SFTRecord", "Task", "TaskDataset", "TaskSFTDataset", "Tokenizer", "bucket_length",
-    "collate_preferences", "collate_prompts", "collate_sft", "combine_rewards", "decode_responses", "get_reward",
+    "collate_preferences", "collate_prompts", "collate_sft", "combine_rewards", "decode_responses", "encode_prompt",
+    "encode_response", "get_reward",
     "get_task", "list_rewards", "list_tasks", "pad_sequences", "preference_batches", "prompt_batches",
     "register_reward", "register_task", "score_responses", "sft_batches",
 ]

@@ -35,7 +35,7 @@ from typing import Any
 from real_jax.data.tokenizers import Tokenizer
 
 __all__ = ["DataError", "PreferenceDataset", "PreferenceRecord", "PromptDataset", "PromptRecord", "SFTDataset",
-           "SFTRecord"]
+           "SFTRecord", "encode_prompt", "encode_response"]
 
 ON_ERROR = ("raise", "skip")
 ON_LONG = ("truncate", "reject", "skip")
@@ -75,13 +75,14 @@ class _BadLine(Exception):
   """A malformed line (subject to on_error)."""
 
 
-class _TooLong(Exception):
+class _TooLong(DataError):
   """A sequence over its limit under on_long="reject" or "skip"."""
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str, max_len: int | None = None, on_long: str = "truncate",
                   add_bos: bool = True) -> tuple[tuple[int, ...], bool]:
-  """(ids, truncated) of a prompt under the module's rules; raises `_TooLong` for reject/skip."""
+  """(ids, truncated) of a prompt under the module's rules; over `max_len` with on_long="reject" or "skip" it
+  raises `DataError` (a subclass: the datasets catch it to reject or skip with file:line)."""
   ids = tokenizer.encode(text)
   bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
   total = len(bos) + len(ids)
@@ -95,7 +96,7 @@ def encode_prompt(tokenizer: Tokenizer, text: str, max_len: int | None = None, o
 
 def encode_response(tokenizer: Tokenizer, text: str, max_len: int | None = None,
                     on_long: str = "truncate") -> tuple[tuple[int, ...], bool]:
-  """(ids + [eos], truncated) of a response; truncation keeps the first `max_len` tokens."""
+  """(ids + [eos], truncated) of a response; truncation keeps the first `max_len` tokens, else as `encode_prompt`."""
   ids = tokenizer.encode(text) + [tokenizer.eos_id]
   if max_len is None or len(ids) <= max_len:
     return tuple(ids), False
@@ -199,6 +200,8 @@ class _JsonlDataset(Sequence):
   def _encode(self, fn, *args, **kwargs):
     try:
       return fn(self.tokenizer, *args, **kwargs)
+    except _TooLong:
+      raise
     except ValueError as e:  # the tokenizer rejected the text, e.g. a character outside CharTokenizer's alphabet
       raise _BadLine(str(e)) from None
 
