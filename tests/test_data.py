@@ -229,6 +229,18 @@ def test_bucket_length():
     data.bucket_length(25, [8, 12, 24])
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.integers(3, 60), min_size=1, max_size=40), min_size=1, max_size=5),
+       st.sampled_from(["left", "right"]))
+def test_pad_sequences_property(seqs, side):
+  t = data.bucket_length(max(map(len, seqs)))
+  tokens_BT, mask_BT = data.pad_sequences(seqs, t, pad_id=0, side=side)
+  assert t >= 16 and t & (t - 1) == 0 and (t == 16 or t < 2 * max(map(len, seqs)))
+  for s, row, m in zip(seqs, tokens_BT, mask_BT):
+    assert row[m].tolist() == s and (row[~m] == 0).all() and m.sum() == len(s)
+    assert m[-1 if side == "left" else 0]  # real tokens touch the padded side's opposite edge
+
+
 def test_prompt_batches_left_padded_and_bucketed():
   ds = PromptDataset(FIXTURES / "prompts.jsonl", TOK, prompt_key="question", answer_key="answer")
   b = next(data.prompt_batches(ds, 5, shuffle=False, buckets=[8, 12, 20, 40]))

@@ -9,7 +9,14 @@
   batching    `prompt_batches` (left-padded), `preference_batches` / `sft_batches` (right-padded), bucketed
               lengths, `BatchIterator.state()` / `.restore()`.
 
-Shape suffixes: B batch, T tokens. See each module's docstring for the exact rules.
+Shape suffixes: B batch, T tokens. See each module's docstring for the exact rules. Typical use:
+
+  tok = CharTokenizer()
+  prompts = prompt_batches(TaskDataset("arithmetic", tok, seed=0), batch_size=8, seed=0)
+  batch = next(prompts)                       # batch.tokens_BT int32 [8, 16] left-padded, batch.mask_BT bool
+  ...                                         # generate response_BT from batch.tokens_BT / batch.mask_BT
+  rewards_B = score_responses(get_task("arithmetic").reward, tok, batch.prompts, response_BT, batch.answers)
+  checkpoint["data"] = prompts.state()        # later: prompts.restore(checkpoint["data"])
 """
 
 from real_jax.data.batching import (BatchIterator, PreferenceBatch, PromptBatch, SFTBatch, bucket_length,

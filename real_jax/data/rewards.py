@@ -9,8 +9,9 @@ Registered here:
   exact_match     1.0 iff `response.strip() == answer.strip()`, else 0.0.
   char_overlap    dense partial credit: matching characters / max(len(response), len(answer)) after stripping;
                   1.0 iff equal, so every wrong answer scores < 1.0 and extra characters cost.
-  length_penalty  -scale * max(0, len(response) - target_len) / target_len (0 when short enough);
-                  target_len defaults to len(answer). Meant to be combined with a correctness reward.
+  length_penalty  -scale * max(0, len(response) - target_len) / target_len in characters after stripping (0 when
+                  short enough); target_len defaults to len(answer). Meant to be combined with a correctness
+                  reward: `combine_rewards({"exact_match": 1.0, "length_penalty": 0.1})`.
 """
 
 from __future__ import annotations
