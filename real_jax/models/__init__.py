@@ -12,3 +12,6 @@ __all__ = [
     "KVCache", "ModelConfig", "PRESETS", "RopeScaling", "Transformer", "abstract_model", "activation_constraints",
     "create_model", "flops_per_token", "get_config", "param_count", "param_shardings",
 ]
+from real_jax.models.hf import config_from_hf, config_to_hf, load_pretrained, save_pretrained  # noqa: E402
+
+__all__ += ["config_from_hf", "config_to_hf", "load_pretrained", "save_pretrained"]

@@ -503,7 +503,7 @@ def _write_safetensors(file: pathlib.Path, entries, dtype_name: str, write: bool
 
 
 def save_pretrained(model: Transformer, path: str | os.PathLike, *, dtype: str | None = None,
-                    max_shard_size: int = 5 * 1024**3) -> None:
+                    max_shard_size: int = 5 * 1024**3, extra_config: dict | None = None) -> None:
   """Writes `config.json` and `model.safetensors` (or `model-0000i-of-0000n.safetensors` files plus
   `model.safetensors.index.json` when larger than `max_shard_size` bytes) that
   `transformers.AutoModelForCausalLM` (or AutoModelForSequenceClassification for a scalar head) loads
@@ -512,11 +512,20 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, dtype: str |
   Tensors are gathered to the host one layer at a time. Multi-host: every process must call this
   (the gathers use `multihost_utils.process_allgather`, a collective); only process 0 writes files.
   dtype: "float32" or "bfloat16" (default: the model's parameter dtype).
+  extra_config: further config.json keys that ModelConfig does not hold, typically the tokenizer's
+    {"pad_token_id": ..., "bos_token_id": ..., "eos_token_id": ...}. transformers' *ForSequenceClassification
+    needs pad_token_id for batches > 1 (it pools the rightmost non-pad token). Keys that the
+    architecture determines may not be overridden.
   """
   cfg = model.cfg
   dtype = dtype or cfg.param_dtype
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"dtype={dtype!r}: expected 'float32' or 'bfloat16'")
+  hf = config_to_hf(cfg, head=model.head, dtype=dtype)
+  clash = sorted(set(extra_config or {}) & set(hf))
+  if clash:
+    raise ValueError(f"extra_config keys {clash} are set by the model config and may not be overridden")
+  hf.update(extra_config or {})
   path = pathlib.Path(path)
   write = jax.process_index() == 0
   if write:
@@ -547,5 +556,4 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, dtype: str |
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
   elif (path / "model.safetensors.index.json").exists():
     (path / "model.safetensors.index.json").unlink()  # A stale index would shadow the single file.
-  hf = config_to_hf(cfg, head=model.head, dtype=dtype)
   (path / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
