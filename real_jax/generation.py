@@ -1,0 +1,302 @@
+"""Batched sampling with a pre-allocated KV cache (DESIGN.md section 5).
+
+`generate(model, prompt_BP, prompt_mask_BP, rng, config, layout)` runs, as one jitted call under
+`layout`: prefill of the (left-padded, bucketed) prompts, then a `lax.while_loop` of decode steps
+that stops when every row has emitted EOS or `max_new_tokens` are out. Shapes are static: the
+cache holds `P + max_new_tokens` slots, P the prompt bucket, so only a handful of programs compile
+(one per bucket, batch size, layout and sampling config; see `bucket_length`).
+
+Shape legend: B rows (prompts x n samples), P prompt bucket, M max_new_tokens, T = P + M, V vocab.
+
+Returned `Rollout` (every [B, T] field is over the whole sequence, prompt then response):
+* tokens: prompt (left-padded with `pad_id`) then the response; after a row's EOS, `pad_id`.
+* prompt_mask: True at real prompt tokens.
+* response_mask: True at generated tokens up to and including the EOS token.
+* logprobs: **shifted alignment**: `logprobs[:, t]` is log p(tokens[:, t+1] | tokens[:, :t+1]), so it
+  is meaningful where `response_mask[:, t+1]` (the same alignment `inference.logprobs` returns;
+  the last column is 0). Log-probs are float32 `log_softmax(logits / temperature)` of the
+  **unmasked** temperature-scaled distribution: top-k / top-p only restrict which token is drawn,
+  not the log-prob reported, because that unmasked distribution is exactly what the trainer
+  recomputes from the same forward pass. (Greedy decoding reports log_softmax(logits /
+  temperature) of the argmax token too.)
+* ended_with_eos: [B] True where the response contains EOS (False: truncated at M tokens).
+* response_len: [B] number of generated tokens (EOS included).
+
+n samples per prompt (GRPO groups): rows are group-major, rows [i*n, (i+1)*n) are prompt i.
+Determinism: the draw at step t uses `fold_in(rng, t)`; the same key, config and inputs give the
+same rollout (threefry random bits do not depend on the sharding).
+
+Prompts must be left-padded (each row's last prompt column is a real token); `pad_prompts` makes
+such a batch from lists of token ids and pads to the bucket length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from real_jax._calls import batch_sharding, cached, compute_params, shape_key, sharding_hook, split_model
+from real_jax.models.transformer import KVCache, activation_constraints
+from sharding import Layout, activation_sharding, shardings_for
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to sample.
+
+  max_new_tokens: M, the response budget.
+  temperature: logits are divided by it (> 0).
+  top_k: keep the k largest logits (0: off).
+  top_p: keep the smallest set of tokens whose probability reaches top_p (1.0: off); applied after
+    top-k, on the temperature-scaled distribution.
+  greedy: argmax instead of sampling.
+  eos_id: an id or ids that end a response (None: always M tokens).
+  pad_id: written after EOS (and left of short prompts by `pad_prompts`).
+  n: samples per prompt (rows are repeated group-major).
+  bucket: prompt lengths are rounded up to a multiple of this (and to a power of two below it).
+  scan_layers: False unrolls the layer loop in the decode step (static weight slices).
+  """
+
+  max_new_tokens: int
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  greedy: bool = False
+  eos_id: int | tuple[int, ...] | None = None
+  pad_id: int = 0
+  n: int = 1
+  bucket: int = 64
+  scan_layers: bool = False
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if not self.temperature > 0:
+      raise ValueError(f"SamplingConfig.temperature must be > 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"SamplingConfig.top_k must be >= 0 (0 = off), got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+    if self.n < 1 or self.bucket < 1:
+      raise ValueError(f"SamplingConfig.n and .bucket must be >= 1, got n={self.n} bucket={self.bucket}")
+
+  @property
+  def eos_ids(self) -> tuple[int, ...]:
+    if self.eos_id is None:
+      return ()
+    return (self.eos_id,) if isinstance(self.eos_id, int) else tuple(self.eos_id)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Rollout:
+  """What `generate` returns; see the module docstring for the alignment of `logprobs`."""
+
+  tokens: jax.Array          # [B, T] int32
+  prompt_mask: jax.Array     # [B, T] bool
+  response_mask: jax.Array   # [B, T] bool
+  logprobs: jax.Array        # [B, T] float32, logprobs[:, t] scores tokens[:, t + 1]
+  ended_with_eos: jax.Array  # [B] bool
+  response_len: jax.Array    # [B] int32
+
+  @property
+  def attention_mask(self) -> jax.Array:
+    return self.prompt_mask | self.response_mask
+
+  @property
+  def logprob_mask(self) -> jax.Array:
+    """[B, T] True where logprobs[:, t] scores a response token (response_mask shifted left by 1)."""
+    return jnp.pad(self.response_mask[:, 1:], ((0, 0), (0, 1)))
+
+
+def bucket_length(length: int, bucket: int = 64) -> int:
+  """Prompt length rounded up: powers of two below `bucket`, multiples of `bucket` above."""
+  if length <= bucket:
+    p = 1
+    while p < length:
+      p *= 2
+    return min(p, bucket)
+  return -(-length // bucket) * bucket
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], *, bucket: int = 64, pad_id: int = 0,
+                length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads token lists to `length` (default: the bucket of the longest). Returns (tokens, mask)."""
+  longest = max(len(p) for p in prompts)
+  if min(len(p) for p in prompts) < 1:
+    raise ValueError("pad_prompts: every prompt needs at least one token")
+  length = bucket_length(longest, bucket) if length is None else length
+  if longest > length:
+    raise ValueError(f"pad_prompts: a prompt has {longest} tokens, more than length={length}")
+  tokens = np.full((len(prompts), length), pad_id, np.int32)
+  mask = np.zeros((len(prompts), length), bool)
+  for i, p in enumerate(prompts):
+    tokens[i, length - len(p):] = p
+    mask[i, length - len(p):] = True
+  return tokens, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling from one step's logits.
+
+
+def filter_logits(logits_BV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Logits with everything outside the top-k / top-p set at -inf (ties at the threshold kept)."""
+  x = logits_BV
+  neg = jnp.array(-jnp.inf, x.dtype)
+  if top_k and top_k < x.shape[-1]:
+    kth = jax.lax.top_k(x, top_k)[0][:, -1:]
+    x = jnp.where(x < kth, neg, x)
+  if top_p < 1.0:
+    srt = -jnp.sort(-x, axis=-1)
+    probs = jax.nn.softmax(srt, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each sorted entry
+    keep = before < top_p
+    thresh = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
+    x = jnp.where(x < thresh, neg, x)
+  return x
+
+
+def sample_token(key: jax.Array, logits_BV: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+  """(token [B] int32, its log-prob [B] under log_softmax(logits / temperature), unmasked)."""
+  scaled = logits_BV.astype(jnp.float32) / jnp.float32(cfg.temperature)
+  logp_BV = jax.nn.log_softmax(scaled, axis=-1)
+  if cfg.greedy:
+    tok = jnp.argmax(scaled, axis=-1)
+  elif cfg.top_k and cfg.top_k < scaled.shape[-1]:
+    # Draw among the k candidates only (sorting k values, not V, for top-p).
+    vals, idx = jax.lax.top_k(scaled, cfg.top_k)
+    vals = filter_logits(vals, 0, cfg.top_p)
+    choice = jax.random.categorical(key, vals, axis=-1)
+    tok = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
+  else:
+    tok = jax.random.categorical(key, filter_logits(scaled, 0, cfg.top_p), axis=-1)
+  tok = tok.astype(jnp.int32)
+  return tok, jnp.take_along_axis(logp_BV, tok[:, None], axis=-1)[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The jitted sampler.
+
+
+def _sample_fn(graphdef, cfg: SamplingConfig, layout: Layout):
+  """The pure function (state, prompt_BP, mask_BP, rng) -> Rollout, traced under `layout`."""
+  eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
+
+  def run(state, prompt_BP, mask_BP, rng):
+    with activation_constraints(sharding_hook(layout)):
+      mcfg = model_config(graphdef, state)
+      model = nnx.merge(graphdef, compute_params(state, mcfg.dtype))
+      b, p = prompt_BP.shape
+      m = cfg.max_new_tokens
+      mask_BP = mask_BP.astype(bool)
+      cache = KVCache.zeros(mcfg, b, p + m)
+      cache = _constrain_cache(cache, layout)
+      # Prefill: hidden states of the whole prompt, logits of the last column only.
+      h_BPD, cache = model.hidden(prompt_BP, attention_mask_BT=mask_BP, cache=cache)
+      logits_BV = model.project(h_BPD[:, -1:])[:, 0]
+
+      def cond(c):
+        t, _, _, _, _, done, _ = c
+        return (t < m) & ~jnp.all(done)
+
+      def body(c):
+        t, cache, logits_BV, out_BM, lp_BM, done, _ = c
+        tok, lp = sample_token(jax.random.fold_in(rng, t), logits_BV, cfg)
+        tok = jnp.where(done, cfg.pad_id, tok)
+        lp = jnp.where(done, 0.0, lp)
+        out_BM = jax.lax.dynamic_update_slice_in_dim(out_BM, tok[:, None], t, axis=1)
+        lp_BM = jax.lax.dynamic_update_slice_in_dim(lp_BM, lp[:, None], t, axis=1)
+        live = ~done
+        done = done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
+        h, cache = model.hidden(tok[:, None], attention_mask_BT=live[:, None], cache=cache,
+                                scan_layers=cfg.scan_layers)
+        logits_BV = model.project(h)[:, 0]
+        return t + 1, cache, logits_BV, out_BM, lp_BM, done, live
+
+      init = (jnp.zeros((), jnp.int32), cache, logits_BV, jnp.full((b, m), cfg.pad_id, jnp.int32),
+              jnp.zeros((b, m), jnp.float32), jnp.zeros((b,), bool), jnp.ones((b,), bool))
+      _, _, _, out_BM, lp_BM, done, _ = jax.lax.while_loop(cond, body, init)
+
+      is_eos = jnp.any(out_BM[:, :, None] == eos[None, None, :], axis=-1)
+      # Response: tokens up to and including the first EOS.
+      after_eos = (jnp.cumsum(is_eos, axis=1) - is_eos) > 0
+      resp_BM = ~after_eos
+      ended = jnp.any(is_eos, axis=1)
+      tokens = jnp.concatenate([prompt_BP.astype(jnp.int32), out_BM], axis=1)
+      prompt_mask = jnp.concatenate([mask_BP, jnp.zeros((b, m), bool)], axis=1)
+      response_mask = jnp.concatenate([jnp.zeros((b, p), bool), resp_BM], axis=1)
+      lp_BM = jnp.where(resp_BM, lp_BM, 0.0)
+      logprobs = jnp.concatenate([jnp.zeros((b, p - 1), jnp.float32), lp_BM, jnp.zeros((b, 1), jnp.float32)], axis=1)
+      return Rollout(tokens, prompt_mask, response_mask, logprobs, ended, jnp.sum(resp_BM, axis=1).astype(jnp.int32))
+
+  return run
+
+
+def model_config(graphdef, state):
+  """The ModelConfig of a Transformer given as (graphdef, state) (static data of the graphdef)."""
+  return nnx.merge(graphdef, state).cfg
+
+
+def _constrain_cache(cache: KVCache, layout: Layout) -> KVCache:
+  """The cache laid out like its logical axes say (batch over data/fsdp, kv_heads over tensor)."""
+  names = KVCache.logical_axes()
+
+  def c(x, n):
+    return jax.lax.with_sharding_constraint(x, activation_sharding(layout, n, tuple(x.shape)))
+  return KVCache(c(cache.k, names.k), c(cache.v, names.v), c(cache.valid, names.valid), cache.index)
+
+
+def generate(model, prompt_BP, prompt_mask_BP, rng: jax.Array, config: SamplingConfig,
+             layout: Layout | None = None) -> Rollout:
+  """Samples `config.n` responses per prompt under `layout` (see the module docstring).
+
+  model: a Transformer (lm head) or its (graphdef, state); the state may be fp32 master weights
+    (cast once to the model's compute dtype inside the call).
+  prompt_BP, prompt_mask_BP: left-padded prompts; P is rounded up to its bucket here (more left
+    padding) so that only a few shapes compile.
+  """
+  layout = layout if layout is not None else Layout.on(0)
+  graphdef, state = split_model(model)
+  prompt_BP = jnp.asarray(prompt_BP, jnp.int32)
+  mask_BP = jnp.asarray(prompt_mask_BP, bool)
+  p = prompt_BP.shape[1]
+  pb = bucket_length(p, config.bucket)
+  if pb != p:
+    prompt_BP = jnp.pad(prompt_BP, ((0, 0), (pb - p, 0)), constant_values=config.pad_id)
+    mask_BP = jnp.pad(mask_BP, ((0, 0), (pb - p, 0)))
+  if config.n > 1:
+    prompt_BP = jnp.repeat(prompt_BP, config.n, axis=0)
+    mask_BP = jnp.repeat(mask_BP, config.n, axis=0)
+  mcfg = model_config(graphdef, state)
+  if pb + config.max_new_tokens > mcfg.max_seq_len:
+    raise ValueError(f"generate: prompt bucket {pb} + max_new_tokens {config.max_new_tokens} exceeds the "
+                     f"model's max_seq_len {mcfg.max_seq_len}")
+  fn = sampler(graphdef, state, prompt_BP.shape, config, layout)
+  return fn(state, prompt_BP, mask_BP, rng)
+
+
+def sampler(graphdef, state, shape_BP: tuple[int, int], config: SamplingConfig, layout: Layout):
+  """The jitted sampler for these shapes under `layout` (cached by layout, config and shapes).
+
+  Shardings: parameters from `shardings_for`; prompts, masks and every Rollout field with the
+  batch over (data, fsdp); the KV cache inside with batch over (data, fsdp) and kv_heads over
+  tensor (replicated when they do not divide).
+  """
+  b, p = shape_BP
+  key = ("generate", graphdef, layout, config, tuple(shape_BP), shape_key(state))
+
+  def build():
+    st_sh = shardings_for(state, layout)
+    bsh = batch_sharding(layout, (b, p))
+    rsh = batch_sharding(layout, (b,))
+    out_sh = Rollout(bsh, bsh, bsh, bsh, rsh, rsh)
+    return jax.jit(_sample_fn(graphdef, config, layout), in_shardings=(st_sh, bsh, bsh, layout.replicated()),
+                   out_shardings=out_sh)
+
+  return cached(key, build)
