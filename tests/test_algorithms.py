@@ -130,7 +130,8 @@ def test_masked_mean_sum_var_match_loops_and_ignore_masked_entries(seed):
   x, m = d["values"], d["mask"]
   got = float(jax.jit(A.masked_mean)(x, m))
   np.testing.assert_allclose(got, ref_masked_mean(x, m), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(jax.jit(A.masked_mean, static_argnums=2)(x, m, 1), ref_row_means(x, m), rtol=1e-5, atol=1e-6)
+  rows = jax.jit(A.masked_mean, static_argnums=2)(x, m, 1)
+  np.testing.assert_allclose(rows, ref_row_means(x, m), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(float(A.masked_sum(x, m)), sum(x[m != 0]), rtol=1e-5, atol=1e-5)
   sel = x[m != 0]
   np.testing.assert_allclose(float(A.masked_var(x, m)), np.var(sel), rtol=1e-4, atol=1e-6)
@@ -272,7 +273,8 @@ def test_reward_scaling_and_no_eos_penalty():
 
 def test_token_rewards_match_loop_reference():
   d = batch(5)
-  kw = dict(kl_in_reward=True, kl_estimator="k1", reward_scale=2.0, reward_bias=0.5, reward_clip=1.5, no_eos_penalty=0.7)
+  kw = dict(kl_in_reward=True, kl_estimator="k1", reward_scale=2.0, reward_bias=0.5, reward_clip=1.5)
+  kw["no_eos_penalty"] = 0.7
   r, kl = J(A.token_rewards, **kw)(d["scores"], d["logp"], d["ref_logp"], d["mask"], d["no_eos"], 0.1)
   m = d["mask"]
   for i in range(4):
@@ -285,7 +287,8 @@ def test_token_rewards_match_loop_reference():
       np.testing.assert_allclose(r[i, j], want, rtol=1e-5, atol=1e-6)
       np.testing.assert_allclose(kl[i, j], want_kl, rtol=1e-5, atol=1e-6)
   r2, _ = J(A.token_rewards, kl_in_reward=False)(d["scores"], d["logp"], d["ref_logp"], m, d["no_eos"], 0.1)
-  np.testing.assert_allclose(np.sum(np.asarray(r2), 1), [d["scores"][i] if m[i].any() else 0 for i in range(4)], rtol=1e-5)
+  want_sums = [d["scores"][i] if m[i].any() else 0 for i in range(4)]  # only the score, once, on the last token
+  np.testing.assert_allclose(np.sum(np.asarray(r2), 1), want_sums, rtol=1e-5)
 
 
 @given(
@@ -326,7 +329,8 @@ def test_gae_special_cases():
 def test_ppo_advantages_whitened_over_mask():
   d = batch(7)
   cfg = A.PPOConfig(gamma=0.99, lam=0.95)
-  out = J(A.ppo_advantages, config=cfg)(d["scores"], d["logp"], d["ref_logp"], d["values"], d["mask"], d["no_eos"], 0.05)
+  args = (d["scores"], d["logp"], d["ref_logp"], d["values"], d["mask"], d["no_eos"], 0.05)
+  out = J(A.ppo_advantages, config=cfg)(*args)
   m = d["mask"]
   sel = np.asarray(out["advantages"])[m != 0]
   np.testing.assert_allclose(sel.mean(), 0.0, atol=1e-5)
@@ -366,7 +370,7 @@ _policy_jits = {
 
 
 _clip_value_and_grad = {
-  dual: jax.jit(jax.value_and_grad(functools.partial(A.clipped_policy_loss, clip_eps=0.2, dual_clip=dual), has_aux=True))
+  dual: jax.jit(jax.value_and_grad(J(A.clipped_policy_loss, clip_eps=0.2, dual_clip=dual), has_aux=True))
   for dual in (None, 3.0)
 }
 
@@ -476,7 +480,8 @@ def test_grpo_advantages_loop_reference_and_group_moments(seed, g, scale):
       want = (grp[i] - mu) / (sd + 1e-6) if scale else grp[i] - mu
       for j in range(t):
         np.testing.assert_allclose(got[k * g + i, j], want if m[k * g + i, j] else 0.0, rtol=1e-4, atol=1e-5)
-  per_seq = np.asarray(A.grpo_advantages(rewards, np.ones((b, 1)), group_size=g, scale_by_std=scale))[:, 0].reshape(-1, g)
+  per_seq = np.asarray(A.grpo_advantages(rewards, np.ones((b, 1)), group_size=g, scale_by_std=scale))
+  per_seq = per_seq[:, 0].reshape(-1, g)
   np.testing.assert_allclose(per_seq.mean(1), 0.0, atol=1e-5)
   if scale:
     np.testing.assert_allclose(per_seq.std(1), 1.0, rtol=1e-4)
@@ -503,7 +508,8 @@ def test_grpo_loss_matches_loop(agg):
   for i in range(4):
     for j in range(6):
       lr = float(d["ref_logp"][i, j] - d["logp"][i, j])
-      per[i, j] = ref_policy_token(d["logp"][i, j], d["old_logp"][i, j], adv[i, j], 0.2)[0] + 0.04 * (math.exp(lr) - lr - 1)
+      pg = ref_policy_token(d["logp"][i, j], d["old_logp"][i, j], adv[i, j], 0.2)[0]
+      per[i, j] = pg + 0.04 * (math.exp(lr) - lr - 1)
   np.testing.assert_allclose(float(loss), ref_aggregate(per, m, agg), rtol=1e-4, atol=1e-6)
   loss0, _ = A.grpo_loss(d["logp"], d["old_logp"], None, adv, m, config=A.GRPOConfig(group_size=2, beta=0.0))
   assert np.isfinite(float(loss0))
@@ -599,10 +605,11 @@ def test_dpo_from_token_logprobs_via_sequence_logprobs():
   m = d["mask"]
   seq = lambda x: A.sequence_logprobs(x, m)  # noqa: E731
   loss, _ = A.dpo_loss(seq(d["logp"]), seq(d["old_logp"]), seq(d["ref_logp"]), seq(d["values"]), beta=0.1)
-  hs = [
-    sum(float(d["logp"][i, j] - d["ref_logp"][i, j] - d["old_logp"][i, j] + d["values"][i, j]) for j in range(6) if m[i, j])
-    for i in range(4)
-  ]
+  hs = []
+  for i in range(4):  # h = (chosen - ref_chosen) - (rejected - ref_rejected), summed over response tokens
+    chosen = sum(float(d["logp"][i, j] - d["ref_logp"][i, j]) for j in range(6) if m[i, j])
+    rejected = sum(float(d["old_logp"][i, j] - d["values"][i, j]) for j in range(6) if m[i, j])
+    hs.append(chosen - rejected)
   np.testing.assert_allclose(float(loss), sum(-ref_log_sigmoid(0.1 * h) for h in hs) / 4, rtol=1e-5)
 
 

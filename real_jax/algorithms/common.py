@@ -34,7 +34,9 @@ def check_shapes(fn_name: str, **arrays) -> None:
   ref_name, ref = items[0]
   for name, a in items[1:]:
     if jnp.shape(a) != jnp.shape(ref):
-      raise ValueError(f"{fn_name}: {name} has shape {jnp.shape(a)}, expected {jnp.shape(ref)} (the shape of {ref_name})")
+      raise ValueError(
+        f"{fn_name}: {name} has shape {jnp.shape(a)}, expected {jnp.shape(ref)} (the shape of {ref_name})"
+      )
 
 
 def check_rank(fn_name: str, rank: int, **arrays) -> None:
@@ -75,7 +77,9 @@ def masked_var(x: Array, mask: Array, axis=None, unbiased: bool = False) -> Arra
   return jnp.where(n > 0, sq / jnp.where(n > 0, n, 1.0), 0.0)
 
 
-def masked_whiten(x: Array, mask: Array, *, shift_mean: bool = True, unbiased: bool = False, eps: float = 1e-8) -> Array:
+def masked_whiten(
+  x: Array, mask: Array, *, shift_mean: bool = True, unbiased: bool = False, eps: float = 1e-8
+) -> Array:
   """Whiten over all masked entries: (x - mu) / sqrt(var + eps), plus mu back if not `shift_mean`.
 
   mu and var are the masked mean and (population, or Bessel-corrected with `unbiased`) variance
@@ -271,3 +275,11 @@ def is_num(v) -> bool:
 
 def is_pos_int(v) -> bool:
   return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def none_or_gt(v, lo: float) -> bool:
+  return v is None or (is_num(v) and v > lo)
+
+
+def require_choice(cls_name: str, field: str, value, choices) -> None:
+  require(cls_name, field, value, value in tuple(choices), f"one of {tuple(choices)}")

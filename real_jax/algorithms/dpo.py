@@ -13,7 +13,10 @@ import jax.numpy as jnp
 
 from real_jax.algorithms import common
 from real_jax.algorithms.common import Array
-from real_jax.algorithms.registry import LOSSES, register_loss
+from real_jax.algorithms.registry import register_loss
+
+
+PREFERENCE_LOSSES = ("dpo_sigmoid", "ipo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +31,9 @@ class DPOConfig:
   def __post_init__(self):
     c = "DPOConfig"
     common.require(c, "beta", self.beta, common.is_num(self.beta) and self.beta > 0, "a number > 0")
-    common.require(c, "label_smoothing", self.label_smoothing, common.is_num(self.label_smoothing) and 0 <= self.label_smoothing < 0.5, "a number in [0, 0.5)")
-    common.require(c, "loss_type", self.loss_type, self.loss_type in ("dpo_sigmoid", "ipo") and self.loss_type in LOSSES, "'dpo_sigmoid' or 'ipo'")
+    ls = self.label_smoothing
+    common.require(c, "label_smoothing", ls, common.is_num(ls) and 0 <= ls < 0.5, "a number in [0, 0.5)")
+    common.require_choice(c, "loss_type", self.loss_type, PREFERENCE_LOSSES)
 
 
 def _margins(policy_chosen, policy_rejected, ref_chosen, ref_rejected, fn_name):
@@ -68,7 +72,9 @@ def dpo_loss(
   Stats (batch means): chosen_rewards = beta (logp_c - ref_c), rejected_rewards, reward_margin =
   beta h, accuracy = fraction with h > 0. At h = 0 the loss is log 2.
   """
-  chosen, rejected, h = _margins(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, "dpo_loss")
+  chosen, rejected, h = _margins(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, "dpo_loss"
+  )
   z = beta * h
   per = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
   loss = jnp.mean(per)
@@ -87,6 +93,8 @@ def ipo_loss(
 ) -> tuple[Array, dict[str, Array]]:
   """IPO: loss = mean_b (h_b - 1 / (2 beta))^2, h as in dpo_loss (label_smoothing is ignored)."""
   del label_smoothing
-  chosen, rejected, h = _margins(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, "ipo_loss")
+  chosen, rejected, h = _margins(
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, "ipo_loss"
+  )
   loss = jnp.mean(jnp.square(h - 1.0 / (2.0 * beta)))
   return loss, {"loss": loss, **_stats(beta, chosen, rejected, h)}

@@ -67,21 +67,21 @@ class PPOConfig:
     r(c, "gamma", self.gamma, n(self.gamma) and 0 <= self.gamma <= 1, "a number in [0, 1]")
     r(c, "lam", self.lam, n(self.lam) and 0 <= self.lam <= 1, "a number in [0, 1]")
     r(c, "clip_eps", self.clip_eps, n(self.clip_eps) and 0 < self.clip_eps < 1, "a number in (0, 1)")
-    r(c, "clip_eps_high", self.clip_eps_high, self.clip_eps_high is None or (n(self.clip_eps_high) and self.clip_eps_high > 0), "None or > 0")
-    r(c, "dual_clip", self.dual_clip, self.dual_clip is None or (n(self.dual_clip) and self.dual_clip > 1), "None or > 1")
-    r(c, "value_clip_eps", self.value_clip_eps, self.value_clip_eps is None or (n(self.value_clip_eps) and self.value_clip_eps > 0), "None or > 0")
+    r(c, "clip_eps_high", self.clip_eps_high, common.none_or_gt(self.clip_eps_high, 0), "None or > 0")
+    r(c, "dual_clip", self.dual_clip, common.none_or_gt(self.dual_clip, 1), "None or > 1")
+    r(c, "value_clip_eps", self.value_clip_eps, common.none_or_gt(self.value_clip_eps, 0), "None or > 0")
     r(c, "kl_coef", self.kl_coef, n(self.kl_coef) and self.kl_coef >= 0, "a number >= 0")
     r(c, "kl_in_reward", self.kl_in_reward, isinstance(self.kl_in_reward, bool), "a bool")
-    r(c, "kl_estimator", self.kl_estimator, self.kl_estimator in KL_ESTIMATORS, f"one of {KL_ESTIMATORS.names()}")
-    r(c, "kl_target", self.kl_target, self.kl_target is None or (n(self.kl_target) and self.kl_target > 0), "None or > 0")
+    common.require_choice(c, "kl_estimator", self.kl_estimator, KL_ESTIMATORS.names())
+    r(c, "kl_target", self.kl_target, common.none_or_gt(self.kl_target, 0), "None or > 0")
     r(c, "kl_horizon", self.kl_horizon, n(self.kl_horizon) and self.kl_horizon > 0, "a number > 0")
     r(c, "whiten_advantages", self.whiten_advantages, isinstance(self.whiten_advantages, bool), "a bool")
     r(c, "reward_scale", self.reward_scale, n(self.reward_scale) and self.reward_scale > 0, "a number > 0")
     r(c, "reward_bias", self.reward_bias, n(self.reward_bias), "a finite number")
-    r(c, "reward_clip", self.reward_clip, self.reward_clip is None or (n(self.reward_clip) and self.reward_clip > 0), "None or > 0")
+    r(c, "reward_clip", self.reward_clip, common.none_or_gt(self.reward_clip, 0), "None or > 0")
     r(c, "no_eos_penalty", self.no_eos_penalty, n(self.no_eos_penalty) and self.no_eos_penalty >= 0, "a number >= 0")
     r(c, "entropy_coef", self.entropy_coef, n(self.entropy_coef) and self.entropy_coef >= 0, "a number >= 0")
-    r(c, "loss_agg", self.loss_agg, self.loss_agg in common.LOSS_AGGREGATIONS, f"one of {common.LOSS_AGGREGATIONS}")
+    common.require_choice(c, "loss_agg", self.loss_agg, common.LOSS_AGGREGATIONS)
     r(c, "ppo_epochs", self.ppo_epochs, common.is_pos_int(self.ppo_epochs), "an int >= 1")
     r(c, "mini_batches", self.mini_batches, common.is_pos_int(self.mini_batches), "an int >= 1")
     if self.kl_target is not None and self.kl_coef == 0:
@@ -148,7 +148,9 @@ def discounted_returns(token_rewards: Array, mask: Array, *, gamma: float = 1.0)
 
 
 @register_advantage("gae")
-def gae_advantages(token_rewards: Array, values: Array, mask: Array, *, gamma: float, lam: float) -> tuple[Array, Array]:
+def gae_advantages(
+  token_rewards: Array, values: Array, mask: Array, *, gamma: float, lam: float
+) -> tuple[Array, Array]:
   """Generalised advantage estimation (Schulman et al. 2016) over the masked response.
 
   delta_t = r_t + gamma * V_{t+1} - V_t
@@ -228,7 +230,9 @@ def clipped_policy_loss(
   Stats: clip_frac = mean[-A clip(ratio) > -A ratio] (the clipped term is active),
   dual_clip_frac, approx_kl = mean(k3 with r = ratio) ~ KL(old || new), ratio_mean; all token means.
   """
-  common.check_shapes("clipped_policy_loss", logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
+  common.check_shapes(
+    "clipped_policy_loss", logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask
+  )
   hi = clip_eps if clip_eps_high is None else clip_eps_high
   a = jnp.asarray(advantages, jnp.float32)
   log_ratio = jnp.asarray(logprobs, jnp.float32) - jnp.asarray(old_logprobs, jnp.float32)
@@ -326,4 +330,6 @@ def ppo_actor_loss(
 @register_loss("ppo_critic")
 def ppo_critic_loss(values: Array, old_values: Array, returns: Array, mask: Array, *, config: PPOConfig):
   """Critic objective: `clipped_value_loss` with config.value_clip_eps and config.loss_agg."""
-  return clipped_value_loss(values, old_values, returns, mask, value_clip_eps=config.value_clip_eps, loss_agg=config.loss_agg)
+  return clipped_value_loss(
+    values, old_values, returns, mask, value_clip_eps=config.value_clip_eps, loss_agg=config.loss_agg
+  )

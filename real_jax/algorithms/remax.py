@@ -33,8 +33,8 @@ class ReMaxConfig:
   def __post_init__(self):
     c = "ReMaxConfig"
     common.require(c, "kl_coef", self.kl_coef, common.is_num(self.kl_coef) and self.kl_coef >= 0, "a number >= 0")
-    common.require(c, "kl_estimator", self.kl_estimator, self.kl_estimator in KL_ESTIMATORS, f"one of {KL_ESTIMATORS.names()}")
-    common.require(c, "loss_agg", self.loss_agg, self.loss_agg in common.LOSS_AGGREGATIONS, f"one of {common.LOSS_AGGREGATIONS}")
+    common.require_choice(c, "kl_estimator", self.kl_estimator, KL_ESTIMATORS.names())
+    common.require_choice(c, "loss_agg", self.loss_agg, common.LOSS_AGGREGATIONS)
 
 
 @register_advantage("remax")

@@ -19,8 +19,9 @@ class RLOOConfig:
   loss_agg: str = "token_mean"
 
   def __post_init__(self):
-    common.require("RLOOConfig", "group_size", self.group_size, common.is_pos_int(self.group_size) and self.group_size >= 2, "an int >= 2")
-    common.require("RLOOConfig", "loss_agg", self.loss_agg, self.loss_agg in common.LOSS_AGGREGATIONS, f"one of {common.LOSS_AGGREGATIONS}")
+    ok = common.is_pos_int(self.group_size) and self.group_size >= 2
+    common.require("RLOOConfig", "group_size", self.group_size, ok, "an int >= 2")
+    common.require_choice("RLOOConfig", "loss_agg", self.loss_agg, common.LOSS_AGGREGATIONS)
 
 
 @register_advantage("rloo")

@@ -20,4 +20,5 @@ def sft_loss(logprobs: Array, mask: Array, *, loss_agg: str = "token_mean") -> t
   nll_tok = -jnp.asarray(logprobs, jnp.float32)
   loss = common.aggregate_loss(nll_tok, mask, loss_agg)
   nll = common.masked_mean(nll_tok, mask)
-  return loss, {"loss": loss, "nll": nll, "ppl": jnp.exp(nll), "n_tokens": jnp.sum(jnp.asarray(mask) != 0).astype(jnp.float32)}
+  n_tokens = jnp.sum(jnp.asarray(mask) != 0).astype(jnp.float32)
+  return loss, {"loss": loss, "nll": nll, "ppl": jnp.exp(nll), "n_tokens": n_tokens}
