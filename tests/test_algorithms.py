@@ -657,6 +657,43 @@ def test_remaining_functions_jit_and_match_eager():
     )
 
 
+@pytest.mark.parametrize("algo", ["grpo", "rloo", "ppo"])
+def test_one_token_bandit_learns(algo):
+  """Signs end to end: a softmax policy over 4 one-token responses, reward 1 for token 2."""
+  g, steps = 8, 15
+  cfg = A.GRPOConfig(group_size=g, beta=0.0)
+  ppo_cfg = A.PPOConfig(gamma=1.0, lam=1.0, kl_coef=0.0, whiten_advantages=True)
+  m = jnp.ones((g, 1))
+
+  @jax.jit
+  def step(theta, y, adv):
+    def loss_fn(th):
+      lp = jax.nn.log_softmax(th)[y][:, None]
+      if algo == "grpo":
+        return A.grpo_loss(lp, jax.lax.stop_gradient(lp), None, adv, m, config=cfg)[0]
+      if algo == "ppo":
+        return A.ppo_actor_loss(lp, jax.lax.stop_gradient(lp), None, adv, m, 0.0, config=ppo_cfg)[0]
+      return A.reinforce_loss(lp, adv, m)[0]
+
+    return theta - 1.0 * jax.grad(loss_fn)(theta)
+
+  rng = np.random.default_rng(0)
+  theta = jnp.zeros(4)
+  for _ in range(steps):
+    p = np.asarray(jax.nn.softmax(theta), np.float64)
+    y = rng.choice(4, size=g, p=p / p.sum())
+    r = (y == 2).astype(np.float32)
+    if algo == "grpo":
+      adv = A.grpo_advantages(r, m, group_size=g)
+    elif algo == "rloo":
+      adv = A.rloo_advantages(r, m, group_size=g)
+    else:  # critic-free PPO: V = 0, the score on the single token, GAE with lam = 1
+      adv = A.ppo_advantages(r, jnp.zeros((g, 1)), jnp.zeros((g, 1)), jnp.zeros((g, 1)), m, jnp.zeros(g, bool), 0.0,
+                             ppo_cfg)["advantages"]  # fmt: skip
+    theta = step(theta, jnp.asarray(y), adv)
+  assert float(jax.nn.softmax(theta)[2]) > 0.8  # from 0.25
+
+
 # ------------------------------------------------------------------ registry and configs
 
 
