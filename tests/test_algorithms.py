@@ -271,11 +271,11 @@ def test_reward_scaling_and_no_eos_penalty():
 # ------------------------------------------------------------------ PPO
 
 
-def test_token_rewards_match_loop_reference():
+def test_compute_token_rewards_match_loop_reference():
   d = batch(5)
   kw = dict(kl_in_reward=True, kl_estimator="k1", reward_scale=2.0, reward_bias=0.5, reward_clip=1.5)
   kw["no_eos_penalty"] = 0.7
-  r, kl = J(A.token_rewards, **kw)(d["scores"], d["logp"], d["ref_logp"], d["mask"], d["no_eos"], 0.1)
+  r, kl = J(A.compute_token_rewards, **kw)(d["scores"], d["logp"], d["ref_logp"], d["mask"], d["no_eos"], 0.1)
   m = d["mask"]
   for i in range(4):
     k = ref_last_index(m[i])
@@ -286,7 +286,7 @@ def test_token_rewards_match_loop_reference():
         want += min(max((d["scores"][i] + 0.5) * 2.0, -1.5), 1.5) - 0.7 * d["no_eos"][i]
       np.testing.assert_allclose(r[i, j], want, rtol=1e-5, atol=1e-6)
       np.testing.assert_allclose(kl[i, j], want_kl, rtol=1e-5, atol=1e-6)
-  r2, _ = J(A.token_rewards, kl_in_reward=False)(d["scores"], d["logp"], d["ref_logp"], m, d["no_eos"], 0.1)
+  r2, _ = J(A.compute_token_rewards, kl_in_reward=False)(d["scores"], d["logp"], d["ref_logp"], m, d["no_eos"], 0.1)
   want_sums = [d["scores"][i] if m[i].any() else 0 for i in range(4)]  # only the score, once, on the last token
   np.testing.assert_allclose(np.sum(np.asarray(r2), 1), want_sums, rtol=1e-5)
 
@@ -336,7 +336,7 @@ def test_ppo_advantages_whitened_over_mask():
   np.testing.assert_allclose(sel.mean(), 0.0, atol=1e-5)
   np.testing.assert_allclose(sel.std(), 1.0, rtol=1e-4)
   assert np.all(np.asarray(out["advantages"])[m == 0] == 0)
-  r, _ = A.token_rewards(d["scores"], d["logp"], d["ref_logp"], m, d["no_eos"], 0.05)
+  r, _ = A.compute_token_rewards(d["scores"], d["logp"], d["ref_logp"], m, d["no_eos"], 0.05)
   _, want_ret = ref_gae(np.asarray(r), d["values"], m, 0.99, 0.95)
   np.testing.assert_allclose(out["returns"], want_ret, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(out["mean_kl"], ref_masked_mean(d["logp"] - d["ref_logp"], m), rtol=1e-5)
@@ -677,6 +677,7 @@ def test_one_token_bandit_learns(algo):
 
     return theta - 1.0 * jax.grad(loss_fn)(theta)
 
+  ppo_adv, z = J(A.ppo_advantages, config=ppo_cfg), jnp.zeros((g, 1))
   rng = np.random.default_rng(0)
   theta = jnp.zeros(4)
   for _ in range(steps):
@@ -688,8 +689,7 @@ def test_one_token_bandit_learns(algo):
     elif algo == "rloo":
       adv = A.rloo_advantages(r, m, group_size=g)
     else:  # critic-free PPO: V = 0, the score on the single token, GAE with lam = 1
-      adv = A.ppo_advantages(r, jnp.zeros((g, 1)), jnp.zeros((g, 1)), jnp.zeros((g, 1)), m, jnp.zeros(g, bool), 0.0,
-                             ppo_cfg)["advantages"]  # fmt: skip
+      adv = ppo_adv(r, z, z, z, m, jnp.zeros(g, bool), 0.0)["advantages"]
     theta = step(theta, jnp.asarray(y), adv)
   assert float(jax.nn.softmax(theta)[2]) > 0.8  # from 0.25
 

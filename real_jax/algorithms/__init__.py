@@ -46,7 +46,7 @@ from real_jax.algorithms.ppo import (
   ppo_actor_loss,
   ppo_advantages,
   ppo_critic_loss,
-  token_rewards,
+  compute_token_rewards,
 )
 from real_jax.algorithms.grpo import GRPOConfig, grpo_advantages, grpo_loss
 from real_jax.algorithms.remax import ReMaxConfig, reinforce_loss, remax_advantages
@@ -64,5 +64,5 @@ __all__ = [
   "masked_entropy", "masked_mean", "masked_sum", "masked_var", "masked_whiten", "ppo_actor_loss",
   "ppo_advantages", "ppo_critic_loss", "register_advantage", "register_kl", "register_loss", "reinforce_loss",
   "remax_advantages", "rloo_advantages", "scale_and_clip_rewards", "sequence_logprobs", "sft_loss",
-  "token_rewards",
+  "compute_token_rewards",
 ]  # fmt: skip

@@ -96,7 +96,7 @@ class PPOConfig:
 # ------------------------------------------------------------------ rewards and advantages
 
 
-def token_rewards(
+def compute_token_rewards(
   scores: Array,
   logprobs: Array,
   ref_logprobs: Array,
@@ -119,9 +119,9 @@ def token_rewards(
   `logprobs` are those of the rollout (behaviour) policy. `kl_coef` may be a traced scalar (adaptive
   controller). A row with no response token gets no reward. Returns (r [B, T], kl [B, T]).
   """
-  common.check_shapes("token_rewards", logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
-  common.check_rank("token_rewards", 2, logprobs=logprobs)
-  common.check_rank("token_rewards", 1, scores=scores, no_eos=no_eos)
+  common.check_shapes("compute_token_rewards", logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
+  common.check_rank("compute_token_rewards", 2, logprobs=logprobs)
+  common.check_rank("compute_token_rewards", 1, scores=scores, no_eos=no_eos)
   s = common.scale_and_clip_rewards(scores, scale=reward_scale, bias=reward_bias, clip=reward_clip)
   s = common.apply_no_eos_penalty(s, no_eos, no_eos_penalty)
   sel = jnp.asarray(mask) != 0
@@ -195,7 +195,7 @@ def ppo_advantages(
   Returns a dict: advantages, returns (un-whitened A + V), token_rewards, kl (per token),
   and mean_kl (token mean of kl, the adaptive controller's input). `config` is static.
   """
-  r, kl = token_rewards(
+  r, kl = compute_token_rewards(
     scores, logprobs, ref_logprobs, mask, no_eos, kl_coef,
     kl_in_reward=config.kl_in_reward, kl_estimator=config.kl_estimator, reward_scale=config.reward_scale,
     reward_bias=config.reward_bias, reward_clip=config.reward_clip, no_eos_penalty=config.no_eos_penalty,
