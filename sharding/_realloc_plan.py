@@ -130,12 +130,11 @@ def _assign(src_rs: dict[jax.Device, Region], tgt_rs: dict[jax.Device, Region], 
   copy_bytes = 0
   cross = False
   for dst, r in tgt_rs.items():
-    if _size(r) == 0:  # Empty shard: any holder of a containing region will do.
-      cells = [(sr, r) for sr in holders if _contains(sr, r)][:1]
-    else:
-      cells = [(sr, box) for sr in holders
-               if _size(box := tuple((max(a, c), min(b, d)) for (a, b), (c, d) in zip(sr, r)))
-               and all(a < b for a, b in box)]
+    cells = []
+    for sr in holders:
+      box = tuple((max(a, c), min(b, d)) for (a, b), (c, d) in zip(sr, r))
+      if all(a < b for a, b in box):
+        cells.append((sr, box))
     if len(cells) > 1 and not assemble:
       return None
     for sr, box in cells:
@@ -178,6 +177,8 @@ def plan_leaf(shape: tuple[int, ...], itemsize: int, src: NamedSharding, dst: Na
   """
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  if math.prod(shape) == 0:  # Nothing to move: reallocate creates the empty array on the target.
+    return LeafPlan(None, (), False, 0, 0, 0.0, (0.0, 0.0, 0.0, 0.0))
   src_rs = regions(src, shape)
   tgt_rs = regions(dst, shape)
   src_devices = tuple(src.mesh.devices.flat)

@@ -115,6 +115,11 @@ def _buckets(leaves, bucket_bytes):
 
 
 @functools.lru_cache(maxsize=None)
+def _empty_fn(shape, dtype, target):
+  return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=target)
+
+
+@functools.lru_cache(maxsize=None)
 def _assemble_fn(shape, offsets):
   def f(*ps):
     out = jnp.zeros(shape, ps[0].dtype)
@@ -170,6 +175,11 @@ def _move_bucket(items, donate):
   for (x, target, p), g in zip(items, got):
     if p.identical and x.sharding == target:
       results.append(x)
+      continue
+    if x.size == 0:
+      results.append(_empty_fn(tuple(x.shape), x.dtype, target)())
+      if donate:
+        x.delete()
       continue
     shards, parts = {}, {}
     for i, s in enumerate(p.pieces):

@@ -1,0 +1,192 @@
+"""sharding.reallocate on 8 fake CPU devices: values bitwise equal, target shardings, no host transfer.
+
+Reference values are numpy arrays made on the host side before anything is placed; sources are
+placed with device_put *outside* the transfer guard and never read back before reallocating.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sharding import Hardware, Layout, realloc_cost, reallocate
+from sharding.hardware import H100_SXM
+from sharding.realloc import plans
+
+DTYPES = [np.float32, jnp.bfloat16, np.int32, np.bool_]
+
+
+def _value(shape, dtype, seed):
+  rng = np.random.default_rng(seed)
+  x = rng.integers(-1000, 1000, size=shape)
+  return (x % 2).astype(np.bool_) if dtype == np.bool_ else np.asarray(x).astype(dtype)
+
+
+def _check(y, ref, target):
+  assert y.sharding == target, (y.sharding, target)
+  assert y.dtype == ref.dtype and y.shape == ref.shape
+  for sh in y.addressable_shards:
+    got = np.asarray(sh.data)
+    want = np.ascontiguousarray(ref[sh.index])
+    np.testing.assert_array_equal(got.reshape(-1).view(np.uint8), want.reshape(-1).view(np.uint8))
+
+
+def _move(refs, src, dst, **kw):
+  xs = jax.tree.map(lambda r, s: jax.device_put(r, s), refs, src)
+  with jax.transfer_guard("disallow"):
+    ys = reallocate(xs, dst, **kw)
+    jax.block_until_ready(ys)
+  if isinstance(dst, NamedSharding):
+    dst = jax.tree.map(lambda _: dst, refs)
+  jax.tree.map(_check, ys, refs, dst)
+  return xs, ys
+
+
+L = Layout.on
+CASES = {  # name: (source sharding, target sharding), for a (16, 8) array
+    "same devices, other spec": (L(0, fsdp=4).named("fsdp"), L(0, tensor=4).named(None, "tensor")),
+    "overlapping sets": (L(0, fsdp=4).named("fsdp"), L(2, fsdp=2, tensor=2).named("tensor", "fsdp")),
+    "disjoint sets": (L(0, fsdp=4).named("fsdp"), L(4, tensor=4).named(None, "tensor")),
+    "4 -> 2": (L(0, fsdp=4).named("fsdp"), L(0, tensor=2).named(None, "tensor")),
+    "2 -> 8": (L(0, tensor=2).named(None, "tensor"), L(0, fsdp=8).named("fsdp")),
+    "8 -> 1": (L(0, fsdp=8).named("fsdp"), L(5).named()),
+    "1 -> 8": (L(3).named(), L(0, fsdp=4, tensor=2).named("fsdp", "tensor")),
+    "axis order": (L(0, fsdp=2, tensor=4).named(("fsdp", "tensor")), L(0, fsdp=2, tensor=4).named(("tensor", "fsdp"))),
+    "replicated -> sharded": (L(0, data=4).named(), L(4, fsdp=4).named(None, "fsdp")),
+    "sharded -> replicated": (L(0, fsdp=8).named(None, "fsdp"), L(0, data=2, tensor=2).named()),
+    "data x tensor -> fsdp": (L(0, data=2, tensor=2).named(None, "tensor"), L(0, fsdp=4).named("fsdp")),
+    "identical": (L(0, fsdp=4).named("fsdp"), L(0, fsdp=4).named("fsdp")),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("mode", ["auto", "reshard", "pieces"])
+def test_cases(name, mode):
+  src, dst = CASES[name]
+  refs = {"a": _value((16, 8), np.float32, 0), "b": _value((16, 8), jnp.bfloat16, 1)}
+  _move(refs, {"a": src, "b": src}, {"a": dst, "b": dst}, mode=mode, bucket_bytes=600)
+
+
+def test_mixed_dtypes_scalars_empty_subtrees_uneven():
+  src, dst = L(0, fsdp=4), L(2, data=2, tensor=2)
+  refs = {"w": _value((12, 6), jnp.bfloat16, 0),   # 12 / 4 and 6 / 2 even; 3 rows per fsdp shard
+          "odd": _value((8, 7), np.int32, 1),      # 7 is never sharded
+          "mask": _value((4, 16), np.bool_, 2), "step": np.int32(7), "scale": np.float32(0.5),
+          "empty": {}, "none": [], "zero": np.zeros((0, 4), np.float32)}
+  src_sh = {"w": src.named("fsdp"), "odd": src.named("fsdp"), "mask": src.named(None, "fsdp"),
+            "step": src.named(), "scale": src.named(), "empty": {}, "none": [], "zero": src.named(None, "fsdp")}
+  dst_sh = {"w": dst.named(None, "tensor"), "odd": dst.named("tensor"), "mask": dst.named("tensor"),
+            "step": dst.named(), "scale": dst.named(), "empty": {}, "none": [], "zero": dst.named(None, "tensor")}
+  _, ys = _move(refs, src_sh, dst_sh)
+  assert ys["empty"] == {} and ys["none"] == []
+
+
+def test_single_target_for_all_leaves():
+  refs = [_value((8, 8), np.float32, i) for i in range(3)]
+  src = [L(0, fsdp=4).named("fsdp")] * 3
+  _move(refs, src, L(4, tensor=4).named(None, "tensor"))
+
+
+@pytest.mark.parametrize("name", ["disjoint sets", "same devices, other spec", "8 -> 1"])
+def test_donate_frees_source(name):
+  src, dst = CASES[name]
+  x = jax.device_put(_value((16, 8), np.float32, 0), src)
+  with jax.transfer_guard("disallow"):
+    y = reallocate(x, dst, donate=True)
+    jax.block_until_ready(y)
+  assert x.is_deleted()
+  assert not y.is_deleted()
+
+
+def test_naive_device_put_would_go_through_host():
+  """The guard is armed: the path reallocate avoids raises under it."""
+  src, dst = CASES["same devices, other spec"]
+  x = jax.device_put(_value((16, 8), np.float32, 0), src)
+  with jax.transfer_guard("disallow"), pytest.raises(Exception, match="Disallowed"):
+    jax.block_until_ready(jax.device_put(x, dst))
+
+
+def test_bucketing_keeps_order_and_values():
+  refs = [_value((8, 4), np.int32, i) for i in range(9)]
+  _move(refs, [L(0, fsdp=2).named("fsdp")] * 9, [L(2, tensor=4).named(None, "tensor")] * 9, bucket_bytes=100)
+
+
+def test_realloc_cost():
+  shapes = {"w": jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16)}
+  same = realloc_cost(L(0, fsdp=4).named("fsdp"), L(0, fsdp=4).named("fsdp"), shapes, H100_SXM)
+  assert same == 0.0
+  a2a = realloc_cost(L(0, fsdp=4).named("fsdp"), L(0, tensor=4).named(None, "tensor"), shapes, H100_SXM)
+  far = realloc_cost(L(0, fsdp=4).named("fsdp"), L(4, tensor=4).named(None, "tensor"), shapes, H100_SXM)
+  assert 0 < a2a and 0 < far
+  slow = Hardware.from_dict({**H100_SXM.to_dict(), "d2d_bandwidth": 1e9, "intra_mesh_collective_bandwidth": 1e9})
+  assert realloc_cost(L(0, fsdp=4).named("fsdp"), L(4, tensor=4).named(None, "tensor"), shapes, slow) > 10 * far
+  # Disjoint 4 -> 4: the busiest device moves a quarter of the array over one link.
+  nbytes = 4096 * 4096 * 2
+  assert far >= nbytes / 4 / H100_SXM.d2d_bandwidth
+
+
+def test_hardware_json_roundtrip_keeps_unknown_keys():
+  d = {**H100_SXM.to_dict(), "matmul_flops": 9.9e14}
+  hw = Hardware.from_json(Hardware.from_dict(d).to_json())
+  assert hw == H100_SXM.__class__(**{**H100_SXM.to_dict()}) or hw.d2d_bandwidth == H100_SXM.d2d_bandwidth
+  assert hw.extra["matmul_flops"] == 9.9e14
+  with pytest.raises(ValueError, match="lacks"):
+    Hardware.from_dict({"name": "x"})
+
+
+# ---- property test over random pytrees, meshes and specs --------------------------------------
+
+def _layouts():
+  out = []
+  for size in (1, 2, 4, 8):
+    for start in range(0, 8, size):
+      for d in (1, 2, 4, 8):
+        for t in (1, 2, 4, 8):
+          if size % (d * t) == 0:
+            out.append(L(start, data=d, fsdp=size // (d * t), tensor=t))
+  return out
+
+
+LAYOUTS = _layouts()
+AXES_CHOICES = [None, "data", "fsdp", "tensor", ("fsdp", "tensor"), ("tensor", "fsdp"), ("data", "fsdp")]
+
+
+@st.composite
+def _sharding(draw, shape):
+  layout = draw(st.sampled_from(LAYOUTS))
+  spec, used = [], set()
+  for n in shape:
+    ax = draw(st.sampled_from(AXES_CHOICES))
+    names = () if ax is None else ((ax,) if isinstance(ax, str) else ax)
+    size = math.prod(getattr(layout.strategy, a) for a in names)
+    if used & set(names) or n % size:
+      ax = None
+    else:
+      used |= set(names)
+    spec.append(ax)
+  return NamedSharding(layout.mesh, P(*spec))
+
+
+@st.composite
+def _case(draw):
+  n = draw(st.integers(1, 3))
+  refs, src, dst = {}, {}, {}
+  for i in range(n):
+    shape = tuple(draw(st.lists(st.sampled_from([1, 2, 3, 4, 8, 16]), min_size=0, max_size=3)))
+    dtype = draw(st.sampled_from(DTYPES))
+    refs[f"p{i}"] = _value(shape, dtype, i)
+    src[f"p{i}"] = draw(_sharding(shape))
+    dst[f"p{i}"] = draw(_sharding(shape))
+  return refs, src, dst, draw(st.sampled_from(["auto", "reshard", "pieces"]))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_case())
+def test_property_random_trees(case):
+  refs, src, dst, mode = case
+  _move(refs, src, dst, mode=mode)
