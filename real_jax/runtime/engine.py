@@ -1,0 +1,238 @@
+"""The engine: runs the calls of a dataflow graph under an ExecutionPlan.
+
+* Every model rests in a *home* layout: its train layout (the plan's layout of its last TRAIN_STEP
+  call) or, for frozen models, the layout of its first call.
+* Before a call, the engine makes the model's parameters available in the call's layout with
+  `sharding.reallocate`. Copies are cached per (parameter version, layout): consecutive calls under
+  one layout move nothing, and a trained model's copies are dropped when its parameters change.
+* Batch arrays produced by one call are moved to the next call's mesh the same way (batch axis over
+  data x fsdp), never through the host.
+* Calls are dispatched asynchronously in topological order; JAX runs calls on disjoint meshes
+  concurrently. A watcher thread waits for each call's outputs and records its end time, so the
+  timeline shows real overlap without the main thread ever blocking on it. Only a call that needs
+  host data (a rule-based reward decoding text) blocks, and only on its own inputs.
+* Frozen models whose name the plan lists in `offload` rest in host memory between their calls.
+
+The engine knows nothing of any algorithm: a *program* (e.g. `real_jax.runtime.ppo`) supplies one
+function per call, `fn(engine, call, layout, inputs) -> outputs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+from flax import nnx
+
+from real_jax.dataflow import CallKind, Graph
+from search.plan import ExecutionPlan
+from sharding import Layout, activation_sharding, reallocate, shardings_for
+
+
+@dataclasses.dataclass
+class ModelSlot:
+  """One model's state: parameters at home, an optional train state, and cached copies.
+
+  graphdef: the nnx GraphDef. params: the nnx.State of parameters in `home`.
+  train_state: the optimizer state object of a trained model (owned by the program), or None.
+  version: bumps whenever the program replaces `params` (after a train step).
+  """
+
+  name: str
+  graphdef: Any
+  params: Any
+  home: Layout
+  train_state: Any = None
+  version: int = 0
+  offloaded: bool = False
+  _copies: dict = dataclasses.field(default_factory=dict)
+
+  def set_params(self, params: Any) -> None:
+    self.params = params
+    self.version += 1
+    self._copies.clear()
+
+
+@dataclasses.dataclass
+class Record:
+  """One timeline entry: a call or a reallocation, on a device range, with wall-clock times."""
+
+  iteration: int
+  name: str
+  kind: str  # "call", "realloc", "data"
+  devices: tuple[int, int]  # (start, size)
+  start: float
+  end: float | None = None
+  bytes: int = 0
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def _tree_bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+class Engine:
+  """Executes iterations of `graph` under `plan` with one function per call."""
+
+  def __init__(self, graph: Graph, plan: ExecutionPlan, slots: Mapping[str, ModelSlot],
+               functions: Mapping[str, Callable], *, validate: bool = True):
+    plan.check_covers([c.name for c in graph.calls])
+    self.graph, self.plan = graph, plan
+    self.slots = dict(slots)
+    self.functions = dict(functions)
+    missing = [c.name for c in graph.calls if c.name not in self.functions]
+    if missing:
+      raise ValueError(f"no function given for calls {missing}")
+    self.timeline: list[Record] = []
+    self._watchers: list[threading.Thread] = []
+    self._t0 = time.perf_counter()
+    self.iteration = 0
+    if validate:
+      self.check_plan()
+
+  # -- plan checks -----------------------------------------------------------------------------
+
+  def check_plan(self) -> None:
+    """Fails before anything compiles when a layout does not fit the devices, heads or batch."""
+    n = jax.device_count()
+    for call in self.graph.calls:
+      lay = self.plan[call.name]
+      where = f"plan for call {call.name!r} ({lay})"
+      if lay.device_mesh.stop > n:
+        raise ValueError(f"{where}: mesh needs devices up to id {lay.device_mesh.stop - 1}, but there are {n}")
+      slot = self.slots.get(call.model)
+      if slot is not None and slot.params is not None:
+        try:
+          shardings_for(slot.params, lay)
+        except ValueError as e:
+          raise ValueError(f"{where}: {e}") from None
+      shards = lay.strategy.data * lay.strategy.fsdp * lay.strategy.micro_batches
+      if call.batch % shards:
+        raise ValueError(f"{where}: batch {call.batch} does not divide over data x fsdp x micro_batches = {shards}")
+
+  # -- timing ----------------------------------------------------------------------------------
+
+  def now(self) -> float:
+    return time.perf_counter() - self._t0
+
+  def _watch(self, record: Record, tree: Any) -> None:
+    def wait():
+      jax.block_until_ready(tree)
+      record.end = self.now()
+    t = threading.Thread(target=wait, daemon=True)
+    t.start()
+    self._watchers.append(t)
+
+  def wait(self) -> None:
+    """Blocks until every dispatched call has finished (end of an iteration)."""
+    for t in self._watchers:
+      t.join()
+    self._watchers.clear()
+
+  # -- placement -------------------------------------------------------------------------------
+
+  def params_in(self, model: str, layout: Layout) -> Any:
+    """The model's parameters in `layout`, reallocating (and caching) when it differs from home."""
+    slot = self.slots[model]
+    if slot.offloaded:
+      self._restore_from_host(slot)
+    if layout == slot.home:
+      return slot.params
+    key = (slot.version, layout)
+    if key not in slot._copies:
+      rec = Record(self.iteration, f"{model}:{slot.home}->{layout}", "realloc",
+                   (min(slot.home.device_mesh.start, layout.device_mesh.start),
+                    max(slot.home.device_mesh.stop, layout.device_mesh.stop) -
+                    min(slot.home.device_mesh.start, layout.device_mesh.start)), self.now(),
+                   bytes=_tree_bytes(slot.params))
+      copy = reallocate(slot.params, shardings_for(slot.params, layout))
+      slot._copies.clear()  # Keep at most one copy besides home: bounds memory.
+      slot._copies[key] = copy
+      self.timeline.append(rec)
+      self._watch(rec, copy)
+    return slot._copies[key]
+
+  def move_batch(self, arrays: Mapping[str, Any], layout: Layout) -> dict[str, Any]:
+    """Batch arrays moved to `layout`'s mesh with the batch axis over (data, fsdp)."""
+    out = {}
+    for k, x in arrays.items():
+      if not isinstance(x, jax.Array):
+        out[k] = x
+        continue
+      target = activation_sharding(layout, ("batch",) + (None,) * (x.ndim - 1), tuple(x.shape)) if x.ndim else \
+          layout.replicated()
+      if x.sharding == target:
+        out[k] = x
+      elif isinstance(x.sharding, jax.sharding.NamedSharding):
+        out[k] = reallocate(x, target)
+      else:  # A small array made on one device (e.g. by jnp on the default device).
+        out[k] = jax.device_put(x, target)
+    return out
+
+  def offload(self, model: str) -> None:
+    """Moves a frozen model's parameters to host memory (pinned) until its next call."""
+    slot = self.slots[model]
+    if slot.offloaded:
+      return
+    slot._copies.clear()
+    slot.params = jax.tree.map(lambda x: jax.device_put(x, x.sharding.with_memory_kind("pinned_host")), slot.params)
+    slot.offloaded = True
+
+  def _restore_from_host(self, slot: ModelSlot) -> None:
+    slot.params = jax.tree.map(lambda x: jax.device_put(x, x.sharding.with_memory_kind("device")), slot.params)
+    slot.offloaded = False
+
+  # -- execution -------------------------------------------------------------------------------
+
+  def run_iteration(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """Runs every call once in topological order; returns all produced keys (dispatched arrays)."""
+    data = dict(inputs)
+    for name in self.graph.order:
+      call = self.graph[name]
+      layout = self.plan[name]
+      params = self.params_in(call.model, layout) if call.model in self.slots else None
+      args = self.move_batch({k: data[k] for k in call.inputs if k in data}, layout)
+      rec = Record(self.iteration, name, "call", (layout.device_mesh.start, layout.device_mesh.size), self.now())
+      out = self.functions[name](self, call, layout, params, args)
+      missing = [k for k in call.outputs if k not in out]
+      if missing:
+        raise RuntimeError(f"call {name!r} did not produce {missing}")
+      data.update(out)
+      self.timeline.append(rec)
+      self._watch(rec, (out, self.slots[call.model].params if call.kind is CallKind.TRAIN_STEP else None))
+      if call.model in self.slots and call.model in self.plan.offload and call.kind is not CallKind.TRAIN_STEP:
+        self._maybe_offload_after(call.model, name)
+    self.wait()
+    self.iteration += 1
+    return data
+
+  def _maybe_offload_after(self, model: str, name: str) -> None:
+    later = self.graph.order[self.graph.order.index(name) + 1:]
+    if not any(self.graph[c].model == model for c in later):
+      self.offload(model)
+
+  def iteration_records(self, iteration: int) -> list[dict]:
+    return [r.to_dict() for r in self.timeline if r.iteration == iteration]
+
+
+def home_layouts(graph: Graph, plan: ExecutionPlan) -> dict[str, Layout]:
+  """Each model's home: the layout of its last train call, else of its first call."""
+  homes = {}
+  for model in graph.models:
+    calls = [n for n in graph.order if graph[n].model == model]
+    if not calls:
+      continue
+    last_train = graph.last_train_call(model)
+    homes[model] = plan[last_train] if last_train else plan[calls[0]]
+  return homes
+
+
+def state_of(model) -> tuple[Any, Any]:
+  """(graphdef, params) of an nnx model."""
+  return nnx.split(model)
