@@ -114,7 +114,7 @@ def _step_fn(graphdef, loss_fn: LossFn, opt_cfg: OptimizerConfig, layout: Layout
         (grads, loss, aux), _ = jax.lax.scan(acc, (zeros, jnp.zeros((), jnp.float32), aux0), mbs)
         grads = jax.tree.map(lambda g: g / k, grads)
         loss, aux = loss / k, jax.tree.map(lambda a: a / k, aux)
-      grad_norm = optax.global_norm(grads)
+      grad_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
       updates, opt_state = opt.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       params = jax.tree.map(lambda new, old: new.astype(old.dtype), params, state.params)
