@@ -3,8 +3,8 @@ r"""PPO on a synthetic string-reversal task with tiny models: the embedded defau
     python -m real_jax.train --config configs/ppo_tiny.py --workdir /tmp/ppo_tiny
     python -m real_jax.train --config configs/ppo_tiny.py:plan=split --workdir /tmp/ppo_tiny_split
 
-Presets (`:key=value,...`): plan=colocated|split (split: generation and actor training on devices 0-3,
-critic/ref/reward on 4-7, so the actor is reallocated between calls). Any key can be overridden with
+Presets (`:key=value,...`): plan=colocated|split (split: actor generation (data x tensor) and training (fsdp) on
+devices 0-3, critic/ref/reward on 4-7: the actor is reallocated between its calls every iteration). Any key can be overridden with
 `--config.key=value`, e.g. `--config.num_iterations=50`.
 """
 
@@ -24,9 +24,9 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.algorithm = "ppo"
   c.seed = 0
-  c.num_iterations = 30            # RLHF iterations.
+  c.num_iterations = 50            # RLHF iterations.
   c.checkpoint_every = 0           # Checkpoint period in iterations (0: only at the end, once checkpoints land).
-  c.sft_warmup_steps = 150         # Supervised warm-up of the actor on task demonstrations.
+  c.sft_warmup_steps = 80          # Supervised warm-up of the actor on task demonstrations.
   c.sft_learning_rate = 3e-3
   c.log_every = 1
 
@@ -38,17 +38,17 @@ def get_config(arg=None):
   c.models.reward = dict(preset="tiny", overrides=tiny, head="scalar", init="random", rule="task", seed=2)
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.actor = dict(lr=3e-4, warmup_steps=0, decay="constant", decay_steps=1, clip_norm=1.0)
+  c.optim.actor = dict(lr=1e-3, warmup_steps=0, decay="constant", decay_steps=1, clip_norm=1.0)
   c.optim.critic = dict(lr=1e-3, warmup_steps=0, decay="constant", decay_steps=1, clip_norm=1.0)
 
-  c.data = dict(task="reversal", task_kwargs={"difficulty": 1}, batch_size=32, max_prompt_len=32)
+  c.data = dict(task="reversal", task_kwargs={"difficulty": 1}, batch_size=64, max_prompt_len=32)
   c.sampling = dict(max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0, n_samples=1)
   c.ppo = dict(gamma=1.0, lam=0.95, clip_eps=0.2, kl_coef=0.02, kl_in_reward=True, whiten_advantages=True,
                ppo_epochs=2, mini_batches=2, value_clip_eps=0.2)
 
   plans = {
       "colocated": "colocated",
-      "split": ("actor_gen=0:4/d1f4t1, actor_train=0:4/d1f4t1, reward_inf=4:1/d1f1t1, ref_inf=4:4/d4f1t1, "
+      "split": ("actor_gen=0:4/d2f1t2, actor_train=0:4/d1f4t1, reward_inf=4:1/d1f1t1, ref_inf=4:4/d4f1t1, "
                 "critic_inf=4:4/d1f2t2, critic_train=4:4/d1f2t2"),
   }
   c.plan = plans[args.get("plan", "colocated")]

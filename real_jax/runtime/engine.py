@@ -151,7 +151,7 @@ class Engine:
                     max(slot.home.device_mesh.stop, layout.device_mesh.stop) -
                     min(slot.home.device_mesh.start, layout.device_mesh.start)), self.now(),
                    bytes=_tree_bytes(slot.params))
-      copy = reallocate(slot.params, shardings_for(slot.params, layout))
+      copy = reallocate_state(slot.params, layout)
       slot._copies.clear()  # Keep at most one copy besides home: bounds memory.
       slot._copies[key] = copy
       self.timeline.append(rec)
@@ -219,6 +219,13 @@ class Engine:
 
   def iteration_records(self, iteration: int) -> list[dict]:
     return [r.to_dict() for r in self.timeline if r.iteration == iteration]
+
+
+def reallocate_state(state: Any, layout: Layout, *, donate: bool = False) -> Any:
+  """An nnx.State (Variables as pytree nodes) reallocated to its shardings under `layout`."""
+  leaves, treedef = jax.tree.flatten(state)
+  targets = jax.tree.leaves(shardings_for(state, layout))
+  return jax.tree.unflatten(treedef, reallocate(leaves, targets, donate=donate))
 
 
 def home_layouts(graph: Graph, plan: ExecutionPlan) -> dict[str, Layout]:

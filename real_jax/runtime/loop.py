@@ -109,6 +109,14 @@ def run(exp: Experiment, workdir: str, *, log=print) -> list[dict]:
   graph = ppo_graph(rows)
   plan = resolve_plan(exp, [c.name for c in graph.calls])
   plan.check_covers([c.name for c in graph.calls])
+  for name in ("actor_train", "critic_train"):
+    st = plan[name].strategy
+    shards = st.data * st.fsdp * st.micro_batches
+    per_mb = rows // exp.ppo.mini_batches
+    if per_mb % shards:
+      raise ValueError(f"plan for call {name!r} ({plan[name]}): a PPO mini-batch of {per_mb} rows (rows {rows} / "
+                       f"config.ppo.mini_batches {exp.ppo.mini_batches}) does not divide over data x fsdp x "
+                       f"micro_batches = {shards}")
   homes = home_layouts(graph, plan)
   plan.save(os.path.join(workdir, "plan.json"))
   log(plan.table({c.name: c.model for c in graph.calls}))
@@ -154,6 +162,8 @@ def run(exp: Experiment, workdir: str, *, log=print) -> list[dict]:
   prompts = prompt_batches(TaskDataset(task, tok, seed=exp.seed, size=None), exp.data.batch_size, seed=exp.seed)
   rows_out = []
   mpath, tpath = os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "timeline.jsonl")
+  for path in (mpath, tpath):  # A fresh run starts fresh files (resume arrives with checkpoints).
+    open(path, "w").close()
   gen_layout = plan["actor_gen"]
   for it in range(exp.num_iterations):
     t0 = time.perf_counter()
@@ -183,9 +193,12 @@ def run(exp: Experiment, workdir: str, *, log=print) -> list[dict]:
 def _moved(src_state, dst_state):
   """A fresh copy of `src_state`'s values placed like `dst_state` (on-device, never aliased)."""
   from sharding import reallocate
-  moved = reallocate(src_state, jax.tree.map(lambda x: x.sharding, dst_state))
+  leaves, treedef = jax.tree.flatten(src_state)
+  targets = [x.sharding for x in jax.tree.leaves(dst_state)]
+  moved = reallocate(leaves, targets)
   # reallocate may return the very buffers when nothing moves; a trained source would then delete them.
-  return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=jax.tree.map(lambda x: x.sharding, dst_state))(moved)
+  copied = jax.jit(lambda t: [jnp.copy(x) for x in t], out_shardings=targets)(moved)
+  return jax.tree.unflatten(treedef, copied)
 
 
 def main_log(msg: str) -> None:
