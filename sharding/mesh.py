@@ -36,7 +36,7 @@ def _is_pow2(n: int) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class DeviceMesh:
-  """A contiguous range `[start, start + size)` of global device ids."""
+  """A contiguous range `[start, start + size)` of positions in the global `jax.devices()` order."""
 
   start: int
   size: int
@@ -58,14 +58,17 @@ class DeviceMesh:
     return self.start + self.size
 
   def devices(self) -> list[jax.Device]:
-    """The jax.Device objects, ordered by global id. Raises if a device id does not exist."""
-    by_id = {d.id: d for d in jax.devices()}
-    missing = [i for i in self.device_ids if i not in by_id]
-    if missing:
+    """The devices at positions [start, stop) of `jax.devices()` (global order across processes).
+
+    Positions, not `Device.id`s: ids need not be contiguous (multi-process CPU numbers the second
+    process's devices from 2048), but the global order is the same on every process.
+    """
+    all_devices = jax.devices()
+    if self.stop > len(all_devices):
       raise ValueError(
-          f"DeviceMesh{self.device_ids[0]}..{self.device_ids[-1]} needs device ids {missing}, but only "
-          f"{len(by_id)} devices exist (ids {min(by_id)}..{max(by_id)})")
-    return [by_id[i] for i in self.device_ids]
+          f"{self} needs devices at positions {self.start}..{self.stop - 1}, but only {len(all_devices)} "
+          f"devices exist")
+    return list(all_devices[self.start:self.stop])
 
   def overlaps(self, other: DeviceMesh) -> bool:
     return self.start < other.stop and other.start < self.stop
@@ -142,8 +145,7 @@ def make_mesh(device_mesh: DeviceMesh, strategy: Strategy) -> jax.sharding.Mesh:
   if strategy.size != device_mesh.size:
     raise ValueError(f"strategy {strategy} has {strategy.size} devices but {device_mesh} has "
                      f"{device_mesh.size}")
-  device_mesh.devices()  # Raises with a clear message when ids are missing.
-  return _build_mesh(device_mesh.device_ids, strategy.shape)
+  return _build_mesh(tuple(d.id for d in device_mesh.devices()), strategy.shape)
 
 
 @dataclasses.dataclass(frozen=True)
