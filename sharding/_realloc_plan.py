@@ -19,7 +19,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sharding.hardware import Hardware
-from sharding.mesh import AXES, _build_mesh
+from sharding.mesh import AXES, mesh_over_devices
 
 Region = tuple[tuple[int, int], ...]
 
@@ -87,7 +87,6 @@ def _candidates(shape: tuple[int, ...], src_devices: tuple[jax.Device, ...], tgr
   of target shards: per-dimension counts g_i dividing the target's, prod(g) dividing the device
   count, at most three mesh axes (grid dims + one replication axis)."""
   n = len(src_devices)
-  ids = tuple(d.id for d in src_devices)
   out = []
   for g in itertools.product(*(_divisors(t) for t in tgrid)):
     u = math.prod(g)
@@ -103,7 +102,7 @@ def _candidates(shape: tuple[int, ...], src_devices: tuple[jax.Device, ...], tgr
       for ax, (dim, _) in zip(AXES, perm):
         if dim is not None:
           spec[dim] = ax
-      out.append(NamedSharding(_build_mesh(ids, mesh_shape), PartitionSpec(*spec)))
+      out.append(NamedSharding(mesh_over_devices(src_devices, mesh_shape), PartitionSpec(*spec)))
   return out
 
 
@@ -212,3 +211,158 @@ def plan_leaf(shape: tuple[int, ...], itemsize: int, src: NamedSharding, dst: Na
       best = (key, LeafPlan(inter, pieces, False, recv, copy_bytes, seconds, stages))
   assert best is not None, "the fully replicated intermediate always holds every region"
   return best[1]
+
+
+# ---- Tree plans: leaves grouped into buckets, each bucket a fixed handful of programs ---------------
+
+def device_list(s: NamedSharding) -> tuple[jax.Device, ...]:
+  """The sharding's device assignment (a jitted program needs the same list, in order, for all arrays)."""
+  return tuple(s.mesh.devices.flat)
+
+
+def same_device_recv(shape: tuple[int, ...], itemsize: int, src: NamedSharding, dst: NamedSharding) -> int:
+  """Max bytes one device receives when XLA reshards src -> dst on one device list."""
+  src_rs, tgt_rs = regions(src, shape), regions(dst, shape)
+  return max((_size(r) - _overlap(r, src_rs[d])) * itemsize for d, r in tgt_rs.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSpec:
+  shape: tuple[int, ...]
+  dtype: str
+  src: NamedSharding
+  dst: NamedSharding
+
+  @property
+  def nbytes(self) -> int:
+    import numpy as np
+    return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketPlan:
+  """One bucket's programs. `kinds[k]` per leaf of `leaves`: "keep" (already placed: returned as is),
+  "empty" (size 0), "same" (one jitted reshard on the shared device list), "general" (LeafPlan).
+
+  same: (device list, leaf indices) per jitted reshard over the shared device list.
+  reshard: (source device list, leaf indices) per jitted reshard into the leaves' intermediates.
+  transfers: (src, dst, dtype) -> ((leaf index, piece index), ...): one packed buffer per device
+    pair and dtype, concatenating the pieces' elements in this order.
+  """
+
+  leaves: tuple[int, ...]
+  kinds: dict[int, str]
+  leaf_plans: dict[int, LeafPlan]
+  same: tuple[tuple[tuple[jax.Device, ...], tuple[int, ...]], ...]
+  reshard: tuple[tuple[tuple[jax.Device, ...], tuple[int, ...]], ...]
+  transfers: dict[tuple[jax.Device, jax.Device, str], tuple[tuple[int, int], ...]]
+  host_s: float      # predicted host time: dispatches, transfers, per-leaf array assembly
+  device_s: float    # predicted device time: collectives, pack/unpack, copies over the busiest link
+
+
+@dataclasses.dataclass(frozen=True)
+class TreePlan:
+  buckets: tuple[BucketPlan, ...]
+  seconds: float
+
+
+def bucket_indices(specs, bucket_bytes):
+  if bucket_bytes is None:
+    return [list(range(len(specs)))]
+  out, cur, size = [], [], 0
+  for i, s in enumerate(specs):
+    n = s.nbytes
+    if cur and size + n > bucket_bytes:
+      out.append(cur)
+      cur, size = [], 0
+    cur.append(i)
+    size += n
+  if cur:
+    out.append(cur)
+  return out
+
+
+def _plan_bucket(specs, idx, hw: Hardware, mode: str) -> BucketPlan:
+  import numpy as np
+  kinds, leaf_plans = {}, {}
+  same: dict = {}
+  reshard: dict = {}
+  transfers: dict = {}
+  recv_same = 0.0
+  n_same_leaves = n_reshard_leaves = 0
+  n_general = 0
+  for k in idx:
+    s = specs[k]
+    itemsize = np.dtype(s.dtype).itemsize
+    if s.src == s.dst:
+      kinds[k] = "keep"
+    elif math.prod(s.shape) == 0:
+      kinds[k] = "empty"
+    elif mode == "auto" and device_list(s.src) == device_list(s.dst):
+      kinds[k] = "same"
+      same.setdefault(device_list(s.src), []).append(k)
+      recv_same += same_device_recv(s.shape, itemsize, s.src, s.dst)
+      n_same_leaves += 1
+    else:
+      p = plan_leaf(s.shape, itemsize, s.src, s.dst, hw, mode)
+      kinds[k] = "general"
+      leaf_plans[k] = p
+      n_general += 1
+      if p.inter is not None:
+        reshard.setdefault(device_list(p.inter), []).append(k)
+        recv_same += p.reshard_bytes
+        n_reshard_leaves += 1
+      for i, pc in enumerate(p.pieces):
+        if pc.src != pc.dst:
+          transfers.setdefault((pc.src, pc.dst, s.dtype), []).append((k, i))
+  # Device time: collectives, then packing, the copies over the busiest link, unpacking.
+  packed_out: dict = {}
+  packed_in: dict = {}
+  pair_s: dict = {}
+  for (src, dst, dtype), segs in transfers.items():
+    nbytes = sum(math.prod(leaf_plans[k].pieces[i].shape) for k, i in segs) * np.dtype(dtype).itemsize
+    packed_out[src] = packed_out.get(src, 0) + nbytes
+    packed_in[dst] = packed_in.get(dst, 0) + nbytes
+    bw = hw.inter_host_bandwidth if src.process_index != dst.process_index else hw.d2d_bandwidth
+    pair_s[src, dst] = pair_s.get((src, dst), 0.0) + nbytes / bw
+  unpack = dict(packed_in)
+  for k, p in leaf_plans.items():  # Local slices and assembly on the target devices.
+    for pc in p.pieces:
+      if pc.src == pc.dst and (pc.local is not None or not pc.whole):
+        unpack[pc.dst] = unpack.get(pc.dst, 0) + math.prod(pc.shape) * np.dtype(specs[k].dtype).itemsize
+  busiest = max([*packed_out.values(), *packed_in.values(), 0])
+  copy_s = max([*pair_s.values(), busiest / hw.d2d_device_bandwidth])
+  device_s = (recv_same / hw.intra_mesh_collective_bandwidth
+              + (n_same_leaves + n_reshard_leaves) * hw.collective_latency_s
+              + 2 * max([*packed_out.values(), 0]) / hw.hbm_bandwidth
+              + copy_s
+              + 2 * max([*unpack.values(), 0]) / hw.hbm_bandwidth)
+  n_programs = len(same) + len(reshard) + len(packed_out) + len({d for d in unpack})
+  for k in idx:
+    if kinds[k] == "empty":
+      n_programs += 1
+  host_s = (n_programs * hw.dispatch_s + len(transfers) * hw.transfer_latency_s
+            + (n_same_leaves + n_reshard_leaves) * hw.leaf_arg_s + n_general * hw.leaf_assemble_s)
+  return BucketPlan(tuple(idx), kinds, leaf_plans, tuple((d, tuple(ks)) for d, ks in same.items()),
+                    tuple((d, tuple(ks)) for d, ks in reshard.items()),
+                    {key: tuple(v) for key, v in sorted(transfers.items(), key=_transfer_order)},
+                    host_s, device_s)
+
+
+def _transfer_order(item):
+  (src, dst, dtype), _ = item
+  return (src.process_index, src.id, dst.process_index, dst.id, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def plan_tree(specs: tuple[LeafSpec, ...], hw: Hardware, mode: str, bucket_bytes: int | None) -> TreePlan:
+  """Buckets and their programs for a whole tree; the prediction is max(host, device) time summed
+  over buckets (host dispatch of one bucket overlaps the device work of the previous one)."""
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  buckets = tuple(_plan_bucket(specs, idx, hw, mode) for idx in bucket_indices(specs, bucket_bytes))
+  host = sum(b.host_s for b in buckets)
+  device = sum(b.device_s for b in buckets)
+  moves = any(k != "keep" for b in buckets for k in b.kinds.values())
+  seconds = (max(host, device) + hw.dispatch_s) if moves else 0.0
+  return TreePlan(buckets, seconds)

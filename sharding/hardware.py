@@ -9,12 +9,22 @@ Bandwidth conventions (all in bytes per second):
 
 * `d2d_bandwidth` - one device-to-device copy inside a host, per device pair (what a plain
   `jax.device_put` of a single-device shard achieves). Copies on disjoint pairs run in parallel.
+* `d2d_device_bandwidth` - all copies into (or out of) one device together (several pairs at once).
 * `inter_host_bandwidth` - the same for a pair of devices on different hosts (per device).
 * `hbm_bandwidth` - on-device memory copy rate (read + write counted once each: a copy of B bytes
   costs 2 B / hbm_bandwidth).
 * `intra_mesh_collective_bandwidth` - bytes *received per device* per second by a jitted reshard
   (all-to-all / all-gather) inside one mesh.
-* `transfer_latency_s` - fixed cost of one dispatched transfer or reshard program.
+* `transfer_latency_s` - host cost of one device-to-device transfer inside a batched `device_put`.
+* `dispatch_s` - host cost of dispatching one jitted program (reshard, pack, unpack).
+* `collective_latency_s` - device cost of one array's collective inside a reshard program.
+* `leaf_arg_s` - host cost per array argument of a jitted reshard.
+* `leaf_assemble_s` - host cost per leaf of the general path (shard lookup, building the result array).
+
+The last four have defaults (older profile files lack them). `realloc_cost` sums, per bucket, the
+host time (dispatches, transfers, per-leaf work) and the device time (collectives, pack and unpack
+copies in HBM, bytes over the busiest link) and takes the larger: host dispatch of one bucket
+overlaps the device work of the previous one.
 
 `H100_SXM` is the default, from measurements on 4x H100 SXM (NVLink) with jax 0.11.2 (DESIGN.md
 section 4) and recalibrated by `bench/realloc.py` (see bench/README.md).
@@ -38,14 +48,24 @@ class Hardware:
   hbm_bandwidth: float
   intra_mesh_collective_bandwidth: float
   transfer_latency_s: float
+  d2d_device_bandwidth: float = 0.0  # 0: 2 x d2d_bandwidth.
+  dispatch_s: float = 40e-6
+  collective_latency_s: float = 10e-6
+  leaf_arg_s: float = 3e-6
+  leaf_assemble_s: float = 25e-6
   extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
   def __post_init__(self):
-    for f in ("d2d_bandwidth", "inter_host_bandwidth", "hbm_bandwidth", "intra_mesh_collective_bandwidth"):
+    if not self.d2d_device_bandwidth:
+      object.__setattr__(self, "d2d_device_bandwidth", 2 * self.d2d_bandwidth)
+    for f in ("d2d_bandwidth", "d2d_device_bandwidth", "inter_host_bandwidth", "hbm_bandwidth", "intra_mesh_collective_bandwidth"):
       if not getattr(self, f) > 0:
         raise ValueError(f"Hardware.{f} must be > 0, got {getattr(self, f)!r}")
-    if self.transfer_latency_s < 0 or self.devices_per_host < 1:
-      raise ValueError(f"Hardware {self.name}: transfer_latency_s must be >= 0 and devices_per_host >= 1")
+    for f in ("transfer_latency_s", "dispatch_s", "collective_latency_s", "leaf_arg_s", "leaf_assemble_s"):
+      if getattr(self, f) < 0:
+        raise ValueError(f"Hardware {self.name}: {f} must be >= 0, got {getattr(self, f)!r}")
+    if self.devices_per_host < 1:
+      raise ValueError(f"Hardware {self.name}: devices_per_host must be >= 1")
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> Hardware:
@@ -54,7 +74,8 @@ class Hardware:
     known = {k: v for k, v in d.items() if k in names}
     extra = dict(d.get("extra", {}))
     extra.update({k: v for k, v in d.items() if k not in names and k != "extra"})
-    missing = names - known.keys()
+    optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+    missing = names - known.keys() - optional
     if missing:
       raise ValueError(f"hardware profile lacks {sorted(missing)}")
     return cls(**known, extra=extra)
@@ -77,17 +98,21 @@ class Hardware:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-# 4x H100 SXM 80GB, NVLink 4, one host. d2d: 360 GB/s per pair (device_put of a shard);
-# collective: ~1.2 TB/s algorithmic all-to-all over 4 GPUs = 225 GB/s received per device;
-# HBM copy 2.58 TB/s; inter-host: 400 Gb/s InfiniBand per GPU. Latency: dispatch of one transfer.
+# 4x H100 SXM 80GB, NVLink 4, one host, jax 0.11.2. Calibrated from bench/results/realloc-h100.json
+# (raw copies: batched device_put of single-device shards): one device pair sustains ~105 GB/s
+# (7B fsdp4 -> tensor2: 3.4 GB from device 0 to 1 in 31 ms), a device receiving from three pairs
+# ~220 GB/s; ~20 us of host time per transfer (1B fsdp4 -> tensor4: 804 transfers of 0.8 MB-100 MB
+# take 18 ms where the bytes need 6). Collective: ~1.2 TB/s algorithmic all-to-all over 4 GPUs =
+# 225 GB/s received per device. HBM copy 2.58 TB/s; inter-host: 400 Gb/s InfiniBand per GPU.
 H100_SXM = Hardware(
     name="h100_sxm",
     devices_per_host=8,
-    d2d_bandwidth=360e9,
+    d2d_bandwidth=105e9,
     inter_host_bandwidth=45e9,
     hbm_bandwidth=2.58e12,
     intra_mesh_collective_bandwidth=225e9,
     transfer_latency_s=20e-6,
+    d2d_device_bandwidth=220e9,
 )
 
 DEFAULT = H100_SXM

@@ -204,3 +204,9 @@ def strategies(size: int, *, micro_batches: Sequence[int] = (1,)) -> list[Strate
         d = size // (t * f)
         out += [Strategy(d, f, t, m) for m in micro_batches]
   return out
+
+
+def mesh_over_devices(devices: Sequence[jax.Device], shape: tuple[int, int, int]) -> jax.sharding.Mesh:
+  """The (data, fsdp, tensor) `Mesh` of `shape` over exactly these devices, in this order (any devices,
+  not only a contiguous DeviceMesh; e.g. the second process's devices on multi-process CPU)."""
+  return _build_mesh(tuple(d.id for d in devices), tuple(shape))

@@ -9,7 +9,11 @@ the host, so it runs under `jax.transfer_guard("disallow")`. It also works acros
 Why not `jax.device_put(x, target)`: it stays on the accelerators only when every target shard is
 exactly a source shard; otherwise it gathers the whole array to host numpy (DESIGN.md section 4).
 
-Algorithm, per leaf (planning in `sharding/_realloc_plan.py`, pure and cached):
+Fast path: a leaf whose source and target share the same device list (in order) moves with one
+jitted identity with `out_shardings=target`; XLA emits the all-to-all / all-gather / slices. All
+such leaves of a bucket go in ONE program (one dispatch per bucket and device list).
+
+General algorithm, per leaf (planning in `sharding/_realloc_plan.py`, pure and cached):
 
 1. Regions. Each device of the target holds a box (region) of the array. Let t_i be the number of
    distinct target blocks along dimension i (the target grid).
@@ -25,10 +29,18 @@ Algorithm, per leaf (planning in `sharding/_realloc_plan.py`, pure and cached):
    shard is larger than the region, a jitted local slice on the source device cuts it out.
 4. Cost. Every candidate is priced with the `Hardware` model (reshard bytes received per device
    / collective bandwidth + local slice bytes / HBM + busiest link's bytes / d2d bandwidth +
-   per-transfer latency) and the cheapest wins; `realloc_cost` sums these predictions.
-5. Execution: `jit(identity, out_shardings=I)` on the source mesh, local slices, one batched
-   `device_put` of single-device shards to their target devices, then
-   `jax.make_array_from_single_device_arrays` with the target sharding. No host round trip.
+   per-transfer latency) and the cheapest wins. `realloc_cost` prices the whole executed path per
+   bucket: host time (program dispatches, transfers, per-leaf work) against device time
+   (collectives, pack/unpack in HBM, the busiest device pair's bytes), the larger of the two.
+5. Execution, per bucket, not per leaf: ONE `jit(identity, out_shardings=[I...])` per source device
+   list over all the bucket's leaves that need a reshard; per source device ONE jitted "pack" that
+   cuts every piece going elsewhere out of its local shards and concatenates them into one flat
+   buffer per (target device, dtype); ONE batched `device_put` of those buffers; per target device
+   ONE jitted "unpack" that cuts the received buffers (and local slices) back into target shards;
+   then `jax.make_array_from_single_device_arrays` per leaf. So a bucket costs a handful of
+   dispatches and about (source devices x target devices) transfers whatever its leaf count.
+   Plans and jitted programs are cached by the tree's (shapes, dtypes, shardings): a repeated
+   reallocation of the same tree costs only dispatch. No host round trip.
 
 Cases: N -> M with M > N (target shards finer than source devices can hold apart) gets g
 coarser than the target grid and local slices; replicated targets take each copy from a
@@ -63,21 +75,9 @@ import numpy as np
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from sharding import hardware as _hw
-from sharding._realloc_plan import LeafPlan, plan_leaf
+from sharding._realloc_plan import BucketPlan, LeafPlan, LeafSpec, plan_leaf, plan_tree
 
 DEFAULT_BUCKET_BYTES = 1 << 30
-
-
-@functools.lru_cache(maxsize=None)
-def _reshard_fn(inter: NamedSharding):
-  return jax.jit(lambda a: a, out_shardings=inter)
-
-
-@functools.lru_cache(maxsize=None)
-def _slice_fn(local):
-  starts = tuple(a for a, _ in local)
-  stops = tuple(b for _, b in local)
-  return jax.jit(lambda a: jax.lax.slice(a, starts, stops))
 
 
 def _targets_like(tree, target_shardings):
@@ -91,27 +91,41 @@ def _targets_like(tree, target_shardings):
   return leaves, treedef, targets
 
 
-def _plan(x, target: NamedSharding, hw, mode="auto") -> LeafPlan:
+def _spec(x, target: NamedSharding) -> LeafSpec:
   if not isinstance(x, jax.Array) or not isinstance(x.sharding, NamedSharding):
     raise TypeError(f"reallocate: leaves must be jax.Arrays with a NamedSharding, got "
                     f"{type(x).__name__} with {getattr(x, 'sharding', None)}")
-  return plan_leaf(tuple(x.shape), np.dtype(x.dtype).itemsize, x.sharding, target, hw, mode)
+  return LeafSpec(tuple(x.shape), np.dtype(x.dtype).name, x.sharding, target)
 
 
-def _buckets(leaves, bucket_bytes):
-  if bucket_bytes is None:
-    return [list(range(len(leaves)))]
-  out, cur, size = [], [], 0
-  for i, x in enumerate(leaves):
-    n = x.size * np.dtype(x.dtype).itemsize
-    if cur and size + n > bucket_bytes:
-      out.append(cur)
-      cur, size = [], 0
-    cur.append(i)
-    size += n
-  if cur:
-    out.append(cur)
-  return out
+def _plan(x, target: NamedSharding, hw, mode="auto") -> LeafPlan:
+  s = _spec(x, target)
+  return plan_leaf(s.shape, np.dtype(s.dtype).itemsize, s.src, s.dst, hw, mode)
+
+
+def _local_order(s: NamedSharding, me: int) -> dict[jax.Device, int]:
+  """Device -> position in the array's addressable shards (the sharding's device order)."""
+  return {d: i for i, d in enumerate(d for d in s.mesh.devices.flat if d.process_index == me)}
+
+
+def _local_arrays(y) -> list:
+  arrays = getattr(y, "_arrays", None)  # The per-device buffers, in addressable device order.
+  if arrays is None:
+    return [sh.data for sh in y.addressable_shards]
+  return arrays
+
+
+def _cut(a, local):
+  if local is None:
+    return a
+  return jax.lax.slice(a, tuple(b for b, _ in local), tuple(e for _, e in local))
+
+
+@functools.lru_cache(maxsize=None)
+def _identity_fn(out_shardings: tuple, donate: bool):
+  n = len(out_shardings)
+  return jax.jit(lambda *xs: xs, out_shardings=out_shardings,
+                 donate_argnums=tuple(range(n)) if donate else ())
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,88 +133,193 @@ def _empty_fn(shape, dtype, target):
   return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=target)
 
 
+class _BucketProgram:
+  """The jitted programs of one bucket for this process, built once per (tree plan, bucket)."""
+
+  def __init__(self, specs, bp: BucketPlan, me: int):
+    self.bp = bp
+    self.me = me
+    self.same = []    # (leaf indices, jitted identity)
+    for devs, ks in bp.same:
+      if any(d.process_index == me for d in devs):
+        self.same.append((ks, _identity_fn(tuple(specs[k].dst for k in ks), False)))
+    self.reshard = []
+    for devs, ks in bp.reshard:
+      if any(d.process_index == me for d in devs):
+        self.reshard.append((ks, _identity_fn(tuple(bp.leaf_plans[k].inter for k in ks), False)))
+    # Where each general leaf's pieces are cut from: its intermediate (or source) layout.
+    self.general = [k for k in bp.leaves if bp.kinds[k] == "general"]
+    view = {k: (bp.leaf_plans[k].inter or specs[k].src) for k in self.general}
+    self.view_order = {k: _local_order(view[k], me) for k in self.general}
+    self.checked = False
+    # Pack: per source device of this process, every outgoing piece, one buffer per (dst, dtype).
+    packs: dict = {}
+    self.puts = []  # (key, src mine, dst mine, n elements)
+    for key, segs in bp.transfers.items():
+      src, dst, dtype = key
+      if src.process_index != me and dst.process_index != me:
+        continue
+      n = sum(int(np.prod(bp.leaf_plans[k].pieces[i].shape)) for k, i in segs)
+      self.puts.append((key, src.process_index == me, dst.process_index == me, n))
+      if src.process_index == me:
+        packs.setdefault(src, []).append(key)
+    self.packs = []  # (src device, [(leaf, position)] inputs, [key] outputs, jitted fn)
+    for src, keys in packs.items():
+      inputs = sorted({k for key in keys for k, _ in bp.transfers[key]})
+      slot = {k: j for j, k in enumerate(inputs)}
+      recipe = tuple(tuple((slot[k], bp.leaf_plans[k].pieces[i].local) for k, i in bp.transfers[key])
+                     for key in keys)
+      self.packs.append((src, [(k, self.view_order[k][src]) for k in inputs], keys, _pack_fn(recipe)))
+    # Unpack: per target device of this process, every target shard not passed through as is.
+    self.passthrough = {}  # (leaf, dst) -> position of the source buffer in the view's local arrays
+    unpacks: dict = {}
+    for k in self.general:
+      p = bp.leaf_plans[k]
+      by_dst: dict = {}
+      for i, pc in enumerate(p.pieces):
+        if pc.dst.process_index == me:
+          by_dst.setdefault(pc.dst, []).append(i)
+      for dst, idx in by_dst.items():
+        pc = p.pieces[idx[0]]
+        if len(idx) == 1 and pc.whole and pc.src == dst and pc.local is None:
+          self.passthrough[k, dst] = self.view_order[k][dst]
+        else:
+          unpacks.setdefault(dst, []).append((k, idx))
+    self.unpacks = []  # (dst, buffer keys, local inputs [(leaf, position)], outputs [leaf], fn)
+    for dst, jobs in unpacks.items():
+      keys = [key for key, _, dmine, _ in self.puts if dmine and key[1] == dst]
+      where = {}  # (leaf, piece) -> (buffer slot, start, stop)
+      for b, key in enumerate(keys):
+        off = 0
+        for k, i in bp.transfers[key]:
+          n = int(np.prod(bp.leaf_plans[k].pieces[i].shape))
+          where[k, i] = (b, off, off + n)
+          off += n
+      local_leaves = sorted({k for k, idx in jobs for i in idx if bp.leaf_plans[k].pieces[i].src == dst})
+      lslot = {k: len(keys) + j for j, k in enumerate(local_leaves)}
+      recipe = []
+      for k, idx in jobs:
+        p = bp.leaf_plans[k]
+        shard_shape = specs[k].dst.shard_shape(specs[k].shape)
+        parts = []
+        for i in idx:
+          pc = p.pieces[i]
+          if pc.src == dst:
+            parts.append(("local", lslot[k], pc.local, pc.offset, pc.shape))
+          else:
+            parts.append(("buf",) + where[k, i] + (pc.offset, pc.shape))
+        recipe.append((tuple(shard_shape), specs[k].dtype, tuple(parts), p.pieces[idx[0]].whole and len(idx) == 1))
+      self.unpacks.append((dst, keys, [(k, self.view_order[k][dst]) for k in local_leaves],
+                           [k for k, _ in jobs], _unpack_fn(tuple(recipe))))
+    # Result assembly order: the target's addressable devices.
+    self.target_devs = {k: [d for d in specs[k].dst.mesh.devices.flat if d.process_index == me]
+                        for k in self.general}
+
+  def run(self, leaves, targets, out, donate):
+    bp, me = self.bp, self.me
+    for ks, fn in self.same:
+      for k, y in zip(ks, fn(*(leaves[k] for k in ks))):
+        out[k] = y
+    view = {k: leaves[k] for k in self.general}
+    for ks, fn in self.reshard:
+      for k, y in zip(ks, fn(*(leaves[k] for k in ks))):
+        view[k] = y
+    local = {}
+    for k in self.general:
+      if view[k] is not None and any(d.process_index == me for d in view[k].sharding.device_set):
+        local[k] = _local_arrays(view[k])
+    if not self.checked:  # Once per program: the assumed shard order is the real one.
+      for k, arrs in local.items():
+        devs = [sh.device for sh in view[k].addressable_shards]
+        assert devs == sorted(self.view_order[k], key=self.view_order[k].get), (devs, self.view_order[k])
+      self.checked = True
+    bufs = {}
+    for src, inputs, keys, fn in self.packs:
+      for key, b in zip(keys, fn(*(local[k][j] for k, j in inputs))):
+        bufs[key] = b
+    put_x, put_dst, put_keys = [], [], []
+    for key, smine, dmine, n in self.puts:
+      src, dst, dtype = key
+      if smine:
+        x = bufs[key]
+      else:  # Lives on another process: an empty placeholder on its device.
+        x = jax.make_array_from_single_device_arrays((n,), SingleDeviceSharding(src), [], dtype=dtype)
+      put_x.append(x)
+      put_dst.append(SingleDeviceSharding(dst))
+      put_keys.append(key)
+    received = dict(zip(put_keys, jax.device_put(put_x, put_dst))) if put_x else {}
+    shards: dict = {}
+    for (k, dst), j in self.passthrough.items():
+      shards[k, dst] = local[k][j]
+    for dst, keys, linputs, outs, fn in self.unpacks:
+      args = [received[key] for key in keys] + [local[k][j] for k, j in linputs]
+      for k, y in zip(outs, fn(*args)):
+        shards[k, dst] = y
+    for k in bp.leaves:
+      kind = bp.kinds[k]
+      if kind == "keep":
+        out[k] = leaves[k]
+      elif kind == "empty":
+        x = leaves[k]
+        out[k] = _empty_fn(tuple(x.shape), x.dtype, targets[k])()
+      elif kind == "general":
+        x = leaves[k]
+        out[k] = jax.make_array_from_single_device_arrays(
+            tuple(x.shape), targets[k], [shards[k, d] for d in self.target_devs[k]], dtype=x.dtype)
+    if donate:
+      aliased = {id(leaves[k]) for k, _ in self.passthrough if bp.leaf_plans[k].inter is None}
+      aliased |= {id(leaves[k]) for k in bp.leaves if bp.kinds[k] == "keep"}
+      seen = set()
+      for k in bp.leaves:
+        x = leaves[k]
+        if id(x) in aliased or id(x) in seen or x.is_deleted():
+          continue
+        seen.add(id(x))
+        x.delete()
+    return [out[k] for k in bp.leaves]
+
+
 @functools.lru_cache(maxsize=None)
-def _assemble_fn(shape, offsets):
-  def f(*ps):
-    out = jnp.zeros(shape, ps[0].dtype)
-    for p, o in zip(ps, offsets):
-      out = jax.lax.dynamic_update_slice(out, p, o)
-    return out
+def _pack_fn(recipe):
+  """recipe: per output buffer, ((input slot, local box or None), ...): the flat concatenation."""
+  def f(*xs):
+    outs = []
+    for parts in recipe:
+      flat = [_cut(xs[j], box).reshape(-1) for j, box in parts]
+      outs.append(flat[0] if len(flat) == 1 else jnp.concatenate(flat))
+    return tuple(outs)
   return jax.jit(f)
 
 
-def _move_bucket(items, donate):
-  """items: list of (x, target, plan). Returns the moved arrays, in order."""
-  me = jax.process_index()
-  # 1. Reshard on the source meshes (one jitted identity per leaf, dispatched back to back).
-  inters = []
-  for x, _, p in items:
-    if p.inter is None:
-      inters.append(x)
-    elif any(d.process_index == me for d in p.inter.device_set):
-      inters.append(_reshard_fn(p.inter)(x))
-    else:
-      inters.append(None)  # Source entirely on other processes: they do the reshard.
-  # 2. Local slices and the list of copies (same order on every process).
-  got: list[dict] = []
-  put_x, put_dst, put_at = [], [], []
-  for k, ((x, target, p), y) in enumerate(zip(items, inters)):
-    local = {sh.device: sh.data for sh in y.addressable_shards} if y is not None else {}
-    g: dict = {}
-    for i, s in enumerate(p.pieces):
-      src_mine, dst_mine = s.src.process_index == me, s.dst.process_index == me
-      if not (src_mine or dst_mine):
+@functools.lru_cache(maxsize=None)
+def _unpack_fn(recipe):
+  """recipe: per output shard (shape, dtype, parts, whole); a part is ("buf", slot, start, stop,
+  offset, shape) or ("local", slot, box, offset, shape)."""
+  def piece(xs, part):
+    if part[0] == "buf":
+      _, j, a, b, _, shape = part
+      return xs[j][a:b].reshape(shape)
+    _, j, box, _, _ = part
+    return _cut(xs[j], box)
+
+  def f(*xs):
+    outs = []
+    for shape, dtype, parts, whole in recipe:
+      if whole:
+        outs.append(piece(xs, parts[0]))
         continue
-      if src_mine:
-        piece = local[s.src]
-        if s.local is not None:
-          piece = _slice_fn(s.local)(piece)
-      else:
-        piece = jax.make_array_from_single_device_arrays(s.shape, SingleDeviceSharding(s.src), [],
-                                                         dtype=x.dtype)
-      if s.src == s.dst:
-        g[i] = piece
-      else:
-        put_x.append(piece)
-        put_dst.append(SingleDeviceSharding(s.dst))
-        put_at.append((k, i, dst_mine))
-    got.append(g)
-  # 3. All copies of the bucket in one batched device_put.
-  if put_x:
-    for (k, i, dst_mine), out in zip(put_at, jax.device_put(put_x, put_dst)):
-      if dst_mine:
-        got[k][i] = out
-  # 4. Assemble pieces, build the target arrays; free donated sources.
-  results = []
-  for (x, target, p), g in zip(items, got):
-    if p.identical and x.sharding == target:
-      results.append(x)
-      continue
-    if x.size == 0:
-      results.append(_empty_fn(tuple(x.shape), x.dtype, target)())
-      if donate:
-        x.delete()
-      continue
-    shards, parts = {}, {}
-    for i, s in enumerate(p.pieces):
-      if s.dst.process_index != me:
-        continue
-      if s.whole:
-        shards[s.dst] = g[i]
-      else:
-        parts.setdefault(s.dst, []).append((s.offset, g[i]))
-    for d, ps in parts.items():
-      shards[d] = _assemble_fn(target.shard_shape(tuple(x.shape)), tuple(o for o, _ in ps))(*(a for _, a in ps))
-    arrays = [shards[d] for d in target.mesh.devices.flat if d in shards]
-    results.append(jax.make_array_from_single_device_arrays(tuple(x.shape), target, arrays, dtype=x.dtype))
-    if donate and not _aliases(p):
-      x.delete()
-  return results
+      y = jnp.zeros(shape, dtype)
+      for part in parts:
+        y = jax.lax.dynamic_update_slice(y, piece(xs, part), part[-2])
+      outs.append(y)
+    return tuple(outs)
+  return jax.jit(f)
 
 
-def _aliases(p: LeafPlan) -> bool:
-  """True when some result shard is a source buffer itself (no reshard, no slice, no copy)."""
-  return p.inter is None and any(s.src == s.dst and s.local is None and s.whole for s in p.pieces)
+@functools.lru_cache(maxsize=64)
+def _programs(specs: tuple[LeafSpec, ...], hw, mode: str, bucket_bytes, me: int):
+  tp = plan_tree(specs, hw, mode, bucket_bytes)
+  return [_BucketProgram(specs, bp, me) for bp in tp.buckets]
 
 
 def reallocate(tree: Any, target_shardings: Any, *, donate: bool = False,
@@ -216,53 +335,55 @@ def reallocate(tree: Any, target_shardings: Any, *, donate: bool = False,
     bucket_bytes: peak-memory bound: leaves move in buckets of at most this many bytes, with at
       most two buckets in flight. None: no bound, no waiting.
     hardware: the profile the planner prices candidate plans with (default `hardware.DEFAULT`).
-    mode: "auto" (cheapest plan), or force "reshard" or "pieces" plans (see module docstring).
+    mode: "auto" (same-device fast path, else the cheapest plan), or force "reshard" or "pieces"
+      plans for every leaf (see module docstring).
 
   Returns:
     A pytree like `tree` whose leaves have exactly the target shardings and bitwise the same values.
   """
   hw = hardware or _hw.DEFAULT
   leaves, treedef, targets = _targets_like(tree, target_shardings)
-  plans = [_plan(x, t, hw, mode) for x, t in zip(leaves, targets)]
+  specs = tuple(_spec(x, t) for x, t in zip(leaves, targets))
+  progs = _programs(specs, hw, mode, bucket_bytes, jax.process_index())
   out: list = [None] * len(leaves)
   inflight: list[list] = []
-  for bucket in _buckets(leaves, bucket_bytes):
+  for prog in progs:
     if bucket_bytes is not None and len(inflight) >= 2:
       jax.block_until_ready(inflight.pop(0))
-    moved = _move_bucket([(leaves[i], targets[i], plans[i]) for i in bucket], donate)
-    for i, y in zip(bucket, moved):
-      out[i] = y
-    inflight.append(moved)
+    inflight.append(prog.run(leaves, targets, out, donate))
   return jax.tree.unflatten(treedef, out)
 
 
+def _per_leaf(shardings, treedef, n):
+  if isinstance(shardings, NamedSharding):
+    return [shardings] * n
+  return treedef.flatten_up_to(shardings)
+
+
 def realloc_cost(src_shardings: Any, dst_shardings: Any, tree_shapes: Any,
-                 hardware: _hw.Hardware | None = None, mode: str = "auto") -> float:
+                 hardware: _hw.Hardware | None = None, mode: str = "auto",
+                 bucket_bytes: int | None = DEFAULT_BUCKET_BYTES) -> float:
   """Predicted seconds for `reallocate` to move `tree_shapes` from `src_shardings` to `dst_shardings`.
 
   `tree_shapes` is a pytree of anything with `.shape` and `.dtype` (e.g. `jax.ShapeDtypeStruct`);
-  the sharding trees match it (or are prefixes of it, or single NamedShardings). The estimate is
-  the sum over leaves of the chosen plan's time: reshard bytes received per device over the
-  collective bandwidth, local slices over HBM bandwidth, the busiest device's copy bytes over
-  the device-to-device (or inter-host) bandwidth, plus per-transfer latency.
+  the sharding trees match it (or are prefixes of it, or single NamedShardings). It prices the path
+  `reallocate` executes, bucket by bucket: host time (program dispatches, transfers, per-leaf
+  work) against device time (collective bytes received per device over the collective bandwidth,
+  pack/unpack copies over HBM, the busiest device pair's bytes over the d2d bandwidth), the
+  larger of the two, summed over buckets.
   """
   hw = hardware or _hw.DEFAULT
   leaves, treedef = jax.tree.flatten(tree_shapes)
-
-  def per_leaf(shardings):
-    if isinstance(shardings, NamedSharding):
-      return [shardings] * len(leaves)
-    return treedef.flatten_up_to(shardings)
-
-  total = 0.0
-  for x, s, d in zip(leaves, per_leaf(src_shardings), per_leaf(dst_shardings)):
-    total += plan_leaf(tuple(x.shape), np.dtype(x.dtype).itemsize, s, d, hw, mode).seconds
-  return total
+  specs = tuple(LeafSpec(tuple(x.shape), np.dtype(x.dtype).name, s, d)
+                for x, s, d in zip(leaves, _per_leaf(src_shardings, treedef, len(leaves)),
+                                   _per_leaf(dst_shardings, treedef, len(leaves))))
+  return plan_tree(specs, hw, mode, bucket_bytes).seconds
 
 
 def plans(tree: Any, target_shardings: Any, hardware: _hw.Hardware | None = None,
           mode: str = "auto") -> Sequence[LeafPlan]:
-  """The per-leaf plans `reallocate` would use (for inspection, tests and benchmarks)."""
+  """The per-leaf plans of the general path (for inspection, tests and benchmarks; leaves on the
+  same-device fast path get one too, priced as if they took the general path)."""
   hw = hardware or _hw.DEFAULT
   leaves, _, targets = _targets_like(tree, target_shardings)
   return [_plan(x, t, hw, mode) for x, t in zip(leaves, targets)]
