@@ -1,0 +1,123 @@
+"""Train-step benchmark: tokens/s and MFU of the generic train step (next-token loss).
+
+    PYTHONPATH=$PWD python bench/train.py --out results.json     # GPU, 4 devices
+    PYTHONPATH=$PWD python bench/train.py --small                 # CPU smoke run (8 fake devices)
+
+Shapes (issue 4): LLaMA-1B and 7B shapes, sequence 1024, layouts fsdp=4 and data=2 x fsdp=2,
+mixed precision (bf16 compute, fp32 master weights and AdamW moments), remat "dots" (falls back to
+"full" if it does not fit).
+
+MFU = 6 x params x tokens / step time / (GPUs x peak): `mfu_measured_peak` uses the bf16 matmul rate
+measured in this run (8192^3 matmul), `mfu_datasheet` the 989 TFLOP/s of the H100 SXM datasheet.
+Attention FLOPs are not counted (the usual 6ND convention), so MFU slightly understates work done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+import traceback
+
+DATASHEET = {"h100": 989e12, "h200": 989e12}
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", default=None)
+  ap.add_argument("--small", action="store_true")
+  ap.add_argument("--models", nargs="+", default=["7b", "1b"])
+  ap.add_argument("--batch", type=int, default=16, help="sequences per step (global)")
+  ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--remat", default="dots")
+  ap.add_argument("--budget-s", type=float, default=1e9, help="start no new case after this many seconds")
+  ap.add_argument("--gen-json", default=None, help="generate results to merge into the output")
+  args = ap.parse_args()
+  if args.small:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import json
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from bench._common import header, matmul_peak, timed, write
+  from real_jax.models import create_model, get_config, param_count
+  from real_jax.optim import OptimizerConfig
+  from real_jax.train_step import init_train_state, make_train_step, next_token_loss
+  from sharding import Layout
+
+  out = header()
+  if args.gen_json and os.path.exists(args.gen_json):
+    g = json.load(open(args.gen_json))
+    out.update({k: g[k] for k in ("generate", "hbm_bytes_per_s", "bf16_consistency") if k in g})
+  peak = matmul_peak(n=512 if args.small else 8192)
+  out["matmul_bf16_flops_per_s"] = peak
+  datasheet = DATASHEET.get(out["card"], 989e12)
+  out["datasheet_bf16_flops_per_s"] = datasheet
+  out["train"] = []
+  if args.small:
+    models, seq, batch = ["tiny"], 32, 8
+    layouts = {"fsdp=4": Layout.on(0, fsdp=4), "data=2,fsdp=2": Layout.on(0, data=2, fsdp=2)}
+  else:
+    models, seq, batch = args.models, 1024, args.batch
+    layouts = {"fsdp=4": Layout.on(0, fsdp=4), "data=2,fsdp=2": Layout.on(0, data=2, fsdp=2)}
+  opt = OptimizerConfig(lr=1e-5, warmup_steps=10, decay_steps=1000)
+  t_start = time.perf_counter()
+  for name in models:
+    for lname, layout in layouts.items():
+      for remat in ([args.remat, "full"] if args.remat != "full" else ["full"]):
+        rec = {"model": name, "layout": lname, "seq": seq, "batch": batch, "remat": remat, "precision": "bf16/fp32-master"}
+        st = None
+        if time.perf_counter() - t_start > args.budget_s:
+          rec.update({"tokens_per_s": None, "mfu_measured_peak": None, "mfu_datasheet": None,
+                      "error": "not run: this run's time budget was spent"})
+          out["train"].append(rec)
+          break
+        try:
+          cfg = get_config(name, dtype="bfloat16", param_dtype="float32", remat=remat)
+          model = create_model(cfg, layout, seed=0)
+          graphdef = nnx.graphdef(model)
+          st = init_train_state(model, opt, layout)
+          del model
+          rng = np.random.default_rng(0)
+          b = {"tokens": jnp.asarray(rng.integers(0, cfg.vocab_size, size=(batch, seq)), jnp.int32),
+               "mask": jnp.ones((batch, seq), bool)}
+          step = make_train_step(graphdef, next_token_loss, opt, layout, params=st.params, batch_example=b)
+          t0 = time.perf_counter()
+          st, met = step(st, b)
+          jax.block_until_ready(met)
+          rec["compile_s"] = time.perf_counter() - t0
+          times = []
+          for _ in range(args.steps):
+            t, (st, met) = timed(step, st, b)
+            times.append(t)
+          t = float(np.median(times))
+          n = param_count(cfg)
+          tok = batch * seq
+          flops = 6 * n * tok
+          ndev = layout.strategy.size
+          rec.update({"params": n, "step_s": t, "tokens_per_s": tok / t, "loss": float(met["loss"]),
+                      "mfu_measured_peak": flops / t / (ndev * peak), "mfu_datasheet": flops / t / (ndev * datasheet)})
+          out["train"].append(rec)
+          write(args.out, out)
+          break
+        except Exception as e:  # noqa: BLE001
+          traceback.print_exc()
+          rec.update({"tokens_per_s": None, "mfu_measured_peak": None, "mfu_datasheet": None,
+                      "error": f"{type(e).__name__}: {str(e)[:300]}"})
+          out["train"].append(rec)
+          write(args.out, out)
+        finally:
+          del st
+          gc.collect()
+  write(args.out, out)
+
+
+if __name__ == "__main__":
+  main()
