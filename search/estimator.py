@@ -1,0 +1,345 @@
+"""Cost of one call under one layout: per-device flops, memory traffic, communication and memory.
+
+Two tiers (search/README.md has the method and its measured error):
+
+* **compiled** - the real jitted call is lowered and compiled on abstract inputs
+  (`jax.ShapeDtypeStruct`s with shardings; nothing allocated) through the call's own `lower(layout)`
+  callback, which `real_jax.plan_inputs` builds from the jitted functions that run. Per-device flops
+  and bytes come from `cost_analysis()`, the peak from `memory_analysis()`, communication from the
+  collectives in `compiled.as_text()` (`search.hlo`). XLA counts a loop body once, so the callback
+  returns parts: generation = `main` (the sampler: prefill + one decode step; its memory is the
+  real peak with the whole KV cache) + (new_tokens - 1) x `decode` (one decode step); a micro-batched
+  call also returns `flat` (the same call without the micro-batch loop) for its flops and bytes.
+  Used where the layout fits the local device count; results are cached on disk.
+* **analytic** - the same quantities from the model's shape numbers and the strategy (FLOPs per
+  token; weights, activations and KV cache bytes; FSDP all-gathers / reduce-scatters, tensor-parallel
+  all-reduces per layer, data-parallel gradient all-reduce), times per-kind calibration factors
+  fitted against the compiled tier (`Profile.calibration`). Used for layouts beyond the machine.
+
+Seconds from counts: `overhead + max(flops / matmul_flops, bytes / hbm_bandwidth) + intra-host comm /
+intra_mesh_collective_bandwidth + inter-host comm / inter_host_bandwidth` (+ a per-layer step
+overhead for each decode step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+from search import hlo
+from search.profile import Profile
+from sharding import Layout
+
+KINDS = ("generate", "inference", "train_step")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+  """The numbers of a decoder the estimator needs (no framework objects)."""
+
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  d_ff: int
+  vocab_size: int
+  params: int
+  compute_bytes: int = 2   # bf16 activations / compute copy of the weights
+  param_bytes: int = 4     # stored parameters (fp32 masters)
+  remat: str = "none"
+
+  def dense_flops_per_token(self) -> float:
+    d, f, n, k, h, l, v = (self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.head_dim, self.n_layers,
+                           self.vocab_size)
+    return 2.0 * (l * (2 * d * n * h + 2 * d * k * h + 3 * d * f) + d * v)
+
+  def n_leaves(self) -> int:
+    return 9 * self.n_layers + 3
+
+
+@dataclasses.dataclass(frozen=True)
+class CallSpec:
+  """What the search knows of one call: its numbers, and optionally how to lower it.
+
+  kind: "generate", "inference" or "train_step". batch: rows. prompt_len / new_tokens: generation's
+  prompt bucket and budget; seq_len: the rows' total length (inference, train). trained: the model has
+  optimizer state (trained models). repeats: how many times the call runs per iteration
+  (e.g. PPO epochs x mini-batches train steps; counts are per run). head: "lm" or "scalar" (logits cost). key: extra text that makes
+  the cache key unique (e.g. sampling settings). lower(layout) -> {"main": Lowered, ...}: see module
+  docstring; None means analytic only.
+  """
+
+  name: str
+  model: str
+  kind: str
+  batch: int
+  shape: ModelShape
+  seq_len: int = 0
+  prompt_len: int = 0
+  new_tokens: int = 0
+  trained: bool = False
+  head: str = "lm"
+  repeats: int = 1
+  key: str = ""
+  lower: Callable[[Layout], dict[str, Any]] | None = dataclasses.field(default=None, compare=False, hash=False)
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"call {self.name!r}: kind {self.kind!r} must be one of {KINDS}")
+    if self.kind == "generate" and (self.prompt_len < 1 or self.new_tokens < 1):
+      raise ValueError(f"call {self.name!r}: generation needs prompt_len and new_tokens >= 1")
+    if self.kind != "generate" and self.seq_len < 1:
+      raise ValueError(f"call {self.name!r}: {self.kind} needs seq_len >= 1")
+
+  @property
+  def length(self) -> int:
+    return self.prompt_len + self.new_tokens if self.kind == "generate" else self.seq_len
+
+  def cache_key(self) -> str:
+    d = dataclasses.asdict(self)
+    d.pop("lower")
+    d.pop("name")
+    return json.dumps(d, sort_keys=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class CallCost:
+  """Per-device counts of one call (whole call, loops multiplied out) and where they came from."""
+
+  flops: float
+  hbm_bytes: float
+  comm_intra: float       # wire bytes per device inside a host
+  comm_inter: float       # wire bytes per device across hosts
+  arg_bytes: float        # parameters (+ optimizer state) of the call's layout, per device
+  temp_bytes: float       # peak activations / KV cache / gathered weights beyond the arguments
+  tier: str = "analytic"
+  steps: int = 0          # decode steps (for the per-step overhead)
+
+  def seconds(self, profile: Profile, n_layers: int = 0) -> float:
+    compute = max(self.flops / profile.matmul_flops, self.hbm_bytes / profile.hbm_bandwidth)
+    comm = self.comm_intra / profile.intra_mesh_collective_bandwidth + self.comm_inter / profile.inter_host_bandwidth
+    return profile.call_overhead_s + compute + comm + self.steps * n_layers * profile.step_overhead_s
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+# -- compiled tier -----------------------------------------------------------------------------
+
+
+def _counts(lowered, layout: Layout, devices_per_host: int) -> dict[str, float]:
+  compiled = lowered.compile()
+  ca = compiled.cost_analysis()
+  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  ma = compiled.memory_analysis()
+  colls = hlo.collectives(compiled.as_text(), layout.device_mesh.size)
+  intra, inter = hlo.comm_bytes(colls, devices_per_host, layout.device_mesh.start)
+  args = float(ma.argument_size_in_bytes)
+  temp = float(ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes)
+  return {"flops": float(ca.get("flops", 0.0)), "bytes": float(ca.get("bytes accessed", 0.0)), "intra": intra,
+          "inter": inter, "args": args, "temp": max(temp, 0.0)}
+
+
+def layer_loop_correction(spec: CallSpec, layout: Layout) -> tuple[float, float]:
+  """(flops, bytes) that `cost_analysis` misses because the layer stack runs as a `scan`.
+
+  XLA counts the scanned layer body once; the missing (L - 1) layers are taken from the analytic
+  tier as A(L) - A(1) (the forward/backward of the call, or generation's prefill; the decode step
+  is lowered with its layer loop unrolled and needs none). Collectives need no correction: the HLO
+  walker multiplies them by the loop's known trip count.
+  """
+  if spec.shape.n_layers <= 1:
+    return 0.0, 0.0
+  one = dataclasses.replace(spec.shape, n_layers=1)
+  base = spec if spec.kind != "generate" else dataclasses.replace(spec, new_tokens=1)
+  a_l = analytic_counts(base, layout)
+  a_1 = analytic_counts(dataclasses.replace(base, shape=one), layout)
+  return a_l.flops - a_1.flops, a_l.hbm_bytes - a_1.hbm_bytes
+
+
+def compiled_cost(spec: CallSpec, layout: Layout, devices_per_host: int) -> CallCost:
+  """Compiles spec.lower(layout)'s parts and combines them (see module docstring)."""
+  parts = spec.lower(layout)
+  main = _counts(parts["main"], layout, devices_per_host)
+  flat = _counts(parts["flat"], layout, devices_per_host) if "flat" in parts else main
+  dflops, dbytes = layer_loop_correction(spec, layout)
+  flops, hbm_bytes, intra, inter = flat["flops"] + dflops, flat["bytes"] + dbytes, main["intra"], main["inter"]
+  steps = 0
+  if spec.kind == "generate" and "decode" in parts:
+    dec = _counts(parts["decode"], layout, devices_per_host)
+    steps = spec.new_tokens
+    flops += (steps - 1) * dec["flops"]
+    hbm_bytes += (steps - 1) * dec["bytes"]
+    intra += (steps - 1) * dec["intra"]
+    inter += (steps - 1) * dec["inter"]
+  return CallCost(flops, hbm_bytes, intra, inter, main["args"], main["temp"], "compiled", steps)
+
+
+# -- analytic tier -----------------------------------------------------------------------------
+
+
+def _ring(n: int) -> float:
+  return (n - 1) / n if n > 1 else 0.0
+
+
+def analytic_counts(spec: CallSpec, layout: Layout) -> CallCost:
+  """Uncalibrated analytic counts (module docstring); `Estimator` applies the calibration."""
+  m, st = spec.shape, layout.strategy
+  d, f, t, k = st.data, st.fsdp, st.tensor, st.micro_batches
+  n = d * f * t
+  cb, pb, p = m.compute_bytes, m.param_bytes, float(m.params)
+  b_loc = spec.batch / (d * f)                 # rows per device group
+  t_kv = t if m.n_kv_heads % t == 0 else 1
+  w_c = p * cb / t                             # compute-dtype weights one device reads after the FSDP gather
+  head_width = m.vocab_size if spec.head == "lm" else 1
+  args = p * pb / (f * t) + (p * 8 / (f * t) if spec.kind == "train_step" else 0.0)
+
+  def forward(rows, length, mbs):
+    """(flops, bytes, intra-mesh wire bytes, temp) of a forward over rows x length in mbs micro-batches."""
+    tok = rows * length
+    flops = tok * (m.dense_flops_per_token() + 2.0 * m.n_layers * m.n_heads * m.head_dim * length) / n
+    act = tok / (d * f) * m.d_model * cb
+    byts = mbs * w_c + act * m.n_layers * 12 + tok / (d * f) * head_width / t * 4 * 3
+    comm = mbs * w_c * _ring(f) + 2 * m.n_layers * 2 * _ring(t) * act
+    temp = (act / mbs * (8 + 3 * m.d_ff / m.d_model / t) + tok / (d * f) / mbs * head_width / t * 4 * 2
+            + (2 * w_c / m.n_layers if f > 1 else 0.0))
+    return flops, byts, comm, temp
+
+  steps = 0
+  if spec.kind == "inference":
+    flops, byts, comm, temp = forward(spec.batch, spec.seq_len, k)
+  elif spec.kind == "train_step":
+    ff, fb, fc, ft = forward(spec.batch, spec.seq_len, k)
+    mult = 4.0 if m.remat == "full" else 3.0
+    flops = ff * mult
+    byts = fb * 3 + p / (f * t) * (pb * 3 + 8 * 2 + 4 * 2)
+    comm = 2 * fc + k * p * 4 / t * _ring(f) * f / max(f, 1) + 2 * _ring(d) * p * 4 / (f * t)
+    act_saved = b_loc / k * spec.seq_len * m.d_model * cb * m.n_layers * (2 if m.remat == "full" else 14)
+    temp = ft + act_saved + p * 4 / (f * t)
+  else:
+    s = spec.prompt_len + spec.new_tokens
+    pf, pbyt, pc, pt = forward(spec.batch, spec.prompt_len, 1)
+    steps = spec.new_tokens
+    s_avg = spec.prompt_len + spec.new_tokens / 2
+    step_flops = spec.batch * (m.dense_flops_per_token() + 4.0 * m.n_layers * m.n_heads * m.head_dim * s_avg) / n
+    kv_read = b_loc * s_avg * m.n_layers * 2 * m.n_kv_heads * m.head_dim * cb / t_kv
+    step_bytes = w_c + kv_read + b_loc * head_width / t * 4
+    step_comm = w_c * _ring(f) + 2 * m.n_layers * 2 * _ring(t) * b_loc * m.d_model * cb
+    flops, byts, comm = pf + steps * step_flops, pbyt + steps * step_bytes, pc + steps * step_comm
+    kv = b_loc * s * m.n_layers * 2 * m.n_kv_heads * m.head_dim * cb / t_kv
+    temp = kv + pt
+  intra, inter = comm, 0.0
+  return CallCost(flops, byts, intra, inter, args, temp, "analytic", steps)
+
+
+def split_comm(cost: CallCost, layout: Layout, devices_per_host: int) -> CallCost:
+  """Analytic comm is all charged to one link class: inter-host when the mesh spans hosts.
+
+  Heuristic: with the mesh axes ordered (data, fsdp, tensor), tensor (innermost) stays inside a
+  host whenever tensor <= devices_per_host; fsdp and data groups cross hosts once the mesh does.
+  """
+  if layout.device_mesh.size <= devices_per_host:
+    return cost
+  return dataclasses.replace(cost, comm_intra=0.0, comm_inter=cost.comm_intra + cost.comm_inter)
+
+
+# -- estimator ---------------------------------------------------------------------------------
+
+
+def _default_cache_dir() -> str:
+  return os.path.join(os.path.expanduser("~"), ".cache", "real_jax", "estimates")
+
+
+class Estimator:
+  """Costs and seconds per (call, layout), compiled where possible, cached in memory and on disk.
+
+  mode: "auto" (compiled where the call can be lowered and the layout fits `jax.device_count()`,
+  analytic otherwise), "compiled" or "analytic".
+  """
+
+  def __init__(self, profile: Profile, *, cache_dir: str | None = None, mode: str = "auto"):
+    if mode not in ("auto", "compiled", "analytic"):
+      raise ValueError(f"Estimator mode={mode!r}: expected auto, compiled or analytic")
+    self.profile = profile
+    self.mode = mode
+    self.cache_dir = _default_cache_dir() if cache_dir is None else cache_dir
+    self._mem: dict[tuple, CallCost] = {}
+    self.compiles = 0
+    self.disk_hits = 0
+
+  def _path(self, spec: CallSpec, layout: Layout, tier: str) -> str:
+    import jax
+    text = json.dumps([tier, spec.cache_key(), layout.device_mesh.start, layout.device_mesh.size,
+                       str(layout.strategy), layout.rules, jax.__version__, self.profile.devices_per_host])
+    return os.path.join(self.cache_dir, hashlib.sha256(text.encode()).hexdigest()[:32] + ".json")
+
+  def _can_compile(self, spec: CallSpec, layout: Layout) -> bool:
+    if spec.lower is None or self.mode == "analytic":
+      return False
+    import jax
+    return layout.device_mesh.stop <= jax.device_count()
+
+  def compiled(self, spec: CallSpec, layout: Layout) -> CallCost:
+    key = ("compiled", spec.cache_key(), layout)
+    if key in self._mem:
+      return self._mem[key]
+    path = self._path(spec, layout, "compiled") if self.cache_dir else ""
+    if path and os.path.exists(path):
+      with open(path) as f:
+        cost = CallCost(**json.load(f))
+      self.disk_hits += 1
+    else:
+      cost = compiled_cost(spec, layout, self.profile.devices_per_host)
+      self.compiles += 1
+      if path:
+        os.makedirs(self.cache_dir, exist_ok=True)
+        tmp = path + f".tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+          json.dump(cost.to_dict(), f)
+        os.replace(tmp, path)
+    self._mem[key] = cost
+    return cost
+
+  def analytic(self, spec: CallSpec, layout: Layout, *, calibrated: bool = True) -> CallCost:
+    c = analytic_counts(spec, layout)
+    if calibrated:
+      fk = lambda w: self.profile.factor(spec.kind, w)  # noqa: E731
+      c = dataclasses.replace(c, flops=c.flops * fk("flops"), hbm_bytes=c.hbm_bytes * fk("bytes"),
+                              comm_intra=c.comm_intra * fk("comm"), comm_inter=c.comm_inter * fk("comm"),
+                              temp_bytes=c.temp_bytes * fk("memory"))
+    return split_comm(c, layout, self.profile.devices_per_host)
+
+  def cost(self, spec: CallSpec, layout: Layout) -> CallCost:
+    if self.mode == "compiled" or (self.mode == "auto" and self._can_compile(spec, layout)):
+      if not self._can_compile(spec, layout):
+        raise ValueError(f"call {spec.name!r}: cannot compile under {layout} (no lower() or too few devices)")
+      return self.compiled(spec, layout)
+    return self.analytic(spec, layout)
+
+  def seconds(self, spec: CallSpec, layout: Layout) -> float:
+    c = self.cost(spec, layout)
+    return spec.repeats * c.seconds(self.profile, spec.shape.n_layers) * self.profile.factor(spec.kind, "time")
+
+
+def fit_calibration(pairs: list[tuple[CallSpec, CallCost, CallCost]]) -> dict[str, dict[str, float]]:
+  """Per-kind factors (geometric mean of compiled / analytic) from (spec, compiled, uncalibrated analytic)."""
+  out: dict[str, dict[str, float]] = {}
+  fields = {"flops": "flops", "bytes": "hbm_bytes", "memory": "temp_bytes"}
+  for kind in KINDS:
+    rows = [(c, a) for s, c, a in pairs if s.kind == kind]
+    if not rows:
+      continue
+    out[kind] = {}
+    for name, attr in fields.items():
+      r = [getattr(c, attr) / getattr(a, attr) for c, a in rows if getattr(a, attr) > 0 and getattr(c, attr) > 0]
+      out[kind][name] = math.exp(sum(math.log(x) for x in r) / len(r)) if r else 1.0
+    r = [(c.comm_intra + c.comm_inter) / (a.comm_intra + a.comm_inter) for c, a in rows
+         if a.comm_intra + a.comm_inter > 0 and c.comm_intra + c.comm_inter > 0]
+    out[kind]["comm"] = math.exp(sum(math.log(x) for x in r) / len(r)) if r else 1.0
+  return out

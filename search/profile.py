@@ -1,0 +1,159 @@
+"""Hardware profiles: the measured rates that turn counted flops, bytes and collectives into seconds.
+
+A profile is a JSON file (`search/profiles/*.json`) that is also a valid `sharding.Hardware` (the
+reallocation cost model reads the same file). Fields beyond Hardware's:
+
+* `matmul_flops`: achieved dense bf16 (GPU) / f32 (CPU) matmul rate per device, FLOP/s.
+* `memory_bytes`: usable device memory per device.
+* `call_overhead_s`: fixed cost of dispatching one jitted call.
+* `step_overhead_s`: fixed cost of one decode step per layer (kernel launches; decode is latency bound).
+* `host_bandwidth`: device <-> host memory, bytes/s (frozen models resting in host memory).
+* `calibration`: per call kind, multiplicative factors of the analytic estimator tier
+  (`flops`, `bytes`, `comm`, `memory`) fitted against compiled estimates, and `time` against timed runs.
+
+`python -m search.profile --out search/profiles/cpu.json` measures matmul rate, HBM (memory copy)
+bandwidth, device-to-device copy bandwidth, in-mesh all-gather bandwidth and per-call overhead on
+the machine at hand (CPU too). Estimates for a GPU cluster planned from a CPU machine take the
+GPU profile instead (see search/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+from sharding.hardware import Hardware
+
+PROFILE_DIR = os.path.join(os.path.dirname(__file__), "profiles")
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+  name: str
+  devices_per_host: int
+  matmul_flops: float
+  hbm_bandwidth: float
+  d2d_bandwidth: float
+  inter_host_bandwidth: float
+  intra_mesh_collective_bandwidth: float
+  memory_bytes: float
+  call_overhead_s: float = 50e-6
+  step_overhead_s: float = 0.0
+  transfer_latency_s: float = 20e-6
+  host_bandwidth: float = 20e9
+  calibration: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
+  notes: str = dataclasses.field(default="", compare=False)
+
+  @property
+  def hardware(self) -> Hardware:
+    return Hardware(self.name, self.devices_per_host, self.d2d_bandwidth, self.inter_host_bandwidth,
+                    self.hbm_bandwidth, self.intra_mesh_collective_bandwidth, self.transfer_latency_s)
+
+  def factor(self, kind: str, what: str) -> float:
+    return float(self.calibration.get(kind, {}).get(what, 1.0))
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> Profile:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names - {"extra"}
+    if unknown:
+      raise ValueError(f"hardware profile has unknown keys {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+  @classmethod
+  def load(cls, path: str) -> Profile:
+    if not os.path.exists(path) and os.path.exists(os.path.join(PROFILE_DIR, path + ".json")):
+      path = os.path.join(PROFILE_DIR, path + ".json")
+    with open(path) as f:
+      try:
+        return cls.from_dict(json.load(f))
+      except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"profile {path}: {e}") from None
+
+  def save(self, path: str) -> None:
+    with open(path, "w") as f:
+      json.dump(self.to_dict(), f, indent=2)
+      f.write("\n")
+
+  def replace(self, **kw) -> Profile:
+    return dataclasses.replace(self, **kw)
+
+
+def _timeit(fn, *, reps: int = 5) -> float:
+  fn()  # warm up / compile
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
+def measure(name: str | None = None, *, size: int = 1024, copy_mb: int = 64) -> Profile:
+  """Measures the current machine's rates with small microbenchmarks (seconds on CPU)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  devs = jax.devices()
+  d0 = devs[0]
+  kind = d0.platform
+  dt = jnp.bfloat16 if kind == "gpu" else jnp.float32
+  a = jax.device_put(jnp.ones((size, size), dt), d0)
+  mm = jax.jit(lambda x: x @ x)
+  t = _timeit(lambda: mm(a).block_until_ready())
+  matmul = 2 * size**3 / t
+  n = copy_mb * 2**20 // 4
+  x = jax.device_put(jnp.ones((n,), jnp.float32), d0)
+  cp = jax.jit(lambda v: v + 1)
+  hbm = 2 * n * 4 / _timeit(lambda: cp(x).block_until_ready())
+  tiny = jax.device_put(jnp.ones((8,), jnp.float32), d0)
+  f = jax.jit(lambda v: v * 2)
+  overhead = _timeit(lambda: f(tiny).block_until_ready(), reps=50)
+  d2d = coll = hbm
+  if len(devs) > 1:
+    d2d = n * 4 / _timeit(lambda: jax.device_put(x, devs[1]).block_until_ready())
+    from jax.sharding import NamedSharding, PartitionSpec
+    mesh = jax.sharding.Mesh(np.array(devs), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    sh = jax.device_put(jnp.ones((n,), jnp.float32), NamedSharding(mesh, PartitionSpec("x")))
+    gather = jax.jit(lambda v: v, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    coll = n * 4 * (len(devs) - 1) / len(devs) / _timeit(lambda: gather(sh).block_until_ready())
+  try:
+    mem = float(d0.memory_stats()["bytes_limit"])
+  except Exception:  # CPU has no memory_stats: take host memory per device.
+    mem = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / len(devs)
+  return Profile(name=name or f"{kind}_measured", devices_per_host=jax.local_device_count(), matmul_flops=matmul,
+                 hbm_bandwidth=hbm, d2d_bandwidth=d2d, inter_host_bandwidth=d2d, intra_mesh_collective_bandwidth=coll,
+                 memory_bytes=mem, call_overhead_s=overhead, transfer_latency_s=overhead,
+                 notes=f"measured by python -m search.profile on {d0.device_kind} x{len(devs)}, jax {jax.__version__}")
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(prog="python -m search.profile", description=__doc__.split("\n")[0])
+  p.add_argument("--out", default="", help="write the profile JSON here (default: print it)")
+  p.add_argument("--name", default=None)
+  p.add_argument("--devices", type=int, default=0, help="fake CPU devices (sets XLA_FLAGS before jax starts)")
+  p.add_argument("--calibrate", default="", help="a config file: time its real calls and fit `calibration`")
+  args = p.parse_args(argv)
+  if args.devices:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={args.devices}").strip()
+  prof = measure(args.name)
+  if args.calibrate:
+    from search.calibrate import calibrate_from_config
+    prof = calibrate_from_config(prof, args.calibrate)
+  if args.out:
+    prof.save(args.out)
+    print(f"wrote {args.out}")
+  print(json.dumps(prof.to_dict(), indent=2))
+
+
+if __name__ == "__main__":
+  main()
