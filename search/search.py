@@ -1,0 +1,233 @@
+"""Plan search: exhaustive where the space is small, Metropolis MCMC over one-call moves elsewhere.
+
+`Planner(specs, tasks, estimator, num_devices)` precomputes, for every call, its candidate layouts
+and their estimated seconds and memory (`search.space`), so one simulation costs tens of
+microseconds per task. Before any search the two heuristic baselines are scored, and they are always
+reported beside the chosen plan:
+
+* colocated: every call on all devices with one (data, fsdp, tensor) shared by all calls (each call
+  keeps its best micro-batch count), the best such strategy;
+* disaggregated: each model on its own disjoint mesh, sized in proportion to its work (its calls'
+  seconds on the whole cluster) and rounded to a valid mesh size; each call takes its best strategy
+  on its model's mesh.
+
+MCMC (simulated annealing): start from the best baseline; a move re-draws one call's layout (half
+the time among layouts on the same mesh, half anywhere); accept with probability
+exp(-(t_new - t_old) / T), T decaying geometrically from 10% to 0.1% of the start time; keep the
+best plan seen. Stops after `steps` moves or `time_budget_s`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import random
+import time
+from collections.abc import Mapping, Sequence
+
+from search.estimator import CallSpec, Estimator
+from search.plan import ExecutionPlan
+from search.simulate import SimResult, Task, simulate
+from search.space import ReallocPricer, candidates
+from sharding import DeviceMesh, Layout, strategies
+
+
+@dataclasses.dataclass
+class SearchResult:
+  plan: ExecutionPlan
+  result: SimResult
+  baselines: dict[str, tuple[ExecutionPlan, SimResult]]
+  method: str
+  evaluated: int
+  seconds: float
+  space_size: float
+
+
+class Planner:
+  def __init__(self, specs: Mapping[str, CallSpec], tasks: Sequence[Task], estimator: Estimator, num_devices: int,
+               *, realloc: ReallocPricer | None = None, micro_batches: Sequence[int] = (1, 2, 4, 8)):
+    self.specs = dict(specs)
+    self.tasks = list(tasks)
+    self.est = estimator
+    self.profile = estimator.profile
+    self.n = num_devices
+    self.per_host = min(self.profile.devices_per_host, num_devices)
+    self.realloc = realloc or ReallocPricer(specs, self.profile)
+    self.calls = list(dict.fromkeys(n for (_, n), _ in self.tasks))
+    self.cands: dict[str, list[Layout]] = {}
+    self.secs: dict[str, dict[Layout, float]] = {}
+    self.costs: dict[str, dict] = {}
+    for c in self.calls:
+      spec = self.specs[c]
+      lays = candidates(spec, num_devices, self.per_host, micro_batches)
+      if not lays:
+        raise ValueError(f"call {c!r}: no valid layout on {num_devices} devices (batch {spec.batch})")
+      memo: dict = {}
+      secs, costs, keep = {}, {}, []
+      for lay in lays:
+        # Analytic costs do not depend on where the mesh starts (host-spanning is by size): reuse.
+        k = (lay.device_mesh.size, lay.strategy) if not self.est._can_compile(spec, lay) else lay
+        if k not in memo:
+          cost = self.est.cost(spec, lay)
+          memo[k] = (cost, spec.repeats * cost.seconds(self.profile, spec.shape.n_layers)
+                     * self.profile.factor(spec.kind, "time"))
+        cost, s = memo[k]
+        if cost.temp_bytes + cost.arg_bytes > self.profile.memory_bytes:
+          continue  # Cannot fit even alone.
+        secs[lay], costs[lay] = s, cost
+        keep.append(lay)
+      if not keep:
+        raise ValueError(f"call {c!r}: no layout fits {self.profile.memory_bytes / 2**30:.0f} GiB per device")
+      self.cands[c], self.secs[c], self.costs[c] = keep, secs, costs
+      by_mesh: dict[DeviceMesh, list[Layout]] = {}
+      for lay in keep:
+        by_mesh.setdefault(lay.device_mesh, []).append(lay)
+      setattr(self, f"_mesh_{c}", by_mesh)
+    self.evaluated = 0
+
+  @property
+  def space_size(self) -> float:
+    return math.prod(len(v) for v in self.cands.values())
+
+  def evaluate(self, layouts: Mapping[str, Layout], *, record: bool = False,
+               offload: frozenset[str] = frozenset()) -> SimResult:
+    self.evaluated += 1
+    return simulate(self.tasks, self.specs, layouts, {c: self.secs[c][layouts[c]] for c in self.calls},
+                    {c: self.costs[c][layouts[c]] for c in self.calls}, self.profile, self.n, self.realloc,
+                    offload=offload, record=record)
+
+  def _best_on(self, call: str, mesh: DeviceMesh, shape=None) -> Layout | None:
+    opts = [l for l in getattr(self, f"_mesh_{call}").get(mesh, []) if shape is None or l.strategy.shape == shape]
+    return min(opts, key=lambda l: self.secs[call][l]) if opts else None
+
+  # -- heuristics --------------------------------------------------------------------------
+
+  def colocated(self) -> tuple[ExecutionPlan, SimResult] | None:
+    whole = DeviceMesh(0, self.n)
+    best = None
+    for st in strategies(self.n):
+      lays = {c: self._best_on(c, whole, st.shape) for c in self.calls}
+      if any(v is None for v in lays.values()):
+        continue
+      r = self.evaluate(lays)
+      if best is None or r.time < best[1].time:
+        best = (ExecutionPlan(lays, name=f"colocated-d{st.data}f{st.fsdp}t{st.tensor}"), r)
+    return best
+
+  def _round(self, x: float) -> int:
+    """Largest power-of-two mesh size <= x (so also whole hosts beyond one), at least 1."""
+    if x >= self.per_host:  # A power-of-two number of hosts, so batches divide over data x fsdp.
+      return 2 ** int(math.floor(math.log2(max(1, int(x // self.per_host))))) * self.per_host
+    return 2 ** int(math.floor(math.log2(max(x, 1))))
+
+  def disaggregated(self) -> tuple[ExecutionPlan, SimResult] | None:
+    whole = DeviceMesh(0, self.n)
+    models = list(dict.fromkeys(self.specs[c].model for c in self.calls))
+    if len(models) > self.n:
+      return None
+    work = {m: sum(min((self.secs[c][l] for l in self.cands[c] if l.device_mesh == whole), default=1.0)
+                   for c in self.calls if self.specs[c].model == m) for m in models}
+    total = sum(work.values())
+    def min_size(m):  # Smallest mesh size on which every call of m has a layout that fits.
+      ok = [{l.device_mesh.size for l in self.cands[c]} for c in self.calls if self.specs[c].model == m]
+      common = set.intersection(*ok) if ok else {1}
+      return min(common) if common else self.n
+    floor = {m: min_size(m) for m in models}
+    sizes = {m: max(floor[m], self._round(self.n * work[m] / total)) for m in models}
+    while sum(sizes.values()) > self.n:  # Shrink the largest until they fit.
+      shrinkable = [m for m in models if sizes[m] > floor[m]]
+      if not shrinkable:
+        return None
+      big = max(shrinkable, key=lambda m: sizes[m])
+      sizes[big] = max(floor[big], self._round(sizes[big] - 1))
+    free = self.n - sum(sizes.values())
+    while free > 0:  # Grow the model with the most work per device where the spare devices allow.
+      grown = False
+      for m in sorted(models, key=lambda m: -work[m] / sizes[m]):
+        nxt = sizes[m] * 2
+        if nxt - sizes[m] <= free:
+          free -= nxt - sizes[m]
+          sizes[m] = nxt
+          grown = True
+          break
+      if not grown:
+        break
+    start, meshes = 0, {}
+    for m in sorted(models, key=lambda m: -sizes[m]):  # Decreasing sizes keep every mesh aligned.
+      meshes[m] = DeviceMesh(start, sizes[m])
+      start += sizes[m]
+    lays = {c: self._best_on(c, meshes[self.specs[c].model]) for c in self.calls}
+    if any(v is None for v in lays.values()):
+      return None
+    return ExecutionPlan(lays, name="disaggregated"), self.evaluate(lays)
+
+  def baselines(self) -> dict[str, tuple[ExecutionPlan, SimResult]]:
+    out = {}
+    for name, fn in (("colocated", self.colocated), ("disaggregated", self.disaggregated)):
+      r = fn()
+      if r is not None:
+        out[name] = r
+    return out
+
+  # -- search ------------------------------------------------------------------------------
+
+  def exhaustive(self) -> tuple[dict[str, Layout], SimResult]:
+    best = None
+    for combo in itertools.product(*(self.cands[c] for c in self.calls)):
+      lays = dict(zip(self.calls, combo))
+      r = self.evaluate(lays)
+      if best is None or r.time < best[1].time:
+        best = (lays, r)
+    return best
+
+  def mcmc(self, start: Mapping[str, Layout], *, steps: int = 20000, time_budget_s: float = 60.0,
+           seed: int = 0) -> tuple[dict[str, Layout], SimResult]:
+    rng = random.Random(seed)
+    cur = dict(start)
+    cur_r = self.evaluate(cur)
+    best = (dict(cur), cur_r)
+    t_start = cur_r.time if math.isfinite(cur_r.time) else 1.0
+    hi, lo = 0.1 * t_start, 1e-3 * t_start
+    t0 = time.perf_counter()
+    for i in range(steps):
+      if time.perf_counter() - t0 > time_budget_s:
+        break
+      temp = hi * (lo / hi) ** (i / max(steps - 1, 1))
+      c = rng.choice(self.calls)
+      if rng.random() < 0.5:
+        pool = getattr(self, f"_mesh_{c}")[cur[c].device_mesh]
+      else:
+        pool = self.cands[c]
+      new = rng.choice(pool)
+      if new == cur[c]:
+        continue
+      prop = dict(cur)
+      prop[c] = new
+      r = self.evaluate(prop)
+      d = r.time - cur_r.time
+      if d <= 0 or (math.isfinite(r.time) and rng.random() < math.exp(-d / temp)):
+        cur, cur_r = prop, r
+        if r.time < best[1].time:
+          best = (dict(prop), r)
+    return best
+
+  def search(self, *, exhaustive_limit: int = 20000, steps: int = 20000, time_budget_s: float = 60.0,
+             seed: int = 0) -> SearchResult:
+    t0 = time.perf_counter()
+    base = self.baselines()
+    if self.space_size <= exhaustive_limit:
+      lays, _ = self.exhaustive()
+      method = "exhaustive"
+    else:
+      starts = [p.layouts for p, _ in sorted(base.values(), key=lambda pr: pr[1].time)]
+      start = starts[0] if starts else {c: self.cands[c][0] for c in self.calls}
+      lays, _ = self.mcmc(start, steps=steps, time_budget_s=time_budget_s, seed=seed)
+      method = "mcmc"
+    for p, r in base.values():  # Never report a plan worse than a baseline.
+      if r.time < self.evaluate(lays).time:
+        lays = dict(p.layouts)
+    result = self.evaluate(lays, record=True)
+    base = {k: (p, self.evaluate(p.layouts, record=True)) for k, (p, _) in base.items()}
+    return SearchResult(ExecutionPlan(lays, name=f"search-{method}"), result, base, method, self.evaluated,
+                        time.perf_counter() - t0, self.space_size)
