@@ -125,6 +125,7 @@ def _assign(src_rs: dict[jax.Device, Region], tgt_rs: dict[jax.Device, Region], 
   sliced: dict[jax.Device, int] = {}
   built: dict[jax.Device, int] = {}
   ncopies: dict[jax.Device, int] = {}
+  pair: dict[tuple[jax.Device, jax.Device], int] = {}
   pieces = []
   copy_bytes = 0
   cross = False
@@ -146,6 +147,7 @@ def _assign(src_rs: dict[jax.Device, Region], tgt_rs: dict[jax.Device, Region], 
       if src != dst:
         load_out[src] = load_out.get(src, 0) + nbytes
         load_in[dst] = load_in.get(dst, 0) + nbytes
+        pair[src, dst] = pair.get((src, dst), 0) + nbytes
         ncopies[src] = ncopies.get(src, 0) + 1
         copy_bytes += nbytes
         cross |= _process(src) != _process(dst)
@@ -156,10 +158,20 @@ def _assign(src_rs: dict[jax.Device, Region], tgt_rs: dict[jax.Device, Region], 
                           tuple(b - a for a, b in box), whole))
   bw = hw.inter_host_bandwidth if cross else hw.d2d_bandwidth
   busiest = max([*load_out.values(), *load_in.values(), 0])
-  copy_s = busiest / bw + (max(ncopies.values()) * hw.transfer_latency_s if ncopies else 0.0)
+  copy_s = max([*(b / bw for b in pair.values()), busiest / hw.d2d_device_bandwidth])
+  copy_s += max(ncopies.values()) * hw.transfer_latency_s if ncopies else 0.0
   slice_s = 2 * max([*sliced.values(), 0]) / hw.hbm_bandwidth
   assemble_s = 2 * max([*built.values(), 0]) / hw.hbm_bandwidth
   return tuple(pieces), (slice_s, copy_s, assemble_s), copy_bytes
+
+
+def _xla_rematerializes(src_rs, irs, ndim) -> bool:
+  """XLA (0.11/0.12, GSPMD) has no efficient path from a sharding to a partially replicated one
+  that shards a dimension the source does not (seen on CPU and GPU: fsdp4 -> P(None, 'fsdp') on a
+  2x2 mesh compiles to all-gather + dynamic-slice of the whole array)."""
+  sg, ig = _grid(src_rs, ndim), _grid(irs, ndim)
+  replicated = math.prod(ig) < len(irs)
+  return replicated and any(i > 1 and s == 1 for s, i in zip(sg, ig))
 
 
 MODES = ("auto", "reshard", "pieces")
@@ -200,6 +212,10 @@ def plan_leaf(shape: tuple[int, ...], itemsize: int, src: NamedSharding, dst: Na
     pieces, (slice_s, copy_s, assemble_s), copy_bytes = a
     if inter is None:
       recv = 0
+    elif _xla_rematerializes(src_rs, irs, len(shape)):
+      # XLA's SPMD partitioner all-gathers the whole array and slices ("Involuntary full
+      # rematerialization"): every device receives all it does not hold.
+      recv = max(math.prod(shape) - _size(src_rs[d]) for d in irs) * itemsize
     else:
       recv = max(_size(r) - _overlap(r, src_rs[d]) for d, r in irs.items()) * itemsize
     reshard_s = recv / hw.intra_mesh_collective_bandwidth + (hw.transfer_latency_s if inter is not None else 0)

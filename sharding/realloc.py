@@ -149,8 +149,11 @@ class _BucketProgram:
         self.reshard.append((ks, _identity_fn(tuple(bp.leaf_plans[k].inter for k in ks), False)))
     # Where each general leaf's pieces are cut from: its intermediate (or source) layout.
     self.general = [k for k in bp.leaves if bp.kinds[k] == "general"]
+    self.keep = [k for k in bp.leaves if bp.kinds[k] == "keep"]
+    self.empty = [k for k in bp.leaves if bp.kinds[k] == "empty"]
     view = {k: (bp.leaf_plans[k].inter or specs[k].src) for k in self.general}
     self.view_order = {k: _local_order(view[k], me) for k in self.general}
+    self.has_local = [k for k in self.general if self.view_order[k]]
     self.checked = False
     # Pack: per source device of this process, every outgoing piece, one buffer per (dst, dtype).
     packs: dict = {}
@@ -224,10 +227,7 @@ class _BucketProgram:
     for ks, fn in self.reshard:
       for k, y in zip(ks, fn(*(leaves[k] for k in ks))):
         view[k] = y
-    local = {}
-    for k in self.general:
-      if view[k] is not None and any(d.process_index == me for d in view[k].sharding.device_set):
-        local[k] = _local_arrays(view[k])
+    local = {k: _local_arrays(view[k]) for k in self.has_local}
     if not self.checked:  # Once per program: the assumed shard order is the real one.
       for k, arrs in local.items():
         devs = [sh.device for sh in view[k].addressable_shards]
@@ -255,17 +255,15 @@ class _BucketProgram:
       args = [received[key] for key in keys] + [local[k][j] for k, j in linputs]
       for k, y in zip(outs, fn(*args)):
         shards[k, dst] = y
-    for k in bp.leaves:
-      kind = bp.kinds[k]
-      if kind == "keep":
-        out[k] = leaves[k]
-      elif kind == "empty":
-        x = leaves[k]
-        out[k] = _empty_fn(tuple(x.shape), x.dtype, targets[k])()
-      elif kind == "general":
-        x = leaves[k]
-        out[k] = jax.make_array_from_single_device_arrays(
-            tuple(x.shape), targets[k], [shards[k, d] for d in self.target_devs[k]], dtype=x.dtype)
+    for k in self.keep:
+      out[k] = leaves[k]
+    for k in self.empty:
+      x = leaves[k]
+      out[k] = _empty_fn(tuple(x.shape), x.dtype, targets[k])()
+    for k in self.general:
+      x = leaves[k]
+      out[k] = jax.make_array_from_single_device_arrays(
+          x.shape, targets[k], [shards[k, d] for d in self.target_devs[k]], dtype=x.dtype)
     if donate:
       aliased = {id(leaves[k]) for k, _ in self.passthrough if bp.leaf_plans[k].inter is None}
       aliased |= {id(leaves[k]) for k in bp.leaves if bp.kinds[k] == "keep"}
