@@ -12,7 +12,9 @@ reported beside the chosen plan:
   on its model's mesh.
 
 MCMC (simulated annealing): start from the best baseline; a move re-draws one call's layout (half
-the time among layouts on the same mesh, half anywhere); accept with probability
+the time among layouts on the same mesh, half anywhere), and 30% of moves carry the model's other
+calls along to the same mesh (same layout where valid, else their best there: a single-call move
+cannot leave a plan where a model's calls share a layout and no reallocation happens); accept with probability
 exp(-(t_new - t_old) / T), T decaying geometrically from 10% to 0.1% of the start time; keep the
 best plan seen. Stops after `steps` moves or `time_budget_s`.
 """
@@ -187,13 +189,12 @@ class Planner:
     cur = dict(start)
     cur_r = self.evaluate(cur)
     best = (dict(cur), cur_r)
-    t_start = cur_r.time if math.isfinite(cur_r.time) else 1.0
-    hi, lo = 0.1 * t_start, 1e-3 * t_start
     t0 = time.perf_counter()
     for i in range(steps):
       if time.perf_counter() - t0 > time_budget_s:
         break
-      temp = hi * (lo / hi) ** (i / max(steps - 1, 1))
+      scale = best[1].time if math.isfinite(best[1].time) else 1.0  # Temperatures relative to the best time.
+      temp = scale * 0.1 * 1e-2 ** (i / max(steps - 1, 1))
       c = rng.choice(self.calls)
       if rng.random() < 0.5:
         pool = getattr(self, f"_mesh_{c}")[cur[c].device_mesh]
@@ -204,9 +205,14 @@ class Planner:
         continue
       prop = dict(cur)
       prop[c] = new
+      if rng.random() < 0.3:  # Model move: the model's other calls follow onto the same mesh.
+        m = self.specs[c].model
+        for o in self.calls:
+          if o != c and self.specs[o].model == m:
+            prop[o] = new if new in self.secs[o] else (self._best_on(o, new.device_mesh) or prop[o])
       r = self.evaluate(prop)
       d = r.time - cur_r.time
-      if d <= 0 or (math.isfinite(r.time) and rng.random() < math.exp(-d / temp)):
+      if d <= 0 or math.isnan(d) or (math.isfinite(r.time) and rng.random() < math.exp(-d / temp)):
         cur, cur_r = prop, r
         if r.time < best[1].time:
           best = (dict(prop), r)

@@ -1,0 +1,180 @@
+"""Search: candidates, HLO collectives, simulator, MCMC vs exhaustive, baselines, estimator cache, CLI."""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from search import CallSpec, Estimator, ModelShape, Profile
+from search.hlo import collectives
+from search.search import Planner
+from search.simulate import simulate
+from search.space import ReallocPricer, candidates
+from sharding import Layout
+
+SHAPE = ModelShape(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128, vocab_size=64,
+                   params=50_000)
+PROFILE = Profile("test", 8, matmul_flops=1e12, hbm_bandwidth=1e11, d2d_bandwidth=1e10, inter_host_bandwidth=1e9,
+                  intra_mesh_collective_bandwidth=1e10, memory_bytes=1e9)
+
+
+def _spec(name, model, kind, **kw):
+  base = dict(seq_len=32) if kind != "generate" else dict(prompt_len=16, new_tokens=16)
+  return CallSpec(name, model, kind, kw.pop("batch", 64), SHAPE, **(base | kw))
+
+
+def test_candidates_are_valid():
+  spec = _spec("a", "m", "inference", batch=8)
+  lays = candidates(spec, 16, 8)
+  assert lays
+  for l in lays:
+    dm, st = l.device_mesh, l.strategy
+    dm.validate(devices_per_host=8, num_devices=16)
+    assert st.tensor <= 8 and SHAPE.n_heads % st.tensor == 0 and 8 % (st.data * st.fsdp * st.micro_batches) == 0
+  assert {l.device_mesh.size for l in lays} == {1, 2, 4, 8, 16}
+  gen = candidates(_spec("g", "m", "generate"), 8, 8)
+  assert all(l.strategy.micro_batches == 1 for l in gen)
+  assert all(l.strategy.tensor <= 4 for l in gen)  # 4 heads
+
+
+def test_collectives_from_compiled_hlo():
+  mesh = Layout.on(0, data=2, fsdp=2, tensor=2).mesh
+
+  def f(x, w):
+    y = jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=10)[0]
+    return y.sum()
+
+  x = jax.ShapeDtypeStruct((128, 128), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+  w = jax.ShapeDtypeStruct((128, 128), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec("fsdp", "tensor")))
+  colls = collectives(jax.jit(f).lower(x, w).compile().as_text(), 8)
+  kinds = sorted(c.kind for c in colls)
+  assert "all-gather" in kinds and "all-reduce" in kinds
+  assert all(c.result_bytes > 0 and c.group_size in (2, 4, 8) for c in colls)
+  assert max(c.count for c in colls) == 10  # an op inside the scan body is counted per trip
+
+
+def test_collective_parsing_known_text():
+  text = """HloModule m
+%body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %ag = f32[4,8]{1,0} all-gather(%x), channel_id=1, replica_groups={{0,1},{2,3}}, dimensions={1}
+}
+%cond (p: (s32[], f32[4,8])) -> pred[] {
+  %c = pred[] constant(true)
+}
+ENTRY %main (a: f32[4,8]) -> f32[4,8] {
+  %w = (s32[], f32[4,8]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  %ar = bf16[16]{0} all-reduce(%y), channel_id=2, replica_groups=[1,4]<=[4], to_apply=%add
+}
+"""
+  c = {x.kind: x for x in collectives(text, 4)}
+  assert c["all-gather"].count == 5 and c["all-gather"].group_size == 2 and c["all-gather"].result_bytes == 128
+  assert c["all-gather"].wire_bytes == 64
+  assert c["all-reduce"].group_size == 4 and c["all-reduce"].result_bytes == 32
+  assert c["all-reduce"].wire_bytes == pytest.approx(2 * 32 * 3 / 4)
+
+
+def _sim(specs, layouts, secs, **kw):
+  tasks = [((0, n), deps) for n, deps in kw.pop("deps").items()]
+  costs = {n: Estimator(PROFILE, mode="analytic", cache_dir="").cost(specs[n], layouts[n]) for n in specs}
+  return simulate(tasks, specs, layouts, secs, costs, PROFILE, 8, ReallocPricer(specs, PROFILE), record=True, **kw)
+
+
+def test_disjoint_meshes_overlap_and_overlapping_serialise():
+  specs = {"a": _spec("a", "m1", "inference"), "b": _spec("b", "m2", "inference")}
+  deps = {"a": [], "b": []}
+  disjoint = _sim(specs, {"a": Layout.on(0, data=4), "b": Layout.on(4, data=4)}, {"a": 1.0, "b": 2.0}, deps=deps)
+  assert disjoint.makespan == pytest.approx(2.0)
+  overlap = _sim(specs, {"a": Layout.on(0, data=8), "b": Layout.on(4, data=4)}, {"a": 1.0, "b": 2.0}, deps=deps)
+  assert overlap.makespan == pytest.approx(3.0)
+
+
+def test_reallocation_once_per_parameter_version():
+  specs = {"gen": _spec("gen", "actor", "generate"), "inf": _spec("inf", "actor", "inference"),
+           "train": _spec("train", "actor", "train_step", trained=True)}
+  lays = {"gen": Layout.on(4, data=4), "inf": Layout.on(4, data=4), "train": Layout.on(0, fsdp=4)}
+  tasks = []
+  for i in range(3):
+    tasks += [((i, "gen"), [(i - 1, "train")] if i else []), ((i, "inf"), [(i, "gen")]),
+              ((i, "train"), [(i, "inf")])]
+  est = Estimator(PROFILE, mode="analytic", cache_dir="")
+  costs = {n: est.cost(specs[n], lays[n]) for n in specs}
+  pricer = ReallocPricer(specs, PROFILE)
+  r = simulate(tasks, specs, lays, {"gen": 1.0, "inf": 1.0, "train": 1.0}, costs, PROFILE, 8, pricer, record=True)
+  moves = [e for e in r.events if e.kind == "realloc"]
+  assert len(moves) == 3  # home (train layout) -> gen layout once per iteration; inf reuses the copy
+  assert r.realloc_seconds == pytest.approx(3 * pricer("actor", lays["train"], lays["gen"]))
+  assert r.makespan == pytest.approx(9.0 + r.realloc_seconds)
+
+
+def test_memory_infeasibility():
+  big = ModelShape(4096, 32, 32, 32, 128, 11008, 32000, params=7_000_000_000)
+  specs = {"train": CallSpec("train", "actor", "train_step", 8, big, seq_len=128, trained=True)}
+  lay = {"train": Layout.on(0, data=8)}  # 7B with Adam replicated on every device: 84 GB > 1 GB
+  r = _sim(specs, lay, {"train": 1.0}, deps={"train": []})
+  assert not r.feasible and math.isinf(r.time) and "GiB" in r.reason
+
+
+def _ppo_like(batch=16):
+  specs = {"gen": _spec("gen", "actor", "generate", batch=batch),
+           "ref": _spec("ref", "ref", "inference", batch=batch),
+           "train": _spec("train", "actor", "train_step", batch=batch, trained=True)}
+  tasks = []
+  for i in range(3):
+    tasks += [((i, "gen"), [(i - 1, "train")] if i else []), ((i, "ref"), [(i, "gen")]),
+              ((i, "train"), [(i, "ref")])]
+  return specs, tasks
+
+
+def test_mcmc_finds_exhaustive_optimum_and_baselines_reported():
+  specs, tasks = _ppo_like()
+  est = Estimator(PROFILE, mode="analytic", cache_dir="")
+  planner = Planner(specs, tasks, est, 4, micro_batches=(1,))
+  assert planner.space_size < 5000
+  best_lays, best = planner.exhaustive()
+  found, r = planner.mcmc({c: planner.cands[c][0] for c in planner.calls}, steps=4000, seed=1)
+  assert r.time == pytest.approx(best.time, rel=1e-9)
+  res = planner.search()
+  assert res.method == "exhaustive" and set(res.baselines) == {"colocated", "disaggregated"}
+  assert all(res.result.time <= r.time + 1e-12 for _, r in res.baselines.values())
+
+
+def test_estimator_compiles_and_caches_on_disk(tmp_path):
+  def lower(layout):
+    sh = NamedSharding(layout.mesh, PartitionSpec(("data", "fsdp")))
+    wsh = NamedSharding(layout.mesh, PartitionSpec("fsdp", "tensor"))
+    x = jax.ShapeDtypeStruct((64, 64), jnp.float32, sharding=sh)
+    w = jax.ShapeDtypeStruct((64, 64), jnp.float32, sharding=wsh)
+    return {"main": jax.jit(lambda x, w: jnp.tanh(x @ w) @ w.T).lower(x, w)}
+
+  spec = CallSpec("inf", "m", "inference", 64, dataclasses_replace(SHAPE, n_layers=1), seq_len=1, lower=lower)
+  est = Estimator(PROFILE, cache_dir=str(tmp_path))
+  for lay in (Layout.on(0, fsdp=2), Layout.on(0, data=2, tensor=2), Layout.on(0, fsdp=4, tensor=2)):
+    c = est.cost(spec, lay)
+    assert c.tier == "compiled" and c.flops > 0 and c.hbm_bytes > 0 and c.arg_bytes + c.temp_bytes > 0
+  assert est.compiles == 3 and len(os.listdir(tmp_path)) == 3
+  again = Estimator(PROFILE, cache_dir=str(tmp_path))
+  again.cost(spec, Layout.on(0, fsdp=2))
+  assert again.compiles == 0 and again.disk_hits == 1
+  assert est.cost(spec, Layout.on(0, fsdp=4, tensor=2)).comm_intra > 0  # fsdp all-gather of w
+
+
+def dataclasses_replace(x, **kw):
+  import dataclasses
+  return dataclasses.replace(x, **kw)
+
+
+def test_cli_writes_plan_and_png(tmp_path):
+  from search.__main__ import main
+  from search.plan import ExecutionPlan
+  root = os.path.dirname(os.path.dirname(__file__))
+  main(["--config", os.path.join(root, "configs/ppo_tiny.py"), "--profile", "h100_sxm", "--out", str(tmp_path),
+        "--steps", "200", "--cache-dir", ""])
+  plan = ExecutionPlan.load(str(tmp_path / "plan.json"))
+  assert len(plan.layouts) == 6
+  d = json.loads((tmp_path / "plan.json").read_text())
+  assert d["predicted_s"] > 0 and "colocated" in d["meta"]["baselines"]
+  assert (tmp_path / "timeline.png").read_bytes()[:4] == b"\x89PNG"
