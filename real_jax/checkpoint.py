@@ -188,6 +188,11 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True, create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    # Orbax deletes leftover `*.orbax-checkpoint-tmp*` directories in a background future; newer
+    # versions have this hook to wait for it (older ones clean up synchronously).
+    wait_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+    if wait_cleanup is not None:
+      wait_cleanup()
 
   # -- queries -----------------------------------------------------------------------------------
 
@@ -248,11 +253,12 @@ class Checkpointer:
     return self._manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
 
   def restore(self, step: int | None, target_layouts: Mapping[str, Layout], *, like: Mapping[str, Any]) -> Restored:
-    """Restores `step` (None: the latest) with every array placed by `target_layouts[role]`.
+    """Restores the roles of `target_layouts` from `step` (None: the latest), each array read
+    straight into its sharding under `target_layouts[role]`.
 
-    like: role -> a template with `.params` and `.train_state` (ModelSlots, or objects holding the
-    abstract state from `nnx.eval_shape`): only tree structure, shapes, dtypes and logical axes
-    are read from it, so it may live in another layout or be abstract. Roles are restored as
+    like: role -> a template with `.params` and `.train_state` (ModelSlots, or objects holding
+    abstract state, e.g. from `jax.eval_shape`): only tree structure, shapes, dtypes and logical
+    axes are read from it, so it may live in another layout or be abstract. Roles are restored as
     saved: a role saved with a TrainState needs a template with one.
     """
     if step is None:
@@ -265,13 +271,14 @@ class Checkpointer:
     meta = self.read_meta(step)
     self._check_fingerprint(meta, step_dir)
     saved_roles = meta.get("roles", {})
-    missing = [r for r in like if r not in saved_roles]
+    missing = [r for r in target_layouts if r not in saved_roles]
     if missing:
       raise CheckpointError(f"checkpoint {step_dir}: missing item(s) {missing} (has {sorted(saved_roles)})")
     items, plans = {}, {}
-    for role, tmpl in like.items():
-      if role not in target_layouts:
-        raise ValueError(f"Checkpointer.restore: no target layout for model {role!r}")
+    for role in target_layouts:
+      if role not in like:
+        raise ValueError(f"Checkpointer.restore: no template (like=) for model {role!r}")
+      tmpl = like[role]
       if not os.path.isdir(os.path.join(step_dir, role)):
         raise CheckpointError(f"checkpoint {step_dir}: missing item {role!r} (directory {role}/ is absent)")
       kind = saved_roles[role]
