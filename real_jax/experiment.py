@@ -7,14 +7,28 @@ keys, wrong types and inconsistent combinations with a ConfigError naming the ke
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
-from real_jax.algorithms import PPOConfig
+from real_jax.algorithms import DPOConfig, GRPOConfig, PPOConfig, ReMaxConfig, RLOOConfig
 from real_jax.config import ConfigError, from_dict
+from real_jax.data import get_task, list_rewards
 from real_jax.models import ModelConfig, get_config
 from real_jax.optim import OptimizerConfig
 
-ALGORITHMS = ("ppo",)
+# algorithm -> (roles it needs, roles it trains). The runtime's programs (`real_jax.runtime`) build
+# their graphs over exactly these roles.
+ROLES = {
+    "ppo": (("actor", "critic", "ref", "reward"), ("actor", "critic")),
+    "grpo": (("actor", "ref", "reward"), ("actor",)),
+    "rloo": (("actor", "ref", "reward"), ("actor",)),
+    "remax": (("actor", "ref", "reward"), ("actor",)),
+    "dpo": (("actor", "ref"), ("actor",)),
+    "sft": (("actor",), ("actor",)),
+    "rm": (("reward",), ("reward",)),
+}
+ALGORITHMS = tuple(ROLES)
+ONLINE = ("ppo", "grpo", "rloo", "remax")  # Generate from prompts; the others read pairs / demonstrations.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,8 +40,9 @@ class ModelSpec:
   head: "lm" (actor, ref) or "scalar" (critic, reward).
   init: "random", "hf:<dir>" (a HF checkpoint), or "copy:<role>" (the same initial weights as
     another role, e.g. the reference starts as the actor).
-  rule: a rule-based reward (a task's reward, or a `real_jax.data` reward name) instead of a network;
-    only for the reward role.
+  rule: a rule-based reward on decoded text instead of a network, only for the reward role: "task"
+    (the built-in task's own reward) or a registered `real_jax.data` reward ("exact_match",
+    "char_overlap", ...; see `real_jax.data.list_rewards()`), which compares with the answer field.
   seed: initialisation seed for init="random".
   """
 
@@ -53,13 +68,20 @@ class ModelSpec:
 
 @dataclasses.dataclass(frozen=True)
 class DataSpec:
-  """Where prompts come from: a built-in task, or a JSON-lines file with an HF tokenizer.
+  """Where the data comes from: a built-in task, or a JSON-lines file.
 
-  task: built-in synthetic task ("reversal", "sorting", "arithmetic", "copy"), or "" for a file.
+  task: built-in synthetic task ("reversal", "sorting", "arithmetic", "copy"), or "" for a file. For
+    DPO / reward models the task's pairs are (correct answer, corrupted answer); for SFT its
+    demonstrations.
   task_kwargs: e.g. {"difficulty": 2}.
-  path, prompt_key, answer_key, tokenizer: the JSON-lines file, its field names, tokenizer.json.
-  batch_size: prompts per iteration.
-  max_prompt_len: longer prompts are truncated (keeping the last tokens) or rejected per on_long.
+  path: a JSON-lines file (used when set; then `task` is ignored). Field names: prompt_key,
+    answer_key ("" = no answer; rule rewards such as exact_match need one), chosen_key and
+    rejected_key (preference pairs: DPO, rm), completion_key (SFT).
+  tokenizer: a `tokenizer.json` (file or directory), or "" for the built-in character tokenizer.
+  batch_size: prompts (or pairs, or demonstrations) per iteration.
+  max_prompt_len / max_response_len (0 = unlimited): longer sequences are handled per on_long
+    ("truncate" keeps a prompt's last tokens and a response's first, "reject" fails with
+    file:line, "skip").
   on_error: "raise" (a malformed line stops with file:line) or "skip" (skipped and counted).
   """
 
@@ -68,9 +90,13 @@ class DataSpec:
   path: str = ""
   prompt_key: str = "prompt"
   answer_key: str = ""
+  chosen_key: str = "chosen"
+  rejected_key: str = "rejected"
+  completion_key: str = "completion"
   tokenizer: str = ""
   batch_size: int = 16
   max_prompt_len: int = 32
+  max_response_len: int = 0
   on_error: str = "raise"
   on_long: str = "truncate"
 
@@ -98,10 +124,11 @@ class SamplingSpec:
 class Experiment:
   """A whole run.
 
-  algorithm: "ppo".
+  algorithm: one of ALGORITHMS; its section (ppo, grpo, rloo, remax, dpo) holds its hyperparameters.
   num_iterations: RLHF iterations to run. checkpoint_every: checkpoint period (iterations).
-  sft_warmup_steps: supervised steps on task demonstrations before RL (built-in tasks only), so a
-    tiny random model starts from a policy that produces answers of the right shape.
+  sft_warmup_steps: supervised steps on task demonstrations before RL or DPO (built-in tasks only),
+    so a tiny random model starts from a policy that produces answers of the right shape (the
+    reference, `init="copy:actor"`, copies the warmed-up actor).
   plan: "colocated" (every call on all devices with `colocated_strategy`), a path to a plan JSON,
     or an inline plan "call=START:SIZE/STRATEGY, ...".
   """
@@ -117,6 +144,10 @@ class Experiment:
   data: DataSpec = DataSpec()
   sampling: SamplingSpec = SamplingSpec()
   ppo: PPOConfig = PPOConfig()
+  grpo: GRPOConfig = GRPOConfig()
+  rloo: RLOOConfig = RLOOConfig()
+  remax: ReMaxConfig = ReMaxConfig()
+  dpo: DPOConfig = DPOConfig()
   plan: str = "colocated"
   colocated_strategy: str = ""
   log_every: int = 1
@@ -131,14 +162,26 @@ class Experiment:
 def experiment_from_config(config: Any) -> Experiment:
   """Builds and validates the Experiment; errors name the config key (e.g. `config.ppo.mini_batches`)."""
   exp = from_dict(Experiment, config, "config")
-  rows = exp.data.batch_size * exp.sampling.n_samples
-  if rows % exp.ppo.mini_batches:
-    raise ConfigError(f"config.ppo.mini_batches={exp.ppo.mini_batches} does not divide the rows per iteration "
+  if exp.data.path and not os.path.isfile(exp.data.path):
+    raise ConfigError(f"config.data.path={exp.data.path!r}: no such file")
+  algo = exp.algorithm
+  roles, trained = ROLES[algo]
+  n = exp.sampling.n_samples
+  rows = exp.data.batch_size * n
+  if n < 1:
+    raise ConfigError(f"config.sampling.n_samples={n} must be >= 1")
+  if algo in ("grpo", "rloo") and getattr(exp, algo).group_size != n:
+    raise ConfigError(f"config.{algo}.group_size={getattr(exp, algo).group_size} must equal "
+                      f"config.sampling.n_samples={n} (the samples per prompt form the group)")
+  mini = {"ppo": exp.ppo.mini_batches, "grpo": exp.grpo.mini_batches}.get(algo, 1)
+  if rows % mini:
+    raise ConfigError(f"config.{algo}.mini_batches={mini} does not divide the rows per iteration "
                       f"(config.data.batch_size x config.sampling.n_samples = {rows})")
-  roles = {"ppo": ("actor", "critic", "ref", "reward")}[exp.algorithm]
+  if algo not in ONLINE and n != 1:
+    raise ConfigError(f"config.sampling.n_samples={n}: {algo} is offline (reads its data) and needs 1")
   for role in roles:
     if role not in exp.models:
-      raise ConfigError(f"config.models.{role}: {exp.algorithm} needs a model for role {role!r}")
+      raise ConfigError(f"config.models.{role}: {algo} needs a model for role {role!r}")
   for role, spec in exp.models.items():
     if spec.rule and role != "reward":
       raise ConfigError(f"config.models.{role}.rule: only the reward role may be rule-based")
@@ -148,7 +191,40 @@ def experiment_from_config(config: Any) -> Experiment:
       spec.model_config()
     except ValueError as e:
       raise ConfigError(f"config.models.{role}: {e}") from None
-  for role in ("actor", "critic"):
-    if role in roles and role not in exp.optim:
+  want_head = {"actor": "lm", "ref": "lm", "critic": "scalar", "reward": "scalar"}
+  for role in roles:
+    spec = exp.models[role]
+    if not spec.rule and role in want_head and spec.head != want_head[role]:
+      raise ConfigError(f"config.models.{role}.head={spec.head!r}: {algo} needs a {want_head[role]!r} head")
+  reward = exp.models.get("reward")
+  if reward is not None and reward.rule and "reward" in roles:
+    if algo == "rm":
+      raise ConfigError(f"config.models.reward.rule={reward.rule!r}: rm trains a reward network; set rule=''")
+    _check_rule(reward.rule, exp.data)
+  for role in trained:
+    if role not in exp.optim:
       raise ConfigError(f"config.optim.{role}: a trained role needs optimizer settings")
+  if exp.sft_warmup_steps:
+    if not exp.data.task or exp.data.path:
+      raise ConfigError("config.sft_warmup_steps: the warm-up uses a built-in task's demonstrations; set "
+                        "config.data.task (and no data.path) or sft_warmup_steps=0")
+    if "actor" not in roles:
+      raise ConfigError(f"config.sft_warmup_steps: {algo} has no actor to warm up; set it to 0")
+  if not exp.data.path:
+    try:
+      get_task(exp.data.task, **dict(exp.data.task_kwargs))
+    except (KeyError, TypeError, ValueError) as e:
+      raise ConfigError(f"config.data.task={exp.data.task!r}: {e}") from None
   return exp
+
+
+def _check_rule(rule: str, data: DataSpec) -> None:
+  if rule == "task":
+    if data.path or not data.task:
+      raise ConfigError("config.models.reward.rule='task' needs a built-in config.data.task; for a JSON-lines "
+                        "file name a registered reward, e.g. 'exact_match' (with config.data.answer_key)")
+    return
+  if rule not in list_rewards():
+    raise ConfigError(f"config.models.reward.rule={rule!r}: expected 'task' or one of {list_rewards()}")
+  if data.path and not data.answer_key:
+    raise ConfigError(f"config.models.reward.rule={rule!r} compares with the answer: set config.data.answer_key")

@@ -100,21 +100,7 @@ class Engine:
 
   def check_plan(self) -> None:
     """Fails before anything compiles when a layout does not fit the devices, heads or batch."""
-    n = jax.device_count()
-    for call in self.graph.calls:
-      lay = self.plan[call.name]
-      where = f"plan for call {call.name!r} ({lay})"
-      if lay.device_mesh.stop > n:
-        raise ValueError(f"{where}: mesh needs devices up to id {lay.device_mesh.stop - 1}, but there are {n}")
-      slot = self.slots.get(call.model)
-      if slot is not None and slot.params is not None:
-        try:
-          shardings_for(slot.params, lay)
-        except ValueError as e:
-          raise ValueError(f"{where}: {e}") from None
-      shards = lay.strategy.data * lay.strategy.fsdp * lay.strategy.micro_batches
-      if call.batch % shards:
-        raise ValueError(f"{where}: batch {call.batch} does not divide over data x fsdp x micro_batches = {shards}")
+    check_plan(self.graph, self.plan, {m: s.params for m, s in self.slots.items()})
 
   # -- timing ----------------------------------------------------------------------------------
 
@@ -219,6 +205,28 @@ class Engine:
 
   def iteration_records(self, iteration: int) -> list[dict]:
     return [r.to_dict() for r in self.timeline if r.iteration == iteration]
+
+
+def check_plan(graph: Graph, plan: ExecutionPlan, params: Mapping[str, Any]) -> None:
+  """Every call's layout fits the devices, the model's shapes (heads, ...) and the call's batch.
+
+  params: model -> its parameter state, concrete or abstract (`nnx.state(abstract_model(cfg))`), so
+  this runs before any model exists. Errors name the call and its layout.
+  """
+  n = jax.device_count()
+  for call in graph.calls:
+    lay = plan[call.name]
+    where = f"plan for call {call.name!r} ({lay})"
+    if lay.device_mesh.stop > n:
+      raise ValueError(f"{where}: mesh needs devices up to id {lay.device_mesh.stop - 1}, but there are {n}")
+    if params.get(call.model) is not None:
+      try:
+        shardings_for(params[call.model], lay)
+      except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    shards = lay.strategy.data * lay.strategy.fsdp * lay.strategy.micro_batches
+    if call.batch % shards:
+      raise ValueError(f"{where}: batch {call.batch} does not divide over data x fsdp x micro_batches = {shards}")
 
 
 def reallocate_state(state: Any, layout: Layout, *, donate: bool = False) -> Any:

@@ -10,10 +10,12 @@ into `workdir`:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -21,15 +23,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from real_jax.data import CharTokenizer, TaskDataset, TaskSFTDataset, get_task, prompt_batches, sft_batches
-from real_jax.data.rewards import decode_responses
+from real_jax.data import TaskSFTDataset, decode_responses, get_reward, get_task, sft_batches
 from real_jax.experiment import Experiment
 from real_jax.generation import SamplingConfig
-from real_jax.models import create_model
-from real_jax.runtime.engine import Engine, ModelSlot, home_layouts
-from real_jax.runtime.ppo import PPOProgram, ppo_graph
-from real_jax.train_step import init_train_state, train_step
+from real_jax.models import abstract_model, create_model
 from real_jax.optim import OptimizerConfig
+from real_jax.runtime import offline, policy_gradient, ppo  # noqa: F401  (register the programs)
+from real_jax.runtime.engine import Engine, ModelSlot, check_plan, home_layouts
+from real_jax.runtime.inputs import batch_arrays, make_batches, make_tokenizer
+from real_jax.runtime.program import Program
+from real_jax.runtime.progress import Progress, summary
+from real_jax.runtime.registry import get_program
+from real_jax.train_step import init_train_state, train_step
 from search.plan import ExecutionPlan
 from sharding import DeviceMesh, Layout, Strategy, activation_sharding
 
@@ -49,18 +54,32 @@ def resolve_plan(exp: Experiment, call_names: list[str]) -> ExecutionPlan:
                    "'call=START:SIZE/STRATEGY, ...'")
 
 
-class _RuleReward:
-  """Scores decoded responses with a task's rule (host side)."""
+class RuleReward:
+  """Scores decoded responses with a rule (host side): `fn(prompt, response, answer) -> float`.
 
-  def __init__(self, task, tokenizer):
-    self.task, self.tok = task, tokenizer
+  `host_batch` holds one prompt and answer per prompt; a call on prompts x n rows (group-major)
+  repeats them n times.
+  """
+
+  def __init__(self, fn, tokenizer):
+    self.fn, self.tok = fn, tokenizer
 
   def __call__(self, host_batch, tokens, resp_mask):
     # Ids the model has but the tokenizer lacks (a vocab padded for sharding) count as no text.
     tokens = np.where(tokens < self.tok.vocab_size, tokens, self.tok.pad_id)
     texts = decode_responses(self.tok, tokens, resp_mask)
-    return np.asarray([self.task.reward(p, r, a) for p, r, a in
-                       zip(host_batch["prompts"], texts, host_batch["answers"])], np.float32)
+    reps = len(texts) // len(host_batch["prompts"])
+    prompts = np.repeat(np.asarray(host_batch["prompts"], object), reps)
+    answers = np.repeat(np.asarray(host_batch["answers"], object), reps)
+    return np.asarray([self.fn(p, r, a) for p, r, a in zip(prompts, texts, answers)], np.float32)
+
+
+def reward_rule(exp: Experiment, tok) -> RuleReward | None:
+  spec = exp.models.get("reward")
+  if spec is None or not spec.rule:
+    return None
+  fn = get_task(exp.data.task, **dict(exp.data.task_kwargs)).reward if spec.rule == "task" else get_reward(spec.rule)
+  return RuleReward(fn, tok)
 
 
 def _sft_warmup(exp: Experiment, model, layout: Layout, tok, log) -> Any:
@@ -95,43 +114,129 @@ def _sft_loss(model, batch):
   return jnp.mean(per_row), {}
 
 
-def run(exp: Experiment, workdir: str, *, log=print) -> list[dict]:
-  """Runs `exp`, writing metrics and timelines into `workdir`; returns the metric rows."""
+@dataclasses.dataclass
+class RunState:
+  """What iteration callbacks see: the experiment, its engine (model slots: params, train states),
+  its program, the data iterator (`batches.state()` resumes it) and the workdir."""
+
+  experiment: Experiment
+  engine: Engine
+  program: Program
+  batches: Any
+  workdir: str
+  plan: ExecutionPlan
+
+
+# `callback(iteration, metrics, state)` runs after each iteration's metrics are written: the hook for
+# checkpoints (every `checkpoint_every` iterations) and metric writers (TensorBoard).
+IterationCallback = Callable[[int, dict, RunState], None]
+
+
+def run(exp: Experiment, workdir: str, *, log=print, progress: bool | None = None,
+        callbacks: Sequence[IterationCallback] = ()) -> list[dict]:
+  """Runs `exp`, writing metrics and timelines into `workdir`; returns the metric rows.
+
+  progress: a one-line progress display on stderr (None: only when stderr is a terminal).
+  callbacks: called as `callback(iteration, metrics, state)` after every iteration.
+  """
   os.makedirs(workdir, exist_ok=True)
-  if exp.algorithm != "ppo":
-    raise ValueError(f"algorithm {exp.algorithm!r} is not supported by the runtime yet")
-  if not exp.data.task:
-    raise ValueError("config.data.path: JSON-lines prompt datasets are not wired into the runtime yet; "
-                     "use a built-in config.data.task")
-  tok = CharTokenizer()
-  task = get_task(exp.data.task, **dict(exp.data.task_kwargs))
-  rows = exp.data.batch_size * exp.sampling.n_samples
-  graph = ppo_graph(rows)
-  plan = resolve_plan(exp, [c.name for c in graph.calls])
-  plan.check_covers([c.name for c in graph.calls])
-  for name in ("actor_train", "critic_train"):
-    st = plan[name].strategy
-    shards = st.data * st.fsdp * st.micro_batches
-    per_mb = rows // exp.ppo.mini_batches
-    if per_mb % shards:
-      raise ValueError(f"plan for call {name!r} ({plan[name]}): a PPO mini-batch of {per_mb} rows (rows {rows} / "
-                       f"config.ppo.mini_batches {exp.ppo.mini_batches}) does not divide over data x fsdp x "
-                       f"micro_batches = {shards}")
+  program_cls = get_program(exp.algorithm)
+  tok = make_tokenizer(exp.data)
+  graph = program_cls.graph(exp)
+  names = [c.name for c in graph.calls]
+  plan = resolve_plan(exp, names)
+  plan.check_covers(names)
+  check_plan_for(program_cls, exp, graph, plan)
+  abstract = {r: nnx.state(abstract_model(exp.models[r].model_config(), head=exp.models[r].head))
+              for r in graph.models if not exp.models[r].rule}
+  check_plan(graph, plan, abstract)  # Before any model is created or anything compiles.
   homes = home_layouts(graph, plan)
   plan.save(os.path.join(workdir, "plan.json"))
   log(plan.table({c.name: c.model for c in graph.calls}))
 
-  # Models, created sharded in their home layouts.
-  models, slots = {}, {}
-  order = sorted(exp.models, key=lambda r: exp.models[r].init.startswith("copy:"))
-  for role in order:
+  models = _build_models(exp, graph, homes, tok, log)
+  slots = {}
+  for role, model in models.items():
+    graphdef, params = nnx.split(model)
+    slots[role] = ModelSlot(role, graphdef, params, homes[role])
+  for role in graph.trained_models():
+    slots[role].train_state = init_train_state(models[role], exp.optim[role], homes[role])
+    slots[role].params = slots[role].train_state.params
+  del models
+
+  sampling = SamplingConfig(max_new_tokens=exp.sampling.max_new_tokens, temperature=exp.sampling.temperature,
+                            top_k=exp.sampling.top_k, top_p=exp.sampling.top_p, n=exp.sampling.n_samples,
+                            eos_id=tok.eos_id, pad_id=tok.pad_id, bucket=16)
+  program = program_cls(exp, {r: s.graphdef for r, s in slots.items()}, sampling, reward_rule(exp, tok))
+  engine = Engine(graph, plan, slots, program.functions())
+  batches = make_batches(exp, tok, program_cls.data)
+  state = RunState(exp, engine, program, batches, workdir, plan)
+  placement = {k: plan[next(n for n in graph.order if k in graph[n].inputs)] for k in graph.external}
+
+  rows_out = []
+  mpath, tpath = os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "timeline.jsonl")
+  for path in (mpath, tpath):  # A fresh run starts fresh files (resume arrives with checkpoints).
+    open(path, "w").close()
+  bar = Progress(exp.num_iterations, enabled=progress)
+  for it in range(exp.num_iterations):
+    t0 = time.perf_counter()
+    arrays, program.host_batch = batch_arrays(program_cls.data, next(batches))
+    inputs = {k: jax.device_put(v, activation_sharding(placement[k], ("batch",) + (None,) * (v.ndim - 1), v.shape))
+              for k, v in arrays.items() if k in placement}
+    data = engine.run_iteration(inputs)
+    metrics = program.end_iteration(data)
+    metrics["iteration"] = it
+    metrics["time/iteration"] = time.perf_counter() - t0
+    recs = engine.iteration_records(it)
+    for r in recs:
+      metrics[f"time/{r['kind']}/{r['name']}"] = (r["end"] or r["start"]) - r["start"]
+    _check_finite(metrics, it)
+    rows_out.append(metrics)
+    with open(mpath, "a") as f:
+      f.write(json.dumps(metrics) + "\n")
+    with open(tpath, "a") as f:
+      f.write(json.dumps({"iteration": it, "records": recs}) + "\n")
+    bar.update(it, metrics)
+    if it % exp.log_every == 0 or it == exp.num_iterations - 1:
+      log(f"iter {it:4d}  {summary(metrics)}")
+    for cb in callbacks:
+      cb(it, metrics, state)
+  bar.close()
+  return rows_out
+
+
+def check_plan_for(program_cls, exp: Experiment, graph, plan: ExecutionPlan) -> None:
+  """Program-level plan checks (before anything compiles): train mini-batches divide over the
+  layout's data x fsdp x micro_batches, and only frozen models of the graph rest in host memory."""
+  for name, per_mb in program_cls.train_rows(exp).items():
+    st = plan[name].strategy
+    shards = st.data * st.fsdp * st.micro_batches
+    if per_mb % shards:
+      raise ValueError(f"plan for call {name!r} ({plan[name]}): a {exp.algorithm} mini-batch of {per_mb} rows "
+                       f"does not divide over data x fsdp x micro_batches = {shards}")
+  trained = graph.trained_models()
+  for model in sorted(plan.offload):
+    if model not in graph.models:
+      raise ValueError(f"plan offload names {model!r}, which is not a model of {exp.algorithm} {list(graph.models)}")
+    if model in trained:
+      calls = [c.name for c in graph.calls if c.model == model]
+      raise ValueError(f"plan offload names {model!r} (calls {calls}), which is trained; only frozen models may "
+                       "rest in host memory")
+
+
+def _build_models(exp: Experiment, graph, homes, tok, log) -> dict:
+  """The graph's network models, created sharded in their home layouts (copies after their sources)."""
+  models = {}
+  roles = [r for r in graph.models if not exp.models[r].rule]
+  for role in sorted(roles, key=lambda r: exp.models[r].init.startswith("copy:")):
     spec = exp.models[role]
-    if spec.rule:
-      continue
     cfg = spec.model_config()
     if cfg.vocab_size < tok.vocab_size:
       raise ValueError(f"config.models.{role}: vocab_size {cfg.vocab_size} < tokenizer's {tok.vocab_size}")
     if spec.init.startswith("copy:"):
+      if spec.init[5:] not in models:
+        raise ValueError(f"config.models.{role}.init={spec.init!r}: {spec.init[5:]!r} is not a network model of "
+                         f"{exp.algorithm} ({sorted(models)})")
       src = models[spec.init[5:]]
       model = create_model(cfg, homes[role], seed=spec.seed, head=spec.head)
       if spec.head == "lm" and src.head == "lm":
@@ -144,50 +249,13 @@ def run(exp: Experiment, workdir: str, *, log=print) -> list[dict]:
     if role == "actor" and exp.sft_warmup_steps:
       nnx.update(model, _sft_warmup(exp, model, homes[role], tok, log))
     models[role] = model
-  for role, model in models.items():
-    graphdef, params = nnx.split(model)
-    slots[role] = ModelSlot(role, graphdef, params, homes[role])
-  for role in ("actor", "critic"):
-    slots[role].train_state = init_train_state(models[role], exp.optim[role], homes[role])
-    slots[role].params = slots[role].train_state.params
+  return models
 
-  reward_rule = _RuleReward(task, tok) if exp.models["reward"].rule else None
-  sampling = SamplingConfig(max_new_tokens=exp.sampling.max_new_tokens, temperature=exp.sampling.temperature,
-                            top_k=exp.sampling.top_k, top_p=exp.sampling.top_p, n=exp.sampling.n_samples,
-                            eos_id=tok.eos_id, pad_id=tok.pad_id, bucket=16)
-  program = PPOProgram(exp.ppo, sampling, dict(exp.optim), {r: s.graphdef for r, s in slots.items()},
-                       reward_rule=reward_rule, seed=exp.seed)
-  engine = Engine(graph, plan, slots, program.functions())
 
-  prompts = prompt_batches(TaskDataset(task, tok, seed=exp.seed, size=None), exp.data.batch_size, seed=exp.seed)
-  rows_out = []
-  mpath, tpath = os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "timeline.jsonl")
-  for path in (mpath, tpath):  # A fresh run starts fresh files (resume arrives with checkpoints).
-    open(path, "w").close()
-  gen_layout = plan["actor_gen"]
-  for it in range(exp.num_iterations):
-    t0 = time.perf_counter()
-    b = next(prompts)
-    program.host_batch = {"prompts": list(np.repeat(np.asarray(b.prompts, object), exp.sampling.n_samples)),
-                          "answers": list(np.repeat(np.asarray(b.answers, object), exp.sampling.n_samples))}
-    sh = activation_sharding(gen_layout, ("batch", None), b.tokens_BT.shape)
-    inputs = {"prompts": jax.device_put(b.tokens_BT.astype(np.int32), sh), "prompt_mask": jax.device_put(b.mask_BT, sh)}
-    data = engine.run_iteration(inputs)
-    metrics = program.end_iteration(data)
-    metrics["iteration"] = it
-    metrics["time/iteration"] = time.perf_counter() - t0
-    recs = engine.iteration_records(it)
-    for r in recs:
-      metrics[f"time/{r['kind']}/{r['name']}"] = (r["end"] or r["start"]) - r["start"]
-    rows_out.append(metrics)
-    with open(mpath, "a") as f:
-      f.write(json.dumps(metrics) + "\n")
-    with open(tpath, "a") as f:
-      f.write(json.dumps({"iteration": it, "records": recs}) + "\n")
-    if it % exp.log_every == 0 or it == exp.num_iterations - 1:
-      log(f"iter {it:4d}  reward {metrics['reward']:.3f}  kl {metrics['kl']:+.4f}  "
-          f"len {metrics['response_len']:.1f}  {metrics['time/iteration']:.2f}s")
-  return rows_out
+def _check_finite(metrics: dict, it: int) -> None:
+  bad = [k for k, v in metrics.items() if isinstance(v, float) and not np.isfinite(v)]
+  if bad:
+    raise FloatingPointError(f"iteration {it}: non-finite metrics {bad}")
 
 
 def _moved(src_state, dst_state):

@@ -2,12 +2,10 @@
 
     actor_gen -> {reward_inf, ref_inf, critic_inf} -> {actor_train, critic_train}
 
-Alignment: every per-token array is over the whole sequence [B, T] (prompt bucket P, then M
-response slots) in the *shifted* convention of `real_jax.inference`: column t scores token t+1.
-`logprob_mask[:, t]` is True where token t+1 is a response token, so log-probs, reference
-log-probs and values (`values[:, t]` is the critic's value of the state after token t, i.e. before
-the action token t+1) line up column by column, and the PPO math (`real_jax.algorithms.ppo`) runs
-on them directly with `mask = logprob_mask`.
+Alignment (see `program`): every per-token array is over the whole sequence [B, T] in the shifted
+convention, so log-probs, reference log-probs and values (`values[:, t]` is the critic's value of the
+state after token t, i.e. before the action token t+1) line up column by column, and the PPO math
+(`real_jax.algorithms.ppo`) runs on them directly with `mask = logprob_mask`.
 
 Both train calls recompute the advantages from the same inputs (cheap), so actor_train and
 critic_train do not depend on each other and can run concurrently on disjoint meshes.
@@ -15,25 +13,18 @@ critic_train do not depend on each other and can run concurrently on disjoint me
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from real_jax import inference
-from real_jax.algorithms import PPOConfig, ppo_actor_loss, ppo_advantages, ppo_critic_loss
-from real_jax.dataflow import Call, CallKind, Graph
-from real_jax.generation import SamplingConfig, generate
-from real_jax.optim import OptimizerConfig
-from real_jax.train_step import train_step
-from sharding import Layout, activation_sharding
+from real_jax.algorithms import PPOConfig, entropy_from_logits, ppo_actor_loss, ppo_advantages, ppo_critic_loss
+from real_jax.dataflow import Call, Graph
+from real_jax.runtime.program import ROLLOUT_KEYS, G, I, Program, T, bind
+from real_jax.runtime.registry import register_program
 
-G, I, T = CallKind.GENERATE, CallKind.INFERENCE, CallKind.TRAIN_STEP
-
-ROLLOUT_KEYS = ("tokens", "attn_mask", "logprobs", "logprob_mask", "no_eos")
+TRAIN_KEYS = ("tokens", "attn_mask", "logprobs", "logprob_mask", "ref_logprobs", "values")
 
 
 def ppo_graph(rows: int) -> Graph:
@@ -58,7 +49,6 @@ def _actor_loss(config: PPOConfig, temperature: float, model, batch):
   mask = batch["logprob_mask"].astype(jnp.float32)
   entropy = None
   if config.entropy_coef > 0:
-    from real_jax.algorithms import entropy_from_logits
     ent = entropy_from_logits(logits[:, :-1] / temperature)
     entropy = jnp.pad(ent, ((0, 0), (0, 1)))
   return ppo_actor_loss(logp, batch["logprobs"], batch["ref_logprobs"], batch["advantages"], mask,
@@ -71,24 +61,26 @@ def _critic_loss(config: PPOConfig, model, batch):
   return ppo_critic_loss(values, batch["values"], batch["returns"], mask, config=config)
 
 
-@dataclasses.dataclass
-class PPOProgram:
-  """The call functions of PPO plus its small mutable state (adaptive KL coefficient, RNG)."""
+@register_program("ppo")
+class PPOProgram(Program):
+  """The call functions of PPO plus its small mutable state (adaptive KL coefficient)."""
 
-  config: PPOConfig
-  sampling: SamplingConfig
-  optim: dict[str, OptimizerConfig]
-  graphdefs: dict[str, Any]
-  reward_rule: Any = None  # (prompts, answers, response_BT, mask_BT) -> np.ndarray scores, when rule-based.
-  seed: int = 0
-
-  def __post_init__(self):
+  def __init__(self, exp, graphdefs, sampling=None, reward_rule=None):
+    super().__init__(exp, graphdefs, sampling, reward_rule)
+    self.config: PPOConfig = exp.ppo
     self.kl = self.config.kl_controller()
     self.kl_coef = float(self.config.kl_coef)
-    self.host_batch: dict = {}
-    self._actor_loss = functools.partial(_actor_loss, self.config, float(self.sampling.temperature))
-    self._critic_loss = functools.partial(_critic_loss, self.config)
-    self.stats: dict[str, Any] = {}
+    self._actor_loss = bind(_actor_loss, self.config, float(self.sampling.temperature))
+    self._critic_loss = bind(_critic_loss, self.config)
+
+  @classmethod
+  def graph(cls, exp) -> Graph:
+    return ppo_graph(exp.data.batch_size * exp.sampling.n_samples)
+
+  @classmethod
+  def train_rows(cls, exp) -> dict[str, int]:
+    rows = exp.data.batch_size * exp.sampling.n_samples // exp.ppo.mini_batches
+    return {"actor_train": rows, "critic_train": rows}
 
   def functions(self):
     return {"actor_gen": self.actor_gen, "reward_inf": self.reward_inf, "ref_inf": self.ref_inf,
@@ -97,95 +89,50 @@ class PPOProgram:
   # -- calls ---------------------------------------------------------------------------------
 
   def actor_gen(self, engine, call, layout, params, args):
-    rng = jax.random.fold_in(jax.random.key(self.seed), engine.iteration)
-    ro = generate((self.graphdefs["actor"], params), args["prompts"], args["prompt_mask"], rng, self.sampling,
-                  layout)
-    return {"tokens": ro.tokens, "attn_mask": ro.attention_mask, "logprobs": ro.logprobs,
-            "logprob_mask": ro.logprob_mask, "no_eos": ~ro.ended_with_eos}
+    return self.rollout(engine, layout, params, args)
 
   def reward_inf(self, engine, call, layout, params, args):
-    if self.reward_rule is not None:  # Host-side rule: blocks on the rollout (by necessity).
-      tokens = np.asarray(args["tokens"])
-      mask = np.asarray(args["logprob_mask"])
-      resp_mask = np.pad(mask[:, :-1], ((0, 0), (1, 0)))  # Token t+1 is a response token -> mask at t+1.
-      scores = self.reward_rule(self.host_batch, tokens, resp_mask)
-      sh = activation_sharding(layout, ("batch",), scores.shape)
-      return {"scores": jax.device_put(jnp.asarray(scores, jnp.float32), sh)}
-    _, scores = inference.values((self.graphdefs["reward"], params), args["tokens"], args["attn_mask"], layout)
-    return {"scores": scores}
+    return {"scores": self.scores(layout, params, args["tokens"], args["attn_mask"], args["logprob_mask"])}
 
   def ref_inf(self, engine, call, layout, params, args):
-    lp = inference.logprobs((self.graphdefs["ref"], params), args["tokens"], args["attn_mask"], layout,
-                            temperature=self.sampling.temperature)
-    return {"ref_logprobs": lp}
+    return {"ref_logprobs": self.logprobs("ref", layout, params, args["tokens"], args["attn_mask"])}
 
   def critic_inf(self, engine, call, layout, params, args):
-    v, _ = inference.values((self.graphdefs["critic"], params), args["tokens"], args["attn_mask"], layout)
-    return {"values": v}
+    return {"values": self.values("critic", layout, params, args["tokens"], args["attn_mask"])}
 
   def _advantages(self, args):
     mask = args["logprob_mask"].astype(jnp.float32)
     return _ppo_adv(args["scores"], args["logprobs"], args["ref_logprobs"], args["values"], mask,
                     args["no_eos"], jnp.float32(self.kl_coef), self.config)
 
-  def _train(self, engine, call, layout, args, role, loss_fn, extra):
-    slot = engine.slots[role]
-    batch = {k: args[k] for k in ("tokens", "attn_mask", "logprobs", "logprob_mask", "ref_logprobs", "values")}
+  def _train(self, engine, layout, args, role, loss_fn, extra):
+    batch = {k: args[k] for k in TRAIN_KEYS}
     batch.update(extra)
-    rows = batch["tokens"].shape[0]
-    batch["kl_coef"] = jnp.full((rows,), self.kl_coef, jnp.float32)
-    batch = engine.move_batch(batch, layout)
-    k = self.config.mini_batches
-    metrics = []
-    for epoch in range(self.config.ppo_epochs):
-      perm = np.random.default_rng([self.seed, engine.iteration, epoch, hash(role) % 1000]).permutation(rows)
-      for j in range(k):
-        idx = np.sort(perm[j * rows // k:(j + 1) * rows // k])
-        mb = batch if k == 1 else engine.move_batch(_take_rows(batch, idx), layout)
-        slot.train_state, m = train_step(self.graphdefs[role], loss_fn, self.optim[role], layout,
-                                         slot.train_state, mb)
-        metrics.append(m)
-    slot.set_params(slot.train_state.params)
-    return {f"{role}_stats": metrics[-1]}
+    batch["kl_coef"] = jnp.full((batch["tokens"].shape[0],), self.kl_coef, jnp.float32)
+    m = self.train(engine, layout, role, loss_fn, batch, epochs=self.config.ppo_epochs,
+                   mini_batches=self.config.mini_batches)
+    return {f"{role}_stats": m}
 
   def actor_train(self, engine, call, layout, params, args):
     adv = self._advantages(args)
     self.stats["actor_adv"] = adv
-    return self._train(engine, call, layout, args, "actor", self._actor_loss, {"advantages": adv["advantages"]})
+    return self._train(engine, layout, args, "actor", self._actor_loss, {"advantages": adv["advantages"]})
 
   def critic_train(self, engine, call, layout, params, args):
     adv = self._advantages(args)
-    return self._train(engine, call, layout, args, "critic", self._critic_loss, {"returns": adv["returns"]})
+    return self._train(engine, layout, args, "critic", self._critic_loss, {"returns": adv["returns"]})
 
   def end_iteration(self, data) -> dict[str, float]:
     """Host-side metrics after an iteration; updates the adaptive KL coefficient."""
     adv = self.stats.pop("actor_adv")
-    mask = np.asarray(data["logprob_mask"])
-    out = {
-        "reward": float(np.mean(np.asarray(data["scores"]))),
-        "kl": float(adv["mean_kl"]),
-        "kl_coef": self.kl_coef,
-        "response_len": float(mask.sum(axis=1).mean()),
-        "no_eos_frac": float(np.mean(np.asarray(data["no_eos"]))),
-    }
-    for role in ("actor", "critic"):
-      for k, v in data[f"{role}_stats"].items():
-        out[f"{role}/{k}"] = float(v)
-    self.kl_coef = float(self.kl.update(jnp.float32(self.kl_coef), out["kl"], int(mask.shape[0])))
+    out = self.rollout_metrics(data)
+    out.update({"kl": float(adv["mean_kl"]), "kl_coef": self.kl_coef})
+    out.update(self.stats_metrics(data, ("actor", "critic")))
+    rows = int(data["logprob_mask"].shape[0])
+    self.kl_coef = float(self.kl.update(jnp.float32(self.kl_coef), out["kl"], rows))
     return out
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _ppo_adv(scores, logprobs, ref_logprobs, values, mask, no_eos, kl_coef, config):
   return ppo_advantages(scores, logprobs, ref_logprobs, values, mask, no_eos, kl_coef, config)
-
-
-def _take_rows(batch: dict, idx: np.ndarray) -> dict:
-  """Rows `idx` of every array, gathered on the batch's own devices (no host round trip)."""
-  idx = jnp.asarray(idx, jnp.int32)
-  return _gather(batch, idx)
-
-
-@jax.jit
-def _gather(batch, idx):
-  return {k: v[idx] for k, v in batch.items()}

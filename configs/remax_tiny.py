@@ -1,0 +1,50 @@
+r"""ReMax on the synthetic string-reversal task with tiny models (CPU, 8 fake devices).
+
+    python -m real_jax.train --config configs/remax_tiny.py --workdir /tmp/remax_tiny
+
+Six calls, two of them generate calls of the actor: actor_gen (sampled) -> {reward_inf, ref_inf} and
+actor_greedy (greedy) -> reward_greedy_inf, then actor_train: REINFORCE with the greedy response's
+reward as the baseline and a k1 KL penalty in the reward. No critic. Presets: plan=colocated|split
+(split: sampled generation on devices 0-3, greedy generation on 4-7, so the two generate calls overlap).
+"""
+
+import ml_collections
+
+TINY = dict(vocab_size=64, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128, max_seq_len=64)
+
+
+def _parse(arg):
+  return dict(item.split("=") for item in filter(None, (arg or "").split(",")))
+
+
+def get_config(arg=None):
+  args = _parse(arg)
+  c = ml_collections.ConfigDict()
+  c.algorithm = "remax"
+  c.seed = 0
+  c.num_iterations = 40            # RLHF iterations.
+  c.checkpoint_every = 0           # Checkpoint period in iterations (0: only at the end, once checkpoints land).
+  c.sft_warmup_steps = 80          # Supervised warm-up of the actor on task demonstrations (the ref copies it).
+  c.sft_learning_rate = 3e-3
+  c.log_every = 1
+
+  c.models = ml_collections.ConfigDict()
+  c.models.actor = dict(preset="tiny", overrides=TINY, head="lm", init="random", rule="", seed=0)
+  c.models.ref = dict(preset="tiny", overrides=TINY, head="lm", init="copy:actor", rule="", seed=0)
+  c.models.reward = dict(preset="tiny", overrides=TINY, head="scalar", init="random", rule="task", seed=2)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.actor = dict(lr=1e-3, warmup_steps=0, decay="constant", decay_steps=1, clip_norm=1.0)
+
+  c.data = dict(task="reversal", task_kwargs={"difficulty": 1}, batch_size=64, max_prompt_len=32)
+  c.sampling = dict(max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0, n_samples=1)
+  c.remax = dict(kl_coef=0.01, kl_estimator="k1", loss_agg="token_mean")
+
+  plans = {
+      "colocated": "colocated",
+      "split": ("actor_gen=0:4/d2f1t2, actor_greedy=4:4/d2f1t2, actor_train=0:4/d1f4t1, reward_inf=0:1/d1f1t1, "
+                "reward_greedy_inf=4:1/d1f1t1, ref_inf=4:4/d4f1t1"),
+  }
+  c.plan = plans[args.get("plan", "colocated")]
+  c.colocated_strategy = "d1f8t1"
+  return c
