@@ -27,7 +27,9 @@ iterations completed, so resuming from step s runs iteration s next.
   everything else) and orbax reads each device's shards straight into place: nothing is assembled
   on one device, and the device count may differ from the writer's.
 * Multi-process: every process must call `save`/`restore` with the same arguments (orbax
-  synchronises them); only process 0 writes `meta`.
+  synchronises them); only process 0 writes `meta`. Every saved array and every target layout
+  must have devices on every process (an orbax 0.12 limit, checked up front with a clear error):
+  a model resting on one host's devices is moved to a spanning layout before saving.
 """
 
 from __future__ import annotations
@@ -153,6 +155,21 @@ def _model_tree(slot: Any) -> Any:
   return train_state if train_state is not None else {"params": slot.params}
 
 
+def _check_spans_processes(devices, what: str, where: str) -> None:
+  """Orbax (0.12.x) can neither save nor restore an array whose devices miss some process: saving
+  refuses it as a "host-local array"; restoring fails inside orbax on the process without shards
+  ("If the Array has no addressable shards, `dtype` must be provided") while the others wait for
+  it. Say so up front instead."""
+  n = jax.process_count()
+  if n == 1:
+    return
+  procs = {d.process_index for d in devices}
+  if len(procs) < n:
+    raise CheckpointError(f"{where}: {what} has devices of processes {sorted(procs)} only, but with {n} processes "
+                          f"orbax saves and restores only arrays with devices on every process; use a layout that "
+                          f"spans all processes for checkpoints and reallocate from/to it")
+
+
 # -- the checkpointer --------------------------------------------------------------------------
 
 
@@ -225,6 +242,10 @@ class Checkpointer:
     items = {}
     for role, slot in slots.items():
       paths, leaves, _ = _paths(_model_tree(slot))
+      for path, x in zip(paths, leaves):
+        if hasattr(x, "sharding"):
+          _check_spans_processes(x.sharding.device_set, f"leaf {'/'.join(path)}",
+                                 f"checkpoint {self.step_dir(step)}: model {role!r}")
       items[role] = ocp.args.StandardSave(_nest(paths, leaves))
     meta = {"step": int(step), "fingerprint": self.fingerprint, "config": self.config,
             "roles": {role: ("train_state" if getattr(s, "train_state", None) is not None else "params")
@@ -279,6 +300,8 @@ class Checkpointer:
       if role not in like:
         raise ValueError(f"Checkpointer.restore: no template (like=) for model {role!r}")
       tmpl = like[role]
+      _check_spans_processes(target_layouts[role].device_mesh.devices(), str(target_layouts[role]),
+                             f"checkpoint {step_dir}: target layout of model {role!r}")
       if not os.path.isdir(os.path.join(step_dir, role)):
         raise CheckpointError(f"checkpoint {step_dir}: missing item {role!r} (directory {role}/ is absent)")
       kind = saved_roles[role]

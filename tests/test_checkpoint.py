@@ -45,7 +45,8 @@ def _filled(abstract, layout, seed):
   shardings = jax.tree.leaves(shardings_for(abstract, layout))
   rng = np.random.default_rng(seed)
   refs = [(rng.standard_normal(x.shape) * 10).astype(x.dtype) for x in leaves]
-  new = [jax.make_array_from_callback(r.shape, s, lambda i, r=r: r[i]) for s, r in zip(shardings, refs)]
+  new = [jax.make_array_from_callback(r.shape, s, lambda i, r=r: r[i], dtype=r.dtype)
+         for s, r in zip(shardings, refs)]
   return jax.tree.unflatten(treedef, new), refs
 
 
@@ -218,3 +219,34 @@ def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path):
   _assert_restored(r.train_states["actor"], refs["actor"], D2T2)
   _assert_restored(r.params["ref"], refs["ref"], FSDP8)
   ck.close()
+
+
+# -- multi-process: 2 processes x 4 CPU devices <-> 1 process x 8 --------------------------------
+
+
+def _mp(mode, workdir, actor, ref, n):
+  from _mp_launch import launch
+  results = launch(ROOT / "tests" / "_ckpt_mp_worker.py", [mode, workdir, actor, ref], num_processes=n,
+                   devices_per_process=8 // n, timeout=180)
+  return results
+
+
+def _ok(results):
+  for r in results:
+    assert r.returncode == 0 and f"RESULT process={r.process_id} ok" in r.output, r.output[-4000:]
+
+
+@pytest.mark.slow
+def test_two_process_checkpoint_restores_in_one_process(tmp_path):
+  _ok(_mp("save", str(tmp_path), "0:8/d1f8t1", "0:8/d2f2t2", 2))  # Arrays straddle both processes.
+  _ok(_mp("restore", str(tmp_path), "4:4/d2f1t2", "0:2/d1f1t2", 1))
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_restores_in_two_processes(tmp_path):
+  _ok(_mp("save", str(tmp_path), "0:8/d2f2t2", "0:4/d1f4t1", 1))
+  _ok(_mp("restore", str(tmp_path), "0:8/d1f8t1", "2:4/d1f2t2", 2))  # ref: devices 2..5, on both processes.
+  # A target on process 1's devices only cannot be restored by orbax 0.12: a clear error, no hang.
+  results = _mp("restore", str(tmp_path), "0:8/d1f8t1", "4:4/d1f4t1", 2)
+  for r in results:
+    assert r.returncode == 1 and "has devices of processes [1] only" in r.output, r.output[-3000:]
