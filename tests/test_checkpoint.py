@@ -204,8 +204,8 @@ _KILLED_SAVE = textwrap.dedent("""
 def test_sigkill_during_async_save_keeps_previous_checkpoint(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  p = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(tmp_path), str(ROOT)], env=env, capture_output=True, text=True,
-                     timeout=240)
+  p = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(tmp_path), str(ROOT)], env=env, capture_output=True,
+                     text=True, timeout=240)
   assert p.returncode == -signal.SIGKILL, p.stderr[-3000:]
   listing = next(line for line in p.stdout.splitlines() if line.startswith("LISTING"))
   ck = Checkpointer(str(tmp_path), every=1)
