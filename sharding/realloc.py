@@ -247,7 +247,17 @@ class _BucketProgram:
       put_x.append(x)
       put_dst.append(SingleDeviceSharding(dst))
       put_keys.append(key)
-    received = dict(zip(put_keys, jax.device_put(put_x, put_dst))) if put_x else {}
+    received = {}
+    same_proc = [j for j, key in enumerate(put_keys) if key[0].process_index == key[1].process_index]
+    if same_proc:  # Inside this process: one batched call.
+      for j, y in zip(same_proc, jax.device_put([put_x[j] for j in same_proc], [put_dst[j] for j in same_proc])):
+        received[put_keys[j]] = y
+    for j, key in enumerate(put_keys):
+      # Across processes: one call per buffer, in the global order. A batched call groups its
+      # arrays by (source, destination) devices in an order that differs between processes, so
+      # the transfer keys pair up the wrong buffers (wrong values, then a hang on a size mismatch).
+      if key[0].process_index != key[1].process_index:
+        received[key] = jax.device_put(put_x[j], put_dst[j])
     shards: dict = {}
     for (k, dst), j in self.passthrough.items():
       shards[k, dst] = local[k][j]
