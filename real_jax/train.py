@@ -20,7 +20,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, timeline
 def main(argv) -> None:
   del argv
   exp = experiment_from_config(_CONFIG.value)
-  run(exp, _WORKDIR.value, log=main_log)
+  run(exp, _WORKDIR.value, log=main_log, progress=None)
 
 
 if __name__ == "__main__":

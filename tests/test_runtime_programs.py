@@ -56,7 +56,7 @@ CALLS = {
 HEADLINE = {"grpo": "reward", "rloo": "reward", "remax": "reward", "dpo": "margin", "sft": "nll", "rm": "accuracy"}
 
 
-@pytest.mark.parametrize("name", sorted(CALLS))
+@pytest.mark.parametrize("name", ["rloo", "sft"])  # grpo, remax, dpo and rm run in test_runtime_learning.py.
 def test_program_runs_and_records_its_calls(name, tmp_path):
   rows = run(experiment_from_config(small(name)), str(tmp_path), **QUIET)
   assert [r["iteration"] for r in rows] == [0, 1]
@@ -64,8 +64,6 @@ def test_program_runs_and_records_its_calls(name, tmp_path):
   tl = [json.loads(x) for x in open(tmp_path / "timeline.jsonl")]
   assert [r["name"] for r in tl[1]["records"] if r["kind"] == "call"] == CALLS[name]
   assert all(f"time/call/{c}" in rows[1] for c in CALLS[name])
-  if name == "remax":  # Two generate calls of one model: sampled rows and greedy rows.
-    assert "greedy_reward" in rows[0]
 
 
 def test_offload_rests_frozen_models_in_host_memory(tmp_path):
