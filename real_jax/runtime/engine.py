@@ -162,7 +162,12 @@ class Engine:
     return out
 
   def offload(self, model: str) -> None:
-    """Moves a frozen model's parameters to host memory (pinned) until its next call."""
+    """Moves a frozen model's parameters to host memory until its next call.
+
+    Uses the `pinned_host` memory kind, which the GPU and (checked with jax 0.12) the CPU
+    backend both offer (`device.addressable_memories()`: device, pinned_host, unpinned_host), so the CPU
+    tests exercise this same path (tests/test_runtime_programs.py::test_offload_...).
+    """
     slot = self.slots[model]
     if slot.offloaded:
       return

@@ -1,11 +1,13 @@
 """The training loop: builds models, data, plan and engine from an Experiment and runs it.
 
-`run(exp, workdir)` is what `python -m real_jax.train`, the notebooks and the tests call. It writes
+`config.algorithm` picks the program (`real_jax.runtime.registry`), which gives the graph, the call
+functions and its data kind; the loop is the same for every algorithm. `run(exp, workdir)` is what `python -m real_jax.train`, the notebooks and the tests call. It writes
 into `workdir`:
 * `metrics.jsonl`: one row per iteration (reward, KL, losses, the time of each call and reallocation);
 * `timeline.jsonl`: one row per iteration with every call's and reallocation's device range, start
   and end (seconds since the run started);
 * `plan.json`: the plan that ran.
+Callbacks `fn(iteration, metrics, state)` run after each iteration (checkpoints, metric writers).
 """
 
 from __future__ import annotations
