@@ -127,7 +127,7 @@ def test_realloc_cost():
   nbytes = 4096 * 4096 * 2
   slow_far = realloc_cost(L(0, fsdp=4).named("fsdp"), L(4, tensor=4).named(None, "tensor"), shapes, slow)
   # Disjoint 4 -> 4: each target device receives a quarter of the array, over at most 4 device pairs.
-  assert slow_far > 3 * far and slow_far >= nbytes / 4 / 4 / 1e9
+  assert slow_far > 2 * far and slow_far >= nbytes / 4 / 4 / 1e9
   assert far >= nbytes / 4 / H100_SXM.d2d_device_bandwidth
   # Per-bucket dispatch overhead is priced: 100 small leaves cost more than one leaf of their bytes.
   many = {f"w{i}": jax.ShapeDtypeStruct((64, 64), jnp.bfloat16) for i in range(100)}
