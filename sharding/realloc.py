@@ -55,10 +55,16 @@ the source and the result. `bucket_bytes=None` dispatches everything without wai
 `device_put(donate=True)` would not free it); a leaf whose buffers the result reuses (a target
 shard that is literally a source shard on the same device) is left for the garbage collector.
 
-Multi-process: cross-process pieces move with `device_put` between single-device shardings on
+Multi-process: cross-process buffers move with `device_put` between single-device shardings on
 both processes (JAX's DCN transfer; on CPU it needs `jax_force_dcn_cross_host_transfers` and
-`jax_cross_host_transfer_socket_address`); a process builds an empty placeholder for a piece
-that lives on another process's device. The reshard in step 2 runs as one SPMD program on the
+`jax_cross_host_transfer_socket_address`); a process builds an empty placeholder for a buffer
+that lives on another process's device. Each cross-process buffer goes in its OWN `device_put`
+call, in the same global order on every process: a batched `device_put` of several cross-process
+arrays pairs senders' and receivers' buffers in orders that differ between the processes (jax
+0.12 CPU: 4 arrays from process 0's devices to process 1's arrived permuted, a different
+permutation from run to run; one call per array is exact). With unequal sizes that mis-pairing
+hangs. Every plan is a pure function of the global shardings, so all processes build the same
+buckets, programs and buffer order. The reshard in step 2 runs as one SPMD program on the
 source devices, so with a source mesh spanning processes the CPU backend needs collectives
 (`jax_cpu_collectives_implementation='gloo'`).
 """
