@@ -196,3 +196,25 @@ def _case(draw):
 def test_property_random_trees(case):
   refs, src, dst, mode = case
   _move(refs, src, dst, mode=mode)
+
+
+def test_batched_programs_and_cached_plans():
+  """One reshard program per bucket on a shared device list; otherwise at most one packed buffer per
+  (source device, target device, dtype); a repeated reallocation reuses plan and programs."""
+  from sharding import realloc as R
+  refs = {f"w{i}": _value((16, 8), np.float32, i) for i in range(12)}
+  refs["m"] = _value((8, 8), jnp.bfloat16, 99)
+  src = L(0, fsdp=4).named("fsdp")
+  for dst, same in ((L(0, tensor=4).named(None, "tensor"), True), (L(2, fsdp=2, tensor=2).named("tensor", "fsdp"), False)):
+    xs, _ = _move(refs, jax.tree.map(lambda _: src, refs), jax.tree.map(lambda _: dst, refs))
+    leaves = jax.tree.leaves(xs)
+    specs = tuple(R._spec(x, dst) for x in leaves)
+    (prog,) = R._programs(specs, R._hw.DEFAULT, "auto", R.DEFAULT_BUCKET_BYTES, 0)
+    if same:
+      assert [len(ks) for ks, _ in prog.same] == [len(leaves)] and not prog.puts
+    else:
+      assert not prog.same and len(prog.puts) <= 4 * 4 * 2 and len(prog.packs) <= 4 and len(prog.unpacks) <= 4
+    hits = R._programs.cache_info().hits
+    with jax.transfer_guard("disallow"):
+      jax.block_until_ready(reallocate(xs, dst))
+    assert R._programs.cache_info().hits == hits + 1
