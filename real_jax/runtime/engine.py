@@ -175,6 +175,12 @@ class Engine:
     slot.params = jax.tree.map(lambda x: jax.device_put(x, x.sharding.with_memory_kind("pinned_host")), slot.params)
     slot.offloaded = True
 
+  def to_device(self, model: str) -> None:
+    """Moves an offloaded model back to device memory (e.g. to checkpoint it); no-op otherwise."""
+    slot = self.slots[model]
+    if slot.offloaded:
+      self._restore_from_host(slot)
+
   def _restore_from_host(self, slot: ModelSlot) -> None:
     slot.params = jax.tree.map(lambda x: jax.device_put(x, x.sharding.with_memory_kind("device")), slot.params)
     slot.offloaded = False

@@ -25,9 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from real_jax.checkpoint import Checkpointer
 from real_jax.data import TaskSFTDataset, decode_responses, get_reward, get_task, sft_batches
 from real_jax.experiment import Experiment
+from real_jax.dataflow import CallKind
 from real_jax.generation import SamplingConfig
+from real_jax.metrics import MetricsWriter, TimelineWriter, check_calls_finite
 from real_jax.models import abstract_model, create_model
 from real_jax.optim import OptimizerConfig
 from real_jax.runtime import offline, policy_gradient, ppo  # noqa: F401  (register the programs)
@@ -153,10 +156,19 @@ def run(exp: Experiment, workdir: str, *, log=print, progress: bool | None = Non
               for r in graph.models if not exp.models[r].rule}
   check_plan(graph, plan, abstract)  # Before any model is created or anything compiles.
   homes = home_layouts(graph, plan)
-  plan.save(os.path.join(workdir, "plan.json"))
+  primary = jax.process_index() == 0
+  if primary:
+    plan.save(os.path.join(workdir, "plan.json"))
   log(plan.table({c.name: c.model for c in graph.calls}))
 
-  models = _build_models(exp, graph, homes, tok, log)
+  ckpt = Checkpointer(workdir, every=exp.checkpoint_every, config=exp)
+  start = ckpt.latest_step() or 0
+  restored_extra = ckpt.read_meta(start)["extra"] if start else {}
+  if start > exp.num_iterations:
+    log(f"checkpoint {ckpt.step_dir(start)} is past num_iterations={exp.num_iterations}: nothing to run")
+  # Resuming: the checkpoint overwrites every model, so the SFT warm-up is skipped (models are still
+  # created, as templates and in their home layouts).
+  models = _build_models(exp, graph, homes, tok, log, warmup=not start)
   slots = {}
   for role, model in models.items():
     graphdef, params = nnx.split(model)
@@ -175,36 +187,81 @@ def run(exp: Experiment, workdir: str, *, log=print, progress: bool | None = Non
   state = RunState(exp, engine, program, batches, workdir, plan)
   placement = {k: plan[next(n for n in graph.order if k in graph[n].inputs)] for k in graph.external}
 
+  finite_calls = {f"{c.model}/": c.name for c in graph.calls if c.kind is CallKind.TRAIN_STEP}
   rows_out = []
-  mpath, tpath = os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "timeline.jsonl")
-  for path in (mpath, tpath):  # A fresh run starts fresh files (resume arrives with checkpoints).
-    open(path, "w").close()
-  bar = Progress(exp.num_iterations, enabled=progress)
-  for it in range(exp.num_iterations):
-    t0 = time.perf_counter()
-    arrays, program.host_batch = batch_arrays(program_cls.data, next(batches))
-    inputs = {k: jax.device_put(v, activation_sharding(placement[k], ("batch",) + (None,) * (v.ndim - 1), v.shape))
-              for k, v in arrays.items() if k in placement}
-    data = engine.run_iteration(inputs)
-    metrics = program.end_iteration(data)
-    metrics["iteration"] = it
-    metrics["time/iteration"] = time.perf_counter() - t0
-    recs = engine.iteration_records(it)
-    for r in recs:
-      metrics[f"time/{r['kind']}/{r['name']}"] = (r["end"] or r["start"]) - r["start"]
-    _check_finite(metrics, it)
-    rows_out.append(metrics)
-    with open(mpath, "a") as f:
-      f.write(json.dumps(metrics) + "\n")
-    with open(tpath, "a") as f:
-      f.write(json.dumps({"iteration": it, "records": recs}) + "\n")
-    bar.update(it, metrics)
-    if it % exp.log_every == 0 or it == exp.num_iterations - 1:
-      log(f"iter {it:4d}  {summary(metrics)}")
-    for cb in callbacks:
-      cb(it, metrics, state)
-  bar.close()
+  metrics_out = timeline_out = None
+  bar = Progress(exp.num_iterations, enabled=progress if primary else False)
+  try:
+    if start:  # Resume: arrays land directly in this plan's home layouts.
+      r = ckpt.restore(start, {role: homes[role] for role in slots}, like=slots)
+      for role, slot in slots.items():
+        slot.train_state = r.train_states.get(role)
+        slot.set_params(r.params[role])
+      del r
+      batches.restore(restored_extra["data"])
+      program.load_state_dict(restored_extra.get("program", {}))
+      engine.iteration = start
+      log(f"resumed from checkpoint {ckpt.step_dir(start)} (iteration {start} runs next)")
+    # Resuming at `start` drops rows >= start (a killed run's iterations past its checkpoint).
+    metrics_out = MetricsWriter(workdir, start_iteration=start)
+    timeline_out = TimelineWriter(workdir, start_iteration=start)
+    for it in range(start, exp.num_iterations):
+      t0 = time.perf_counter()
+      arrays, program.host_batch = batch_arrays(program_cls.data, next(batches))
+      inputs = {k: jax.device_put(v, activation_sharding(placement[k], ("batch",) + (None,) * (v.ndim - 1), v.shape))
+                for k, v in arrays.items() if k in placement}
+      data = engine.run_iteration(inputs)
+      metrics = program.end_iteration(data)
+      metrics["iteration"] = it
+      metrics["time/iteration"] = time.perf_counter() - t0
+      recs = engine.iteration_records(it)
+      for rec in recs:
+        metrics[f"time/{rec['kind']}/{rec['name']}"] = (rec["end"] or rec["start"]) - rec["start"]
+      # Before anything is written or saved: a non-finite iteration never reaches a checkpoint.
+      check_calls_finite(metrics, iteration=it, calls=finite_calls)
+      rows_out.append(metrics)
+      metrics_out.write(metrics)
+      timeline_out.write(it, recs)
+      step = it + 1
+      final = step == exp.num_iterations
+      if final or ckpt.due(step):
+        for role in engine.slots:  # Frozen models resting in host memory are saved from the devices.
+          engine.to_device(role)
+        ckpt.save(step, engine.slots, {"iteration": step, "data": batches.state(), "rng": {"seed": exp.seed},
+                                       "program": program.state_dict()}, force=final)
+      bar.update(it, metrics)
+      if it % exp.log_every == 0 or it == exp.num_iterations - 1:
+        log(f"iter {it:4d}  {summary(metrics)}")
+      for cb in callbacks:
+        cb(it, metrics, state)
+  finally:
+    bar.close()
+    ckpt.close()  # Waits for the last asynchronous save: the newest checkpoint is complete.
+    for w in (metrics_out, timeline_out):
+      if w is not None:
+        w.close()
   return rows_out
+
+
+def abstract_slots(exp: Experiment, plan: ExecutionPlan | None = None) -> tuple[dict[str, ModelSlot], dict]:
+  """(role -> ModelSlot of abstract params / train state, role -> home layout) of `exp` under `plan`
+  (default: `exp.plan`): templates for `Checkpointer.restore` outside a run (evaluation, export)."""
+  graph = get_program(exp.algorithm).graph(exp)
+  plan = plan or resolve_plan(exp, [c.name for c in graph.calls])
+  homes = home_layouts(graph, plan)
+  trained = graph.trained_models()
+  slots = {}
+  for role in graph.models:
+    spec = exp.models[role]
+    if spec.rule or role not in homes:
+      continue
+    cfg, lay = spec.model_config(), homes[role]
+    if role in trained:
+      ts = jax.eval_shape(lambda: init_train_state(create_model(cfg, lay, seed=0, head=spec.head), exp.optim[role], lay))
+      slots[role] = ModelSlot(role, None, ts.params, lay, train_state=ts)
+    else:
+      slots[role] = ModelSlot(role, None, nnx.state(abstract_model(cfg, head=spec.head)), lay)
+  return slots, {r: homes[r] for r in slots}
 
 
 def check_plan_for(program_cls, exp: Experiment, graph, plan: ExecutionPlan) -> None:
@@ -226,7 +283,7 @@ def check_plan_for(program_cls, exp: Experiment, graph, plan: ExecutionPlan) -> 
                        "rest in host memory")
 
 
-def _build_models(exp: Experiment, graph, homes, tok, log) -> dict:
+def _build_models(exp: Experiment, graph, homes, tok, log, *, warmup: bool = True) -> dict:
   """The graph's network models, created sharded in their home layouts (copies after their sources)."""
   models = {}
   roles = [r for r in graph.models if not exp.models[r].rule]
@@ -248,16 +305,10 @@ def _build_models(exp: Experiment, graph, homes, tok, log) -> dict:
       model = load_pretrained(spec.init[3:], layout=homes[role], head=spec.head)
     else:
       model = create_model(cfg, homes[role], seed=spec.seed, head=spec.head)
-    if role == "actor" and exp.sft_warmup_steps:
+    if role == "actor" and exp.sft_warmup_steps and warmup:
       nnx.update(model, _sft_warmup(exp, model, homes[role], tok, log))
     models[role] = model
   return models
-
-
-def _check_finite(metrics: dict, it: int) -> None:
-  bad = [k for k, v in metrics.items() if isinstance(v, float) and not np.isfinite(v)]
-  if bad:
-    raise FloatingPointError(f"iteration {it}: non-finite metrics {bad}")
 
 
 def _moved(src_state, dst_state):

@@ -19,12 +19,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from real_jax import inference
 from real_jax.algorithms import (GRPOConfig, ReMaxConfig, RLOOConfig, get_kl, grpo_advantages, grpo_loss,
                                  reinforce_loss, remax_advantages, rloo_advantages)
 from real_jax.dataflow import Call, Graph
-from real_jax.runtime.program import ROLLOUT_KEYS, G, I, Program, T, bind, mean_kl
+from real_jax.runtime.program import ROLLOUT_KEYS, G, I, Program, T, bind, host, mean_kl
 from real_jax.runtime.registry import register_program
 
 TRAIN_IN = ROLLOUT_KEYS + ("ref_logprobs", "scores")
@@ -104,7 +105,7 @@ class _CriticFree(Program):
 
   def end_iteration(self, data) -> dict[str, float]:
     out = self.rollout_metrics(data)
-    out["kl"] = float(self.stats.pop("kl"))
+    out["kl"] = float(host(self.stats.pop("kl")))
     out.update(self.stats_metrics(data, ("actor",)))
     return out
 
@@ -180,7 +181,7 @@ class ReMaxProgram(_CriticFree):
 
   def end_iteration(self, data) -> dict[str, float]:
     out = super().end_iteration(data)
-    out["greedy_reward"] = float(jnp.mean(data["greedy_scores"]))
+    out["greedy_reward"] = float(np.mean(host(data["greedy_scores"])))
     return out
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from real_jax import inference
 from real_jax.algorithms import PPOConfig, entropy_from_logits, ppo_actor_loss, ppo_advantages, ppo_critic_loss
 from real_jax.dataflow import Call, Graph
-from real_jax.runtime.program import ROLLOUT_KEYS, G, I, Program, T, bind
+from real_jax.runtime.program import ROLLOUT_KEYS, G, I, Program, T, bind, host
 from real_jax.runtime.registry import register_program
 
 TRAIN_KEYS = ("tokens", "attn_mask", "logprobs", "logprob_mask", "ref_logprobs", "values")
@@ -122,11 +122,17 @@ class PPOProgram(Program):
     adv = self._advantages(args)
     return self._train(engine, layout, args, "critic", self._critic_loss, {"returns": adv["returns"]})
 
+  def state_dict(self) -> dict:
+    return {"kl_coef": self.kl_coef}
+
+  def load_state_dict(self, state: dict) -> None:
+    self.kl_coef = float(state.get("kl_coef", self.kl_coef))
+
   def end_iteration(self, data) -> dict[str, float]:
     """Host-side metrics after an iteration; updates the adaptive KL coefficient."""
     adv = self.stats.pop("actor_adv")
     out = self.rollout_metrics(data)
-    out.update({"kl": float(adv["mean_kl"]), "kl_coef": self.kl_coef})
+    out.update({"kl": float(host(adv["mean_kl"])), "kl_coef": self.kl_coef})
     out.update(self.stats_metrics(data, ("actor", "critic")))
     rows = int(data["logprob_mask"].shape[0])
     self.kl_coef = float(self.kl.update(jnp.float32(self.kl_coef), out["kl"], rows))

@@ -77,6 +77,15 @@ class Program:
   def end_iteration(self, data: dict) -> dict[str, float]:
     raise NotImplementedError
 
+  def state_dict(self) -> dict:
+    """The program's mutable host state (JSON-able), saved in every checkpoint (e.g. PPO's
+    adaptive KL coefficient). Parameters and optimizer states live in the engine's slots."""
+    return {}
+
+  def load_state_dict(self, state: dict) -> None:
+    """Restores what `state_dict` returned (resume)."""
+    del state
+
   # -- shared call helpers -------------------------------------------------------------------
 
   def rng(self, engine, salt: int = 0) -> jax.Array:
@@ -94,11 +103,11 @@ class Program:
   def scores(self, layout: Layout, params, tokens, attn_mask, logprob_mask) -> jax.Array:
     """[B] sequence scores: the rule on decoded responses, or the reward model's last-token value."""
     if self.reward_rule is not None:  # Host side: blocks on this call's inputs (by necessity).
-      tokens = np.asarray(tokens)
-      mask = np.asarray(logprob_mask)
+      tokens = host(tokens)
+      mask = host(logprob_mask)
       resp_mask = np.pad(mask[:, :-1], ((0, 0), (1, 0)))  # Token t+1 is a response token -> mask at t+1.
-      s = self.reward_rule(self.host_batch, tokens, resp_mask)
-      return jax.device_put(jnp.asarray(s, jnp.float32), activation_sharding(layout, ("batch",), s.shape))
+      s = np.asarray(self.reward_rule(self.host_batch, tokens, resp_mask), np.float32)
+      return jax.device_put(s, activation_sharding(layout, ("batch",), s.shape))
     _, s = inference.values((self.graphdefs["reward"], params), tokens, attn_mask, layout)
     return s
 
@@ -133,14 +142,26 @@ class Program:
   # -- shared metrics ------------------------------------------------------------------------
 
   def rollout_metrics(self, data: dict) -> dict[str, float]:
-    mask = np.asarray(data["logprob_mask"])
-    return {"reward": float(np.mean(np.asarray(data["scores"]))),
+    mask = host(data["logprob_mask"])
+    return {"reward": float(np.mean(host(data["scores"]))),
             "response_len": float(mask.sum(axis=1).mean()),
-            "no_eos_frac": float(np.mean(np.asarray(data["no_eos"])))}
+            "no_eos_frac": float(np.mean(host(data["no_eos"])))}
 
   @staticmethod
   def stats_metrics(data: dict, roles) -> dict[str, float]:
-    return {f"{role}/{k}": float(v) for role in roles for k, v in data[f"{role}_stats"].items()}
+    return {f"{role}/{k}": float(host(v)) for role in roles for k, v in data[f"{role}_stats"].items()}
+
+
+def host(x) -> np.ndarray:
+  """`x` as a NumPy array on this host, also when it spans processes (multi-controller runs):
+  replicated arrays are read from a local shard, others gathered with `process_allgather` (a
+  collective: every process calls it in the same order, which the SPMD loop guarantees)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
 
 
 def take_rows(batch: dict, idx: np.ndarray) -> dict:
