@@ -1,13 +1,32 @@
 """The training loop: builds models, data, plan and engine from an Experiment and runs it.
 
 `config.algorithm` picks the program (`real_jax.runtime.registry`), which gives the graph, the call
-functions and its data kind; the loop is the same for every algorithm. `run(exp, workdir)` is what `python -m real_jax.train`, the notebooks and the tests call. It writes
-into `workdir`:
-* `metrics.jsonl`: one row per iteration (reward, KL, losses, the time of each call and reallocation);
+functions and its data kind; the loop is the same for every algorithm. `run(exp, workdir)` is what
+`python -m real_jax.train`, the notebooks and the tests call. It writes into `workdir`:
+* `metrics.jsonl` and TensorBoard `events.out.tfevents.*` (`real_jax.metrics.MetricsWriter`): one
+  row per iteration (reward, KL, losses, the time of each call and reallocation);
 * `timeline.jsonl`: one row per iteration with every call's and reallocation's device range, start
   and end (seconds since the run started);
-* `plan.json`: the plan that ran.
-Callbacks `fn(iteration, metrics, state)` run after each iteration (checkpoints, metric writers).
+* `plan.json`: the plan that ran (with `plan=search` also `predicted_timeline.json` / `.png`);
+* `checkpoints/<step>/` (`real_jax.checkpoint.Checkpointer`): every `checkpoint_every` iterations
+  and after the last one (`checkpoint_every=0`: only after the last): each model's params (a
+  trained model's whole TrainState), the data iterator position, the seed and the program's state
+  (`Program.state_dict()`, e.g. PPO's adaptive KL coefficient).
+
+Resume: `run` on a workdir with a checkpoint continues from its newest step (the experiment's
+fingerprint must match; the plan, `num_iterations`, `checkpoint_every` and `log_every` may differ):
+models are restored straight into this plan's home layouts, the SFT warm-up is skipped, and the
+metric/timeline files lose the rows of iterations not in the checkpoint, so a run killed at any
+point and restarted with the same command writes what an uninterrupted run would (timings aside).
+
+NaN guard: after each iteration, before anything is written or saved, a non-finite metric raises
+`real_jax.metrics.NonFiniteError` naming the call (a train call for its model's `<model>/` keys)
+and the iteration; the newest checkpoint is the last good state.
+
+Multi-process (one process per host, `jax.distributed`): every process runs the same `run`; host
+reads of sharded arrays go through `program.host` (process_allgather); only process 0 writes files
+besides the checkpoints, which every process takes part in.
+Callbacks `fn(iteration, metrics, state)` run after each iteration (after its checkpoint).
 """
 
 from __future__ import annotations
@@ -44,9 +63,14 @@ from search.plan import ExecutionPlan
 from sharding import DeviceMesh, Layout, Strategy, activation_sharding
 
 
-def resolve_plan(exp: Experiment, call_names: list[str]) -> ExecutionPlan:
-  """`colocated`, a JSON file path, or an inline plan (see `search.plan`)."""
+SEARCH_PROFILE = "h100_sxm"  # `plan=search` prices plans with this profile unless `search:<profile>` names one.
+
+
+def resolve_plan(exp: Experiment, call_names: list[str], workdir: str | None = None, log=print) -> ExecutionPlan:
+  """`colocated`, `search[:profile]`, a JSON file path, or an inline plan (see `search.plan`)."""
   text = exp.plan.strip()
+  if text == "search" or text.startswith("search:"):
+    return search_plan(exp, workdir, text.partition(":")[2] or SEARCH_PROFILE, log=log)
   if text == "colocated":
     n = jax.device_count()
     strategy = Strategy.parse(exp.colocated_strategy) if exp.colocated_strategy else Strategy(fsdp=n)
@@ -55,8 +79,64 @@ def resolve_plan(exp: Experiment, call_names: list[str]) -> ExecutionPlan:
     return ExecutionPlan.load(text)
   if "=" in text:
     return ExecutionPlan.parse(text)
-  raise ValueError(f"config.plan={exp.plan!r}: expected 'colocated', a plan .json path, or an inline plan "
-                   "'call=START:SIZE/STRATEGY, ...'")
+  raise ValueError(f"config.plan={exp.plan!r}: expected 'colocated', 'search[:profile]', a plan .json path, or an "
+                   "inline plan 'call=START:SIZE/STRATEGY, ...'")
+
+
+def search_plan(exp: Experiment, workdir: str | None, profile_name: str, *, log=print,
+                time_budget_s: float = 30.0) -> ExecutionPlan:
+  """`config.plan=search`: the search Planner's plan for `exp` on this run's devices.
+
+  Analytic estimator (its estimates cached on disk by `search.Estimator`), the graph unrolled 3
+  iterations. Writes into `workdir`: `plan.json` (the plan, `predicted_s`, and `meta`: profile,
+  method, per-call predicted seconds, baselines, and the search key), `predicted_timeline.json`
+  (the simulator's events: name, kind, iteration, t0, t1, device ranges) and
+  `predicted_timeline.png`, beside the measured `timeline.jsonl`. A workdir whose `plan.json` came
+  from a search with the same key (experiment fingerprint, profile, device count) reuses it, so a
+  resumed run keeps its plan (MCMC under a time budget need not find the same plan twice).
+  """
+  from real_jax.checkpoint import fingerprint
+  from real_jax.plan_inputs import call_specs
+  from search.estimator import Estimator
+  from search.profile import Profile
+  from search.search import Planner
+
+  n = jax.device_count()
+  profile = Profile.load(profile_name)
+  key = {"fingerprint": fingerprint(exp), "profile": profile.name, "devices": n}
+  path = os.path.join(workdir, "plan.json") if workdir else None
+  if path and os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved.get("meta", {}).get("search_key") == key:
+      log(f"plan=search: reusing {path} (same experiment, profile and devices)")
+      return ExecutionPlan.load(path)
+  t0 = time.perf_counter()
+  graph, specs = call_specs(exp, lowerable=False)
+  planner = Planner(specs, graph.unroll(3), Estimator(profile, mode="analytic"), n)
+  res = planner.search(time_budget_s=time_budget_s, seed=exp.seed)
+  elapsed = time.perf_counter() - t0
+  log(f"plan=search: {res.method}, {res.evaluated} plans simulated in {elapsed:.1f} s; predicted "
+      f"{res.result.time:.4f} s/iteration on {n} x {profile.name}; baselines: " +
+      ", ".join(f"{k} {r.time:.4f} s" for k, (_, r) in res.baselines.items()))
+  if path and jax.process_index() == 0:
+    d = res.plan.to_dict()
+    d["predicted_s"] = res.result.time
+    d["meta"] = {"profile": profile.name, "devices": n, "method": res.method, "search_s": elapsed,
+                 "search_key": key, "call_seconds": res.result.call_seconds,
+                 "baselines": {k: {"plan": p.to_dict(), "predicted_s": r.time} for k, (p, r) in res.baselines.items()}}
+    with open(path, "w") as f:
+      json.dump(d, f, indent=2, default=float)
+    with open(os.path.join(workdir, "predicted_timeline.json"), "w") as f:
+      json.dump({"predicted_s": res.result.time, "iterations": res.result.iterations, "profile": profile.name,
+                 "events": [dataclasses.asdict(e) for e in res.result.events]}, f, default=float)
+    try:
+      from search.timeline import draw
+      draw(res.result.events, n, os.path.join(workdir, "predicted_timeline.png"),
+           title=f"{res.plan.name}: {res.result.time:.4f} s/iteration predicted on {n} x {profile.name}")
+    except ImportError as e:  # matplotlib missing: the JSON timeline is still there.
+      log(f"plan=search: no predicted_timeline.png ({e})")
+  return res.plan
 
 
 class RuleReward:
@@ -149,7 +229,7 @@ def run(exp: Experiment, workdir: str, *, log=print, progress: bool | None = Non
   tok = make_tokenizer(exp.data)
   graph = program_cls.graph(exp)
   names = [c.name for c in graph.calls]
-  plan = resolve_plan(exp, names)
+  plan = resolve_plan(exp, names, workdir, log=log)
   plan.check_covers(names)
   check_plan_for(program_cls, exp, graph, plan)
   abstract = {r: nnx.state(abstract_model(exp.models[r].model_config(), head=exp.models[r].head))
@@ -157,7 +237,7 @@ def run(exp: Experiment, workdir: str, *, log=print, progress: bool | None = Non
   check_plan(graph, plan, abstract)  # Before any model is created or anything compiles.
   homes = home_layouts(graph, plan)
   primary = jax.process_index() == 0
-  if primary:
+  if primary and not exp.plan.strip().startswith("search"):  # A searched plan.json is written with its meta.
     plan.save(os.path.join(workdir, "plan.json"))
   log(plan.table({c.name: c.model for c in graph.calls}))
 
