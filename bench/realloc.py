@@ -8,7 +8,9 @@ ones with as many leaves as 7B on 8 fake CPU devices) and each transition it mea
 
 * reallocate_s - `reallocate(tree, targets)` until every output is ready: median of --reps after
                  one warm-up (the warm-up compiles and caches the plan); reallocate_dispatch_s is the
-                 time until the call returns (host work), same reps;
+                 time until the call returns (host work), same reps; reallocate_serial_s: the same
+                 with the pre-pipelining bucket schedule (`realloc._PIPELINE = False`), and
+                 reallocate_unbucketed_s with bucket_bytes=None (after one compiling call);
 * device_put_s - naive `jax.device_put(tree, targets)`, timed ONCE (no warm-up: it is the slow
                  host-path baseline, 5-10 s for 7B; nothing in it compiles that a warm-up would hide);
 * raw_copy_s   - the raw copy bound: every distinct source shard moved once by one batched
@@ -44,6 +46,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from sharding import hardware as hw_mod  # noqa: E402
 from sharding.mesh import Layout  # noqa: E402
 from sharding._realloc_plan import LeafSpec, plan_tree  # noqa: E402
+from sharding import realloc as realloc_mod  # noqa: E402
 from sharding.realloc import DEFAULT_BUCKET_BYTES, realloc_cost, reallocate  # noqa: E402
 from sharding.rules import PARAM_RULES, spec_for  # noqa: E402
 
@@ -163,7 +166,8 @@ def plan_summary(src_sh, dst_sh, shapes, hw):
           "reshard_programs": sum(len(b.same) + len(b.reshard) for b in tp.buckets),
           "transfers": sum(len(b.transfers) for b in tp.buckets),
           "predicted_host_s": sum(b.host_s for b in tp.buckets),
-          "predicted_device_s": sum(b.device_s for b in tp.buckets),
+          "predicted_device_serial_s": sum(b.device_s for b in tp.buckets),
+          "predicted_link_s": sum(b.copy_s for b in tp.buckets),
           "plan_inter": sorted({str(p.inter.spec) + str(p.inter.mesh.axis_sizes) if p.inter else "source"
                                 for b in tp.buckets for p in b.leaf_plans.values()})}
 
@@ -192,6 +196,28 @@ def bench(model, name, src_layout, dst_layout, reps, hw):
     r_ts.append(time.perf_counter() - t0)
   use1, peak1 = mem()
   ok_sharding = all(y[k].sharding == dst_sh[k] for k in y)
+  # A/B on the same machine (after the peak reading): the previous serial bucket schedule, and
+  # no buckets at all (everything dispatched, nothing waited for: host vs device time).
+  extra = {}
+  for label, kw, serial in (("serial", {}, True), ("unbucketed", {"bucket_bytes": None}, False)):
+    realloc_mod._PIPELINE = not serial
+    try:
+      ts = []
+      for i in range(reps + (label == "unbucketed")):  # unbucketed: one more (first call compiles).
+        delete(y, keep=x)
+        t0 = time.perf_counter()
+        y = reallocate(x, dst_sh, **kw)
+        ready(y)
+        ts.append(time.perf_counter() - t0)
+      ts = ts[1:] if label == "unbucketed" else ts
+      extra[f"reallocate_{label}_s"] = statistics.median(ts)
+      extra[f"reallocate_{label}_all_s"] = ts
+    finally:
+      realloc_mod._PIPELINE = True
+  delete(y, keep=x)
+  y = reallocate(x, dst_sh)  # The value check below is on the default (pipelined) path.
+  ready(y)
+  ok_sharding = ok_sharding and all(y[k].sharding == dst_sh[k] for k in y)
   # Raw copy bound.
   f, raw = raw_copy_fn(x, dst_layout)
   c = f()
@@ -224,6 +250,7 @@ def bench(model, name, src_layout, dst_layout, reps, hw):
       "reallocate_dispatch_s": statistics.median(r_disp), "reallocate_first_call_s": warm_s,
       "device_put_s": d_s,
       "raw_copy_s": statistics.median(c_ts), "raw_copy_all_s": c_ts, **raw,
+      **extra,
       "predicted_s": realloc_cost(src_sh, dst_sh, abstract, hw),
       **plan_summary(src_sh, dst_sh, shapes, hw),
       "bytes_in_use_before_per_device": use0, "peak_bytes_before_per_device": peak0,
@@ -262,7 +289,8 @@ def main():
       out["records"].append(rec)
       with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
-      print(json.dumps({k: rec[k] for k in ("model", "transition", "bytes", "reallocate_s", "reallocate_dispatch_s",
+      print(json.dumps({k: rec[k] for k in ("model", "transition", "bytes", "reallocate_s", "reallocate_serial_s",
+                                            "reallocate_unbucketed_s", "reallocate_dispatch_s",
                                             "device_put_s", "raw_copy_s", "predicted_s", "values_equal",
                                             "wall_s")}), flush=True)
   out["complete"] = len(out["records"]) == len(models) * len(TRANSITIONS)

@@ -218,3 +218,30 @@ def test_batched_programs_and_cached_plans():
     with jax.transfer_guard("disallow"):
       jax.block_until_ready(reallocate(xs, dst))
     assert R._programs.cache_info().hits == hits + 1
+
+
+def test_buckets_are_pipelined_send_before_previous_recv(monkeypatch):
+  """2 -> 4 devices (tensor2 -> fsdp4, the few-sources case) in many small buckets: bucket b's
+  packs and transfers are dispatched before bucket b-1's unpacks; values, shardings, donation and
+  the transfer guard hold; the pipelined prediction lies between the link time and the serial sum."""
+  from sharding import realloc as R
+  calls = []
+  send, recv = R._BucketProgram.send, R._BucketProgram.recv
+  monkeypatch.setattr(R._BucketProgram, "send", lambda self, *a: (calls.append(("send", id(self))), send(self, *a))[1])
+  monkeypatch.setattr(R._BucketProgram, "recv", lambda self, *a: (calls.append(("recv", id(self))), recv(self, *a))[1])
+  src, dst = L(0, tensor=2).named(None, "tensor"), L(0, fsdp=4).named("fsdp")
+  refs = {f"w{i}": _value((16, 8), np.float32, i) for i in range(6)}
+  xs, _ = _move(refs, {k: src for k in refs}, dst, bucket_bytes=2 * 16 * 8 * 4, donate=True)
+  assert all(x.is_deleted() for x in xs.values())
+  progs = [p for kind, p in calls if kind == "send"]
+  assert len(progs) == 3
+  assert [k for k, _ in calls] == ["send", "send", "recv", "send", "recv", "recv"]
+  assert [p for k, p in calls if k == "recv"] == progs
+  from sharding._realloc_plan import LeafSpec, plan_tree
+  specs = tuple(LeafSpec((16, 8), "float32", src, dst) for _ in range(6))
+  tp = plan_tree(specs, H100_SXM, "auto", 2 * 16 * 8 * 4)
+  links = sum(b.copy_s for b in tp.buckets)
+  device = sum(b.device_s for b in tp.buckets)
+  assert all(b.copy_s > 0 for b in tp.buckets)
+  pipelined = max(links, device - links) + max(min(b.copy_s, b.device_s - b.copy_s) for b in tp.buckets)
+  assert links <= pipelined < device
