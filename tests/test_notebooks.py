@@ -123,6 +123,16 @@ if __name__ != "__main__":
     exec(source(params[0]), ns)
     assert set(TINY[name]) | {OUT_DIRS[name]} <= set(ns), f"{name}: parameters cell lacks tested keys"
 
+  @pytest.mark.parametrize("name", NAMES)
+  def test_imports_never_defines(name):
+    """Notebooks call the library (STYLE.md): no functions, lambdas or classes of their own."""
+    import ast
+    for i, cell in enumerate(load(NOTEBOOKS / name)["cells"]):
+      if cell["cell_type"] == "code":
+        kinds = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
+        found = [type(n).__name__ for n in ast.walk(ast.parse(runnable(source(cell)))) if isinstance(n, kinds)]
+        assert not found, f"{name} cell {i} defines {found}: move it into the library"
+
   @pytest.mark.slow
   @pytest.mark.parametrize("name", NAMES)
   def test_runs(name, tmp_path):
