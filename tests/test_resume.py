@@ -201,3 +201,19 @@ def test_cli_killed_between_checkpoints_resumes_to_the_same_metrics(tmp_path):
     assert same_keys(ra, rb) == [], (ra, rb)
   assert sorted(read_scalars(b)) == [0, 1, 2, 3]
   assert Checkpointer(b, every=0).all_steps() == [2, 4]
+
+
+def test_offloaded_frozen_model_is_checkpointed(base, tmp_path):
+  """The reference rests in host memory between its calls; checkpoints still hold it (moved back to
+  the devices to save), equal to the colocated run's, and the run's metrics are unchanged."""
+  rows, wd = base
+  calls = ("actor_gen", "reward_inf", "ref_inf", "critic_inf", "actor_train", "critic_train")
+  plan = ", ".join(f"{c}=0:8/d1f8t1" for c in calls) + ", offload=ref"
+  exp = small(plan=plan, num_iterations=2)
+  out = run(exp, str(tmp_path), **QUIET)
+  for a, b in zip(rows, out):
+    assert same_keys(a, b) == [], (a, b)
+  got, _ = _restore(str(tmp_path), 2, exp)
+  want, _ = _restore(wd, 2, small())
+  for x, y in zip(got["ref"], want["ref"]):
+    np.testing.assert_array_equal(x, y)
