@@ -122,3 +122,11 @@ def test_ppo_raises_reward_after_sft(tmp_path):
   rewards = np.array([r["reward"] for r in rows])
   start, end = rewards[:5].mean(), rewards[-10:].mean()
   assert end > start + 0.08, (start, end, rewards.round(3).tolist())
+
+
+def test_cli_multi_host_flags_must_come_together(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "real_jax.train", "--config", os.path.join(ROOT, "configs/ppo_tiny.py"),
+         "--workdir", str(tmp_path), "--coordinator_address", "127.0.0.1:1", "--num_processes", "2"]
+  out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+  assert out.returncode != 0 and "missing ['--process_id']" in out.stderr, out.stderr[-2000:]
