@@ -9,9 +9,11 @@
   scalars. Call the model with `train=True` so the configured rematerialisation applies
   (`ModelConfig.remat`: "none", "full", "dots").
 * Gradient accumulation: the batch is split into k interleaved micro-batches (row i in micro-batch
-  i % k), run one after another with `lax.scan`; gradients are summed in float32 and divided by k,
-  so the update equals one step on the whole batch when the loss is a mean over equally sized
-  micro-batches. The global-norm clip acts on the accumulated gradient.
+  i % k), run one after another with `lax.scan`; gradients are summed in float32, each weighted by
+  the micro-batch's `aux["loss_weight"]` (default 1), and divided by the total weight. A loss that is
+  a token mean returns its token count there (`algorithms.aggregation_weight`), so the update equals
+  one step on the whole batch however the plan splits it. The global-norm clip acts on the
+  accumulated gradient.
 * Mixed precision: with `ModelConfig.dtype = "bfloat16"` and `param_dtype = "float32"` the state
   holds fp32 master parameters and fp32 AdamW moments; each step casts the parameters to bf16
   for compute (`_calls.compute_params`, the same cast generation and inference use), gradients
@@ -40,6 +42,11 @@ from real_jax.optim import OptimizerConfig, lr_schedule, make_optimizer
 from sharding import Layout, shardings_for
 
 LossFn = Callable[[Any, dict], tuple[jax.Array, dict]]
+
+# A loss may return aux[LOSS_WEIGHT]: how much its micro-batch counts (e.g. its token count for a token
+# mean). Accumulation then weights each micro-batch's gradient by it and divides by the total, so the update
+# equals one step on the whole batch for any micro-batch split (plans change micro_batches, never the math).
+LOSS_WEIGHT = "loss_weight"
 
 
 @jax.tree_util.register_dataclass
@@ -96,24 +103,31 @@ def _step_fn(graphdef, loss_fn: LossFn, opt_cfg: OptimizerConfig, layout: Layout
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
 
       def acc(carry, mb):
-        g_sum, l_sum, a_sum = carry
+        g_sum, l_sum, a_sum, w_sum = carry
         (loss, aux), g = grad_fn(state.params, mb)
-        g_sum = jax.tree.map(lambda s, x: s + x.astype(jnp.float32), g_sum, g)
-        a_sum = jax.tree.map(lambda s, x: s + jnp.asarray(x, jnp.float32), a_sum, aux)
-        return (g_sum, l_sum + loss, a_sum), None
+        aux = dict(aux)
+        w = jnp.asarray(aux.pop(LOSS_WEIGHT, 1.0), jnp.float32)
+        g_sum = jax.tree.map(lambda s, x: s + w * x.astype(jnp.float32), g_sum, g)
+        a_sum = jax.tree.map(lambda s, x: s + w * jnp.asarray(x, jnp.float32), a_sum, aux)
+        return (g_sum, l_sum + w * loss, a_sum, w_sum + w), None
 
       if k == 1:
         (loss, aux), grads = grad_fn(state.params, batch)
+        aux = dict(aux)
+        aux.pop(LOSS_WEIGHT, None)
         grads = jax.tree.map(lambda x: x.astype(jnp.float32), grads)
         aux = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), aux)
       else:
         mbs = _split_micro(batch, k)
         first = jax.tree.map(lambda a: a[0], mbs)
-        aux_shape = jax.eval_shape(lambda: loss_of(state.params, first)[1])
+        aux_shape = dict(jax.eval_shape(lambda: loss_of(state.params, first)[1]))
+        aux_shape.pop(LOSS_WEIGHT, None)
         aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), aux_shape)
-        (grads, loss, aux), _ = jax.lax.scan(acc, (zeros, jnp.zeros((), jnp.float32), aux0), mbs)
-        grads = jax.tree.map(lambda g: g / k, grads)
-        loss, aux = loss / k, jax.tree.map(lambda a: a / k, aux)
+        carry0 = (zeros, jnp.zeros((), jnp.float32), aux0, jnp.zeros((), jnp.float32))
+        (grads, loss, aux, w_sum), _ = jax.lax.scan(acc, carry0, mbs)
+        w_sum = jnp.maximum(w_sum, jnp.finfo(jnp.float32).tiny)  # All-empty batch: zero update.
+        grads = jax.tree.map(lambda g: g / w_sum, grads)
+        loss, aux = loss / w_sum, jax.tree.map(lambda a: a / w_sum, aux)
       grad_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
       updates, opt_state = opt.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)

@@ -139,7 +139,7 @@ def test_realloc_cost():
 def test_hardware_json_roundtrip_keeps_unknown_keys():
   d = {**H100_SXM.to_dict(), "matmul_flops": 9.9e14}
   hw = Hardware.from_json(Hardware.from_dict(d).to_json())
-  assert hw == H100_SXM.__class__(**{**H100_SXM.to_dict()}) or hw.d2d_bandwidth == H100_SXM.d2d_bandwidth
+  assert hw == H100_SXM  # `extra` is not compared; checked on its own below.
   assert hw.extra["matmul_flops"] == 9.9e14
   with pytest.raises(ValueError, match="lacks"):
     Hardware.from_dict({"name": "x"})

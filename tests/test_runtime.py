@@ -106,7 +106,7 @@ def test_unknown_key_is_named():
     experiment_from_config(c)
 
 
-def test_cli_runs_and_rejects_unknown_override(tmp_path):
+def test_cli_rejects_unknown_override(tmp_path):  # A good CLI run: tests/test_resume.py.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "real_jax.train", "--config", os.path.join(ROOT, "configs/ppo_tiny.py"),
          "--workdir", str(tmp_path)]

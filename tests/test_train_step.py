@@ -102,3 +102,39 @@ def test_lr_schedule_matches_numpy(decay):
            "linear": 1e-3 + (1e-4 - 1e-3) * t, "constant": np.full_like(t, 1e-3)}[decay]
   want = np.where(steps < 10, 1e-3 * steps / 10, after)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+
+
+def _token_mean_loss(weighted, model, batch):
+  """Token-mean NLL over a ragged loss mask; with `weighted`, reports its token count as loss_weight."""
+  from real_jax.algorithms import aggregation_weight
+  from real_jax.train_step import LOSS_WEIGHT
+  logits = model(batch["tokens"], attention_mask_BT=batch["mask"], train=True)
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, batch["tokens"][:, 1:, None], axis=-1)[..., 0]
+  m = batch["loss_mask"][:, 1:].astype(jnp.float32)
+  loss = jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
+  return loss, ({LOSS_WEIGHT: aggregation_weight(m, "token_mean")} if weighted else {})
+
+
+
+
+def test_token_mean_accumulation_is_independent_of_the_split():
+  """Plans change micro_batches; with loss_weight the step's loss and gradient must not change."""
+  import functools
+  batch = _batch()
+  lm = np.zeros((8, 16), bool)
+  for row, n in enumerate([15, 2, 9, 1, 12, 0, 5, 15]):  # Ragged responses, one empty row.
+    lm[row, 16 - n:] = True
+  batch["loss_mask"] = jnp.asarray(lm)
+  layout = Layout.on(0)
+  out = {}
+  for weighted in (True, False):
+    fn = functools.partial(_token_mean_loss, weighted)
+    for k in (1, 4):
+      m = create_model(CFG, layout, seed=4)
+      st = init_train_state(m, OPT, layout)
+      _, met = train_step(nnx.graphdef(m), fn, OPT, layout, st, batch, micro_batches=k)
+      out[weighted, k] = (float(met["loss"]), float(met["grad_norm"]))
+  np.testing.assert_allclose(out[True, 4], out[True, 1], rtol=1e-5)
+  # Without the weight, the mean of per-micro-batch token means differs: the test can tell.
+  assert abs(out[False, 4][1] - out[False, 1][1]) > 1e-3 * out[False, 1][1], out

@@ -22,6 +22,7 @@ from real_jax.algorithms.common import (
   AdaptiveKLController,
   FixedKLController,
   aggregate_loss,
+  aggregation_weight,
   apply_no_eos_penalty,
   entropy_from_logits,
   kl_k1,
@@ -57,7 +58,7 @@ from real_jax.algorithms.reward_model import bradley_terry_loss
 
 __all__ = [
   "AdaptiveKLController", "DPOConfig", "FixedKLController", "GRPOConfig", "LOSS_AGGREGATIONS", "PPOConfig",
-  "RLOOConfig", "ReMaxConfig", "aggregate_loss", "apply_no_eos_penalty", "bradley_terry_loss",
+  "RLOOConfig", "ReMaxConfig", "aggregate_loss", "aggregation_weight", "apply_no_eos_penalty", "bradley_terry_loss",
   "clipped_policy_loss", "clipped_value_loss", "discounted_returns", "dpo_loss", "entropy_from_logits",
   "gae_advantages", "get_advantage", "get_kl", "get_loss", "grpo_advantages", "grpo_loss", "ipo_loss", "kl_k1",
   "kl_k2", "kl_k3", "last_token_onehot", "last_token_value", "list_advantages", "list_kls", "list_losses",

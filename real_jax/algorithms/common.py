@@ -114,6 +114,21 @@ def aggregate_loss(per_token: Array, mask: Array, mode: str = "token_mean") -> A
   return masked_mean(per_row, row_has)
 
 
+def aggregation_weight(mask: Array, mode: str = "token_mean") -> Array:
+  """How much a batch counts when several are averaged into one `aggregate_loss` over their union.
+
+  token_mean: sum of mask (tokens); seq_mean_*: number of non-empty rows. With w_i the weight of
+  micro-batch i and L_i its aggregate loss, sum_i w_i L_i / sum_i w_i equals the aggregate loss of
+  the whole batch, so gradient accumulation weighted this way gives the same update for any split.
+  """
+  if mode not in LOSS_AGGREGATIONS:
+    raise ValueError(f"unknown loss aggregation {mode!r}; known: {', '.join(LOSS_AGGREGATIONS)}")
+  m = jnp.asarray(mask, jnp.float32) != 0
+  if mode == "token_mean":
+    return jnp.sum(m).astype(jnp.float32)
+  return jnp.sum(jnp.any(m, axis=-1)).astype(jnp.float32)
+
+
 def sequence_logprobs(logprobs: Array, mask: Array) -> Array:
   """log pi(y | x) = sum_t m_t logprobs_t per row: [B, T] -> [B]."""
   return masked_sum(logprobs, mask, axis=-1)

@@ -214,8 +214,13 @@ class Engine:
     if not any(self.graph[c].model == model for c in later):
       self.offload(model)
 
-  def iteration_records(self, iteration: int) -> list[dict]:
-    return [r.to_dict() for r in self.timeline if r.iteration == iteration]
+  def iteration_records(self, iteration: int, *, drop: bool = True) -> list[dict]:
+    """The records of `iteration` (all its watchers have finished); `drop` forgets them and any older
+    ones, so a long run's timeline stays bounded (the loop writes them to timeline.jsonl)."""
+    out = [r.to_dict() for r in self.timeline if r.iteration == iteration]
+    if drop:
+      self.timeline = [r for r in self.timeline if r.iteration > iteration]
+    return out
 
 
 def check_plan(graph: Graph, plan: ExecutionPlan, params: Mapping[str, Any]) -> None:

@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from real_jax import inference
-from real_jax.algorithms import (GRPOConfig, ReMaxConfig, RLOOConfig, get_kl, grpo_advantages, grpo_loss,
+from real_jax.algorithms import (GRPOConfig, aggregation_weight, ReMaxConfig, RLOOConfig, get_kl, grpo_advantages, grpo_loss,
                                  reinforce_loss, remax_advantages, rloo_advantages)
 from real_jax.dataflow import Call, Graph
 from real_jax.runtime.program import ROLLOUT_KEYS, G, I, Program, T, bind, host, mean_kl
 from real_jax.runtime.registry import register_program
+from real_jax.train_step import LOSS_WEIGHT
 
 TRAIN_IN = ROLLOUT_KEYS + ("ref_logprobs", "scores")
 TRAIN_KEYS = ("tokens", "attn_mask", "logprobs", "logprob_mask", "ref_logprobs", "advantages")
@@ -36,14 +37,17 @@ def _grpo_loss(config: GRPOConfig, temperature: float, model, batch):
   logits = model(batch["tokens"], attention_mask_BT=batch["attn_mask"], train=True)
   logp = inference.token_logprobs(logits, batch["tokens"], temperature)
   ref = batch["ref_logprobs"] if config.beta > 0 else None
-  return grpo_loss(logp, batch["logprobs"], ref, batch["advantages"], batch["logprob_mask"].astype(jnp.float32),
-                   config=config)
+  mask = batch["logprob_mask"].astype(jnp.float32)
+  loss, aux = grpo_loss(logp, batch["logprobs"], ref, batch["advantages"], mask, config=config)
+  return loss, {**aux, LOSS_WEIGHT: aggregation_weight(mask, config.loss_agg)}
 
 
 def _reinforce_loss(loss_agg: str, temperature: float, model, batch):
   logits = model(batch["tokens"], attention_mask_BT=batch["attn_mask"], train=True)
   logp = inference.token_logprobs(logits, batch["tokens"], temperature)
-  return reinforce_loss(logp, batch["advantages"], batch["logprob_mask"].astype(jnp.float32), loss_agg=loss_agg)
+  mask = batch["logprob_mask"].astype(jnp.float32)
+  loss, aux = reinforce_loss(logp, batch["advantages"], mask, loss_agg=loss_agg)
+  return loss, {**aux, LOSS_WEIGHT: aggregation_weight(mask, loss_agg)}
 
 
 class _CriticFree(Program):

@@ -19,10 +19,12 @@ import jax
 import jax.numpy as jnp
 
 from real_jax import inference
-from real_jax.algorithms import PPOConfig, entropy_from_logits, ppo_actor_loss, ppo_advantages, ppo_critic_loss
+from real_jax.algorithms import (PPOConfig, aggregation_weight, entropy_from_logits, ppo_actor_loss, ppo_advantages,
+                                 ppo_critic_loss)
 from real_jax.dataflow import Call, Graph
 from real_jax.runtime.program import ROLLOUT_KEYS, G, I, Program, T, bind, host
 from real_jax.runtime.registry import register_program
+from real_jax.train_step import LOSS_WEIGHT
 
 TRAIN_KEYS = ("tokens", "attn_mask", "logprobs", "logprob_mask", "ref_logprobs", "values")
 
@@ -51,14 +53,16 @@ def _actor_loss(config: PPOConfig, temperature: float, model, batch):
   if config.entropy_coef > 0:
     ent = entropy_from_logits(logits[:, :-1] / temperature)
     entropy = jnp.pad(ent, ((0, 0), (0, 1)))
-  return ppo_actor_loss(logp, batch["logprobs"], batch["ref_logprobs"], batch["advantages"], mask,
-                        batch["kl_coef"][0], config=config, entropy=entropy)
+  loss, aux = ppo_actor_loss(logp, batch["logprobs"], batch["ref_logprobs"], batch["advantages"], mask,
+                             batch["kl_coef"][0], config=config, entropy=entropy)
+  return loss, {**aux, LOSS_WEIGHT: aggregation_weight(mask, config.loss_agg)}
 
 
 def _critic_loss(config: PPOConfig, model, batch):
   values = model(batch["tokens"], attention_mask_BT=batch["attn_mask"], train=True)
   mask = batch["logprob_mask"].astype(jnp.float32)
-  return ppo_critic_loss(values, batch["values"], batch["returns"], mask, config=config)
+  loss, aux = ppo_critic_loss(values, batch["values"], batch["returns"], mask, config=config)
+  return loss, {**aux, LOSS_WEIGHT: aggregation_weight(mask, config.loss_agg)}
 
 
 @register_program("ppo")
