@@ -305,10 +305,13 @@ def run(exp: Experiment, workdir: str, *, log=print, progress: bool | None = Non
       step = it + 1
       final = step == exp.num_iterations
       if final or ckpt.due(step):
-        for role in engine.slots:  # Frozen models resting in host memory are saved from the devices.
+        resting = [r for r, slot in engine.slots.items() if slot.offloaded]
+        for role in resting:  # Frozen models resting in host memory are saved from the devices...
           engine.to_device(role)
         ckpt.save(step, engine.slots, {"iteration": step, "data": batches.state(), "rng": {"seed": exp.seed},
                                        "program": program.state_dict()}, force=final)
+        for role in resting:  # ...and go back to rest (save returns once the arrays are copied off).
+          engine.offload(role)
       bar.update(it, metrics)
       if it % exp.log_every == 0 or it == exp.num_iterations - 1:
         log(f"iter {it:4d}  {summary(metrics)}")
