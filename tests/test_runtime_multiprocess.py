@@ -5,6 +5,7 @@ Four launches, each compiling the tiny PPO programs; the launches of one process
 persistent compilation cache.
 """
 
+import ast
 import os
 import shutil
 
@@ -12,6 +13,7 @@ import pytest
 
 from _mp_launch import launch
 from real_jax.metrics import read_jsonl
+from search.plan import ExecutionPlan
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_runtime_mp_worker.py")
 KEYS = ("reward", "kl", "kl_coef", "response_len", "no_eos_frac", "actor/loss", "critic/loss")
@@ -52,3 +54,16 @@ def test_two_processes_match_one_and_checkpoints_cross(tmp_path):
   assert [r["iteration"] for r in rows_x] == [2] and [r["iteration"] for r in rows_y] == [2]
   _close(rows_x[0], rows_sp[2])
   _close(rows_y[0], rows_sp[2])
+
+
+def test_searched_plan_is_process_0s():
+  """`plan=search` runs one plan everywhere: process 0's, whatever each process found."""
+  res = launch(os.path.join(os.path.dirname(WORKER), "_plan_mp_worker.py"), [], num_processes=2,
+               devices_per_process=4, timeout=300)
+  plans = {}
+  for r in res:
+    assert r.returncode == 0 and f"RESULT process={r.process_id} ok" in r.output, r.output[-4000:]
+    plans[r.process_id] = next(line.split(" ", 2)[2] for line in r.output.splitlines() if line.startswith("PLAN "))
+  assert plans[0] == plans[1], plans
+  expected = ExecutionPlan.parse("actor_gen=0:8/d8f1t1, actor_train=0:8/d1f8t1").to_dict()
+  assert ast.literal_eval(plans[1]) == expected, plans[1]

@@ -70,7 +70,7 @@ def resolve_plan(exp: Experiment, call_names: list[str], workdir: str | None = N
   """`colocated`, `search[:profile]`, a JSON file path, or an inline plan (see `search.plan`)."""
   text = exp.plan.strip()
   if text == "search" or text.startswith("search:"):
-    return search_plan(exp, workdir, text.partition(":")[2] or SEARCH_PROFILE, log=log)
+    return agree_across_processes(search_plan(exp, workdir, text.partition(":")[2] or SEARCH_PROFILE, log=log))
   if text == "colocated":
     n = jax.device_count()
     strategy = Strategy.parse(exp.colocated_strategy) if exp.colocated_strategy else Strategy(fsdp=n)
@@ -137,6 +137,24 @@ def search_plan(exp: Experiment, workdir: str | None, profile_name: str, *, log=
     except ImportError as e:  # matplotlib missing: the JSON timeline is still there.
       log(f"plan=search: no predicted_timeline.png ({e})")
   return res.plan
+
+
+def agree_across_processes(plan: ExecutionPlan) -> ExecutionPlan:
+  """Process 0's plan, on every process.
+
+  Each process runs the search on its own; MCMC under a wall-clock budget, or a `plan.json` that only
+  process 0's workdir holds, can give processes different plans, and processes running different
+  programs deadlock in their first collective. So process 0's plan is broadcast (as JSON bytes) and
+  every process runs that one.
+  """
+  if jax.process_count() == 1:
+    return plan
+  from jax.experimental import multihost_utils
+  mine = np.frombuffer(json.dumps(plan.to_dict(), sort_keys=True).encode(), np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(mine.size)))
+  buf = mine if jax.process_index() == 0 else np.zeros(size, np.uint8)
+  agreed = bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf)).astype(np.uint8))
+  return ExecutionPlan.from_dict(json.loads(agreed.decode()))
 
 
 class RuleReward:
