@@ -3,8 +3,8 @@ r"""RLOO on the synthetic string-reversal task with tiny models (CPU, 8 fake dev
     python -m real_jax.train --config configs/rloo_tiny.py --workdir /tmp/rloo_tiny
 
 Four calls: actor_gen (n = 4 samples per prompt, rows group-major) -> {reward_inf (the task's rule on
-decoded text), ref_inf} -> actor_train (REINFORCE, baseline: the mean of the prompt's other samples; the
-reference only feeds the reported KL). No critic. Presets: plan=colocated|split (split: the actor on devices
+decoded text), ref_inf} -> actor_train (REINFORCE, baseline: the mean of the prompt's other samples; each
+sample's reward first loses kl_coef x its summed KL to the reference). No critic. Presets: plan=colocated|split (split: the actor on devices
 0-3, generating with data x tensor and training with fsdp, the reference on 4-7).
 """
 
@@ -38,7 +38,7 @@ def get_config(arg=None):
 
   c.data = dict(task="reversal", task_kwargs={"difficulty": 1}, batch_size=16, max_prompt_len=32)
   c.sampling = dict(max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0, n_samples=4)  # n = group size.
-  c.rloo = dict(group_size=4, loss_agg="token_mean")
+  c.rloo = dict(group_size=4, kl_coef=0.05, kl_estimator="k1", loss_agg="token_mean")
 
   plans = {
       "colocated": "colocated",

@@ -549,6 +549,13 @@ def test_rloo_baseline_is_leave_one_out_mean(seed, k):
         np.testing.assert_allclose(got[gi * k + i, t], want if m[gi * k + i, t] else 0.0, rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="group_size must be >= 2"):
     A.rloo_advantages(rewards, m, group_size=1)
+  # The sequence-level KL penalty: the same as leave-one-out on r_i - beta * sum_t kl_it m_it (NumPy).
+  kl = rng.normal(size=(b, 6)).astype(np.float32)
+  got_kl = np.asarray(_rloo_jits[k](rewards, m, kl=kl, kl_coef=0.3))
+  r = rewards - 0.3 * (kl * m).sum(axis=1)
+  g = r.reshape(-1, k)
+  want = (g - (g.sum(axis=1, keepdims=True) - g) / (k - 1)).reshape(-1)[:, None] * (m != 0)
+  np.testing.assert_allclose(got_kl, want, rtol=1e-4, atol=1e-5)
 
 
 _rloo_jits = {k: J(A.rloo_advantages, group_size=k) for k in (2, 3, 4)}

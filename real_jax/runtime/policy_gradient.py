@@ -9,7 +9,8 @@ g*n .. g*n + n - 1 are prompt g's); the advantages are computed from the whole i
 before any mini-batching, so groups are never split. ReMax generates twice with the same actor:
 sampled (rows = prompts x n) and greedy (rows = prompts), and uses the greedy response's score as
 the baseline of every sample of its prompt. The reference model feeds GRPO's KL loss and ReMax's
-in-reward KL; for RLOO (and whenever the KL coefficient is 0) it only feeds the reported `kl`.
+in-reward KL, and RLOO's sequence-level KL penalty folded into each sample's reward before the
+leave-one-out baseline; with a KL coefficient of 0 it only feeds the reported `kl`.
 """
 
 from __future__ import annotations
@@ -142,7 +143,9 @@ class RLOOProgram(_CriticFree):
   """RLOO: REINFORCE with the leave-one-out mean of the other samples of the prompt (`config.rloo`)."""
 
   def advantages(self, args):
-    return _rloo_adv(args["scores"], args["logprob_mask"], self.exp.rloo.group_size)
+    c = self.exp.rloo
+    return _rloo_adv(args["scores"], args["logprob_mask"], args["logprobs"], args["ref_logprobs"],
+                     jnp.float32(c.kl_coef), c.group_size, c.kl_estimator, c.kl_coef > 0)
 
   def loss_fn(self):
     return bind(_reinforce_loss, self.exp.rloo.loss_agg, float(self.sampling.temperature))
@@ -194,9 +197,11 @@ def _grpo_adv(scores, mask, group_size, scale_by_std, eps):
   return grpo_advantages(scores, mask.astype(jnp.float32), group_size=group_size, scale_by_std=scale_by_std, eps=eps)
 
 
-@functools.partial(jax.jit, static_argnames=("group_size",))
-def _rloo_adv(scores, mask, group_size):
-  return rloo_advantages(scores, mask.astype(jnp.float32), group_size=group_size)
+@functools.partial(jax.jit, static_argnames=("group_size", "kl_estimator", "use_kl"))
+def _rloo_adv(scores, mask, logprobs, ref_logprobs, kl_coef, group_size, kl_estimator, use_kl):
+  m = mask.astype(jnp.float32)
+  kl = get_kl(kl_estimator)(logprobs, ref_logprobs) * m if use_kl else None
+  return rloo_advantages(scores, m, group_size=group_size, kl=kl, kl_coef=kl_coef)
 
 
 @functools.partial(jax.jit, static_argnames=("kl_estimator", "use_kl"))
