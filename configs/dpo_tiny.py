@@ -13,15 +13,10 @@ plan=colocated|split (split: reference on devices 4-7 while the actor trains on 
 
 import ml_collections
 
-TINY = dict(vocab_size=64, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128, max_seq_len=64)
-
-
-def _parse(arg):
-  return dict(item.split("=") for item in filter(None, (arg or "").split(",")))
-
+from real_jax import config_lib as cl
 
 def get_config(arg=None):
-  args = _parse(arg)
+  args = cl.parse_arg(arg, plan=("colocated", "split"), data=("task", "file"))
   c = ml_collections.ConfigDict()
   c.algorithm = "dpo"
   c.seed = 0
@@ -32,19 +27,19 @@ def get_config(arg=None):
   c.log_every = 5
 
   c.models = ml_collections.ConfigDict()
-  c.models.actor = dict(preset="tiny", overrides=TINY, head="lm", init="random", rule="", seed=0)
-  c.models.ref = dict(preset="tiny", overrides=TINY, head="lm", init="copy:actor", rule="", seed=0)
+  c.models.actor = cl.model("tiny", cl.TINY, head="lm")
+  c.models.ref = cl.model("tiny", cl.TINY, head="lm", init="copy:actor")
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.actor = dict(lr=1e-3, warmup_steps=0, decay="constant", decay_steps=1, clip_norm=1.0)
+  c.optim.actor = cl.constant_optim(1e-3)
 
   data = {
       "task": dict(task="sorting", task_kwargs={"difficulty": 1}, batch_size=32, max_prompt_len=32),
       "file": dict(task="", path="tests/fixtures/data/preferences.jsonl", prompt_key="prompt", chosen_key="chosen",
                    rejected_key="rejected", tokenizer="", batch_size=4, max_prompt_len=32, max_response_len=16),
   }
-  c.data = data[args.get("data", "task")]
-  if args.get("data") == "file":
+  c.data = data[args["data"]]
+  if args["data"] == "file":
     c.sft_warmup_steps = 0  # The warm-up needs a built-in task.
   c.sampling = dict(max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0, n_samples=1)  # Unused by DPO.
   c.dpo = dict(beta=0.1, label_smoothing=0.0, loss_type="dpo_sigmoid")
@@ -53,6 +48,6 @@ def get_config(arg=None):
       "colocated": "colocated",
       "split": "ref_inf=4:4/d4f1t1, actor_train=0:4/d1f4t1",
   }
-  c.plan = plans[args.get("plan", "colocated")]
-  c.colocated_strategy = "d1f8t1" if args.get("data", "task") == "task" else "d1f4t2"  # File: 4 pairs.
+  c.plan = plans[args["plan"]]
+  c.colocated_strategy = "d1f8t1" if args["data"] == "task" else "d1f4t2"  # File: 4 pairs.
   return c

@@ -6,17 +6,8 @@ Presets as ppo_llama7b: gen=128|384|896, plan=colocated|split. Multi-host: every
 command after `jax.distributed.initialize` (DESIGN.md section 7).
 """
 
-import importlib.util
-import os
-
-
-def _llama7b():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ppo_llama7b.py")
-  spec = importlib.util.spec_from_file_location("ppo_llama7b", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from real_jax import config_lib as cl
 
 
 def get_config(arg=None):
-  return _llama7b().llama_ppo(arg, preset="13b", devices=16)
+  return cl.load_sibling(__file__, "ppo_llama7b").llama_ppo(arg, preset="13b", devices=16)

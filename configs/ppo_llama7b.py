@@ -15,17 +15,13 @@ configs/ppo_llama{13b,34b,70b}.py reuse `llama_ppo` with larger models and more 
 
 import ml_collections
 
-
-def _parse(arg):
-  return dict(item.split("=") for item in filter(None, (arg or "").split(",")))
+from real_jax import config_lib as cl
 
 
 def llama_ppo(arg, *, preset="7b", devices=8):
   """The shared body of the ppo_llama* configs: `preset` models on `devices` GPUs."""
-  args = _parse(arg)
-  gen = int(args.get("gen", 384))
-  if gen not in (128, 384, 896):
-    raise ValueError(f"preset gen={gen}: expected 128, 384 or 896")
+  args = cl.parse_arg(arg, gen=("384", "128", "896"), plan=("colocated", "split"))
+  gen = int(args["gen"])
   c = ml_collections.ConfigDict()
   c.algorithm = "ppo"
   c.seed = 0
@@ -36,14 +32,14 @@ def llama_ppo(arg, *, preset="7b", devices=8):
 
   big = dict(dtype="bfloat16", param_dtype="float32", max_seq_len=128 + gen, remat="full")
   c.models = ml_collections.ConfigDict()
-  c.models.actor = dict(preset=preset, overrides=big, head="lm", init="random", rule="", seed=0)
-  c.models.ref = dict(preset=preset, overrides=big, head="lm", init="copy:actor", rule="", seed=0)
-  c.models.critic = dict(preset=preset, overrides=big, head="scalar", init="random", rule="", seed=1)
-  c.models.reward = dict(preset=preset, overrides=big, head="scalar", init="random", rule="", seed=2)
+  c.models.actor = cl.model(preset, big, head="lm")
+  c.models.ref = cl.model(preset, big, head="lm", init="copy:actor")
+  c.models.critic = cl.model(preset, big, head="scalar", seed=1)
+  c.models.reward = cl.model(preset, big, head="scalar", seed=2)
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.actor = dict(lr=1e-6, warmup_steps=5, decay="cosine", decay_steps=1000, clip_norm=1.0)
-  c.optim.critic = dict(lr=5e-6, warmup_steps=5, decay="cosine", decay_steps=1000, clip_norm=1.0)
+  c.optim.actor = cl.cosine_optim(1e-6, warmup_steps=5, decay_steps=1000)
+  c.optim.critic = cl.cosine_optim(5e-6, warmup_steps=5, decay_steps=1000)
 
   # 512 prompts of up to 128 tokens: a JSON-lines file with an HF tokenizer (override path/tokenizer), or the
   # built-in arithmetic task with the character tokenizer as a stand-in.
@@ -60,7 +56,7 @@ def llama_ppo(arg, *, preset="7b", devices=8):
                 f"critic_inf={half}:{half}/d1f{half}t1, critic_train={half}:{half}/d1f{half}t1, "
                 f"ref_inf=0:{half}/d{half}f1t1, reward_inf={half}:{half}/d{half}f1t1"),
   }
-  c.plan = plans[args.get("plan", "colocated")]
+  c.plan = plans[args["plan"]]
   c.colocated_strategy = f"d1f{devices}t1"
   return c
 

@@ -10,17 +10,11 @@ devices 0-3, critic/ref/reward on 4-7: the actor is reallocated between its call
 
 import ml_collections
 
-
-def _parse(arg):
-  out = {}
-  for item in filter(None, (arg or "").split(",")):
-    k, v = item.split("=")
-    out[k] = v
-  return out
+from real_jax import config_lib as cl
 
 
 def get_config(arg=None):
-  args = _parse(arg)
+  args = cl.parse_arg(arg, plan=("colocated", "split"))
   c = ml_collections.ConfigDict()
   c.algorithm = "ppo"
   c.seed = 0
@@ -30,16 +24,15 @@ def get_config(arg=None):
   c.sft_learning_rate = 3e-3
   c.log_every = 1
 
-  tiny = dict(vocab_size=64, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128, max_seq_len=64)
   c.models = ml_collections.ConfigDict()
-  c.models.actor = dict(preset="tiny", overrides=tiny, head="lm", init="random", rule="", seed=0)
-  c.models.ref = dict(preset="tiny", overrides=tiny, head="lm", init="copy:actor", rule="", seed=0)
-  c.models.critic = dict(preset="tiny", overrides=tiny, head="scalar", init="random", rule="", seed=1)
-  c.models.reward = dict(preset="tiny", overrides=tiny, head="scalar", init="random", rule="task", seed=2)
+  c.models.actor = cl.model("tiny", cl.TINY, head="lm")
+  c.models.ref = cl.model("tiny", cl.TINY, head="lm", init="copy:actor")
+  c.models.critic = cl.model("tiny", cl.TINY, head="scalar", seed=1)
+  c.models.reward = cl.model("tiny", cl.TINY, head="scalar", rule="task", seed=2)
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.actor = dict(lr=1e-3, warmup_steps=0, decay="constant", decay_steps=1, clip_norm=1.0)
-  c.optim.critic = dict(lr=1e-3, warmup_steps=0, decay="constant", decay_steps=1, clip_norm=1.0)
+  c.optim.actor = cl.constant_optim(1e-3)
+  c.optim.critic = cl.constant_optim(1e-3)
 
   c.data = dict(task="reversal", task_kwargs={"difficulty": 1}, batch_size=64, max_prompt_len=32)
   c.sampling = dict(max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0, n_samples=1)
@@ -51,6 +44,6 @@ def get_config(arg=None):
       "split": ("actor_gen=0:4/d2f1t2, actor_train=0:4/d1f4t1, reward_inf=4:1/d1f1t1, ref_inf=4:4/d4f1t1, "
                 "critic_inf=4:4/d1f2t2, critic_train=4:4/d1f2t2"),
   }
-  c.plan = plans[args.get("plan", "colocated")]
+  c.plan = plans[args["plan"]]
   c.colocated_strategy = "d1f8t1"
   return c

@@ -10,15 +10,10 @@ reward as the baseline and a k1 KL penalty in the reward. No critic. Presets: pl
 
 import ml_collections
 
-TINY = dict(vocab_size=64, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128, max_seq_len=64)
-
-
-def _parse(arg):
-  return dict(item.split("=") for item in filter(None, (arg or "").split(",")))
-
+from real_jax import config_lib as cl
 
 def get_config(arg=None):
-  args = _parse(arg)
+  args = cl.parse_arg(arg, plan=("colocated", "split"))
   c = ml_collections.ConfigDict()
   c.algorithm = "remax"
   c.seed = 0
@@ -29,12 +24,12 @@ def get_config(arg=None):
   c.log_every = 1
 
   c.models = ml_collections.ConfigDict()
-  c.models.actor = dict(preset="tiny", overrides=TINY, head="lm", init="random", rule="", seed=0)
-  c.models.ref = dict(preset="tiny", overrides=TINY, head="lm", init="copy:actor", rule="", seed=0)
-  c.models.reward = dict(preset="tiny", overrides=TINY, head="scalar", init="random", rule="task", seed=2)
+  c.models.actor = cl.model("tiny", cl.TINY, head="lm")
+  c.models.ref = cl.model("tiny", cl.TINY, head="lm", init="copy:actor")
+  c.models.reward = cl.model("tiny", cl.TINY, head="scalar", rule="task", seed=2)
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.actor = dict(lr=1e-3, warmup_steps=0, decay="constant", decay_steps=1, clip_norm=1.0)
+  c.optim.actor = cl.constant_optim(1e-3)
 
   c.data = dict(task="reversal", task_kwargs={"difficulty": 1}, batch_size=64, max_prompt_len=32)
   c.sampling = dict(max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0, n_samples=1)
@@ -45,6 +40,6 @@ def get_config(arg=None):
       "split": ("actor_gen=0:4/d2f1t2, actor_greedy=4:4/d2f1t2, actor_train=0:4/d1f4t1, reward_inf=0:1/d1f1t1, "
                 "reward_greedy_inf=4:1/d1f1t1, ref_inf=4:4/d4f1t1"),
   }
-  c.plan = plans[args.get("plan", "colocated")]
+  c.plan = plans[args["plan"]]
   c.colocated_strategy = "d1f8t1"
   return c

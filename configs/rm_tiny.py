@@ -11,15 +11,10 @@ tests/fixtures/data/preferences.jsonl).
 
 import ml_collections
 
-TINY = dict(vocab_size=64, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128, max_seq_len=64)
-
-
-def _parse(arg):
-  return dict(item.split("=") for item in filter(None, (arg or "").split(",")))
-
+from real_jax import config_lib as cl
 
 def get_config(arg=None):
-  args = _parse(arg)
+  args = cl.parse_arg(arg, data=("task", "file"))
   c = ml_collections.ConfigDict()
   c.algorithm = "rm"
   c.seed = 0
@@ -28,18 +23,18 @@ def get_config(arg=None):
   c.log_every = 10
 
   c.models = ml_collections.ConfigDict()
-  c.models.reward = dict(preset="tiny", overrides=TINY, head="scalar", init="random", rule="", seed=2)
+  c.models.reward = cl.model("tiny", cl.TINY, head="scalar", seed=2)
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.reward = dict(lr=1e-3, warmup_steps=0, decay="constant", decay_steps=1, clip_norm=1.0)
+  c.optim.reward = cl.constant_optim(1e-3)
 
   data = {
       "task": dict(task="sorting", task_kwargs={"difficulty": 1}, batch_size=32, max_prompt_len=32),
       "file": dict(task="", path="tests/fixtures/data/preferences.jsonl", prompt_key="prompt", chosen_key="chosen",
                    rejected_key="rejected", tokenizer="", batch_size=4, max_prompt_len=32, max_response_len=16),
   }
-  c.data = data[args.get("data", "task")]
+  c.data = data[args["data"]]
   c.sampling = dict(max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0, n_samples=1)  # Unused.
   c.plan = "colocated"
-  c.colocated_strategy = "d1f8t1" if args.get("data", "task") == "task" else "d1f4t2"  # File: 4 pairs.
+  c.colocated_strategy = "d1f8t1" if args["data"] == "task" else "d1f4t2"  # File: 4 pairs.
   return c

@@ -9,15 +9,10 @@ data=task|file (file: tests/fixtures/data/sft.jsonl, fields prompt/completion, c
 
 import ml_collections
 
-TINY = dict(vocab_size=64, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128, max_seq_len=64)
-
-
-def _parse(arg):
-  return dict(item.split("=") for item in filter(None, (arg or "").split(",")))
-
+from real_jax import config_lib as cl
 
 def get_config(arg=None):
-  args = _parse(arg)
+  args = cl.parse_arg(arg, data=("task", "file"))
   c = ml_collections.ConfigDict()
   c.algorithm = "sft"
   c.seed = 0
@@ -26,10 +21,10 @@ def get_config(arg=None):
   c.log_every = 10
 
   c.models = ml_collections.ConfigDict()
-  c.models.actor = dict(preset="tiny", overrides=TINY, head="lm", init="random", rule="", seed=0)
+  c.models.actor = cl.model("tiny", cl.TINY, head="lm")
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.actor = dict(lr=3e-3, warmup_steps=0, decay="constant", decay_steps=1, clip_norm=1.0)
+  c.optim.actor = cl.constant_optim(3e-3)
 
   data = {
       "task": dict(task="reversal", task_kwargs={"difficulty": 1}, batch_size=64, max_prompt_len=32),
@@ -37,8 +32,8 @@ def get_config(arg=None):
       "file": dict(task="", path="tests/fixtures/data/sft.jsonl", prompt_key="prompt", completion_key="completion",
                    tokenizer="", batch_size=4, max_prompt_len=32, max_response_len=16),
   }
-  c.data = data[args.get("data", "task")]
+  c.data = data[args["data"]]
   c.sampling = dict(max_new_tokens=8, temperature=1.0, top_k=0, top_p=1.0, n_samples=1)  # Unused by SFT.
   c.plan = "colocated"
-  c.colocated_strategy = "d1f8t1" if args.get("data", "task") == "task" else "d1f4t2"  # File: 4 rows.
+  c.colocated_strategy = "d1f8t1" if args["data"] == "task" else "d1f4t2"  # File: 4 rows.
   return c
