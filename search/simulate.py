@@ -4,14 +4,17 @@ Tasks come from `Graph.unroll(n)` (given as `[((iteration, call), [dependencies]
 Each call occupies its mesh's devices for its estimated seconds; calls on overlapping meshes
 serialise (a device runs one task at a time), calls on disjoint meshes overlap. A model lives in
 its *home* layout (its last train call's layout; a frozen model's first call's layout); a call under
-another layout first needs a reallocation task, home -> call layout, that occupies the devices of
-both meshes. The moved copy is cached until the model's parameters change, so a reallocation is
-counted once per parameter version and layout. Frozen models listed in the plan's `offload` rest in
-host memory and are loaded (host bandwidth) before each of their calls.
+another placement first needs a reallocation task, home -> call layout, that occupies the devices of
+both meshes. Layouts are compared by `space.placement` (the parameters' devices and shards): a call
+that differs from home only in micro-batches (or in an equivalent rule set name) runs on the home
+parameters, with no task and no extra copy; a reallocation priced at zero adds no task either. The
+moved copy is cached until the model's parameters change, so a reallocation is counted once per
+parameter version and placement. Frozen models listed in the plan's `offload` rest in host memory and
+are loaded (host bandwidth) before each of their calls.
 
 Memory per device: resident parameters of every model in its home layout (+ optimizer state for
 trained models), plus, while a call runs, its transient bytes (activations / KV cache / gathered
-weights) and the reallocated copy when its layout is not home. A plan whose peak exceeds the
+weights) and the reallocated copy when its placement is not home's. A plan whose peak exceeds the
 profile's `memory_bytes` on any device is infeasible (time = inf).
 """
 
@@ -25,6 +28,7 @@ import numpy as np
 
 from search.estimator import CallCost, CallSpec
 from search.profile import Profile
+from search.space import placement
 from sharding import Layout
 
 Task = tuple[tuple[int, str], Sequence[tuple[int, str]]]
@@ -102,6 +106,7 @@ def simulate(tasks: Sequence[Task], specs: Mapping[str, CallSpec], layouts: Mapp
     model, dm = spec.model, lay.device_mesh
     t_dep = max((end[d] for d in deps if d in end), default=0.0)
     home = homes[model]
+    at_home = placement(lay) == placement(home)
     t_ready = ready[model]
     extra = 0.0
     if model in offload and model not in trained:
@@ -113,19 +118,20 @@ def simulate(tasks: Sequence[Task], specs: Mapping[str, CallSpec], layouts: Mapp
       extra = resident_bytes(spec, lay, False)
       if record:
         events.append(Event(f"load {model}", "load", it, t0, t0 + dur, dm.start, dm.size))
-    elif lay != home and lay not in copies[model]:
+    elif not at_home and placement(lay) not in copies[model]:
       dur = realloc(model, home, lay)
-      h = home.device_mesh
-      both = np.concatenate([free[h.start:h.stop], free[dm.start:dm.stop]])
-      t0 = max(t_ready, float(both.max()))
-      free[h.start:h.stop] = t0 + dur
-      free[dm.start:dm.stop] = t0 + dur
-      total_realloc += dur
-      copies[model].add(lay)
-      t_ready = t0 + dur
-      if record:
-        events.append(Event(f"{model}", "realloc", it, t0, t0 + dur, h.start, h.size, dm.start, dm.size))
-    if lay != home and not (model in offload and model not in trained):
+      copies[model].add(placement(lay))
+      if dur > 0.0:
+        h = home.device_mesh
+        both = np.concatenate([free[h.start:h.stop], free[dm.start:dm.stop]])
+        t0 = max(t_ready, float(both.max()))
+        free[h.start:h.stop] = t0 + dur
+        free[dm.start:dm.stop] = t0 + dur
+        total_realloc += dur
+        t_ready = t0 + dur
+        if record:
+          events.append(Event(f"{model}", "realloc", it, t0, t0 + dur, h.start, h.size, dm.start, dm.size))
+    if not at_home and not (model in offload and model not in trained):
       extra = resident_bytes(spec, lay, False)
     t0 = max(t_dep, t_ready, float(free[dm.start:dm.stop].max()))
     t1 = t0 + seconds[name]
@@ -133,7 +139,7 @@ def simulate(tasks: Sequence[Task], specs: Mapping[str, CallSpec], layouts: Mapp
     end[(it, name)] = t1
     c = costs[name]
     np.maximum(peak[dm.start:dm.stop], mem[dm.start:dm.stop] + c.temp_bytes + extra +
-               (0.0 if lay == home or spec.kind != "train_step" else c.arg_bytes), out=peak[dm.start:dm.stop])
+               (0.0 if at_home or spec.kind != "train_step" else c.arg_bytes), out=peak[dm.start:dm.stop])
     if spec.kind == "train_step":
       ready[model] = t1
       copies[model] = set()

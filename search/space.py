@@ -12,13 +12,14 @@ counts (1 for generation):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from search.estimator import CallSpec
 from search.profile import Profile
-from sharding import DeviceMesh, Layout, Strategy, strategies, submeshes
+from sharding import DeviceMesh, Layout, Strategy, check_rules, strategies, submeshes
 
 
 def valid_strategy(spec: CallSpec, st: Strategy, devices_per_host: int) -> bool:
@@ -45,6 +46,52 @@ def candidates(spec: CallSpec, num_devices: int, devices_per_host: int,
   return out
 
 
+@functools.lru_cache(maxsize=None)
+def placement(layout: Layout) -> Layout:
+  """Where the layout puts parameters: the layout without micro-batches, under the canonical rule set.
+
+  Two layouts with equal placements give every parameter leaf the same devices and shards, so moving a
+  model between them moves nothing. Micro-batches only split the batch; every valid rule set
+  (`sharding.check_rules`) shards exactly the axes its strategy gives size > 1, like "auto" (e.g.
+  "fsdp" with tensor=1), so those become "auto". An invalid rule set is kept as is.
+  """
+  st = layout.strategy
+  rules = layout.rules
+  try:
+    check_rules(layout)
+    rules = "auto"
+  except ValueError:
+    pass
+  if st.micro_batches == 1 and rules == layout.rules:
+    return layout
+  return Layout(layout.device_mesh, Strategy(st.data, st.fsdp, st.tensor, 1), rules)
+
+
+def _blocks(layout: Layout) -> dict[int, tuple[float, float, float, float]]:
+  """Device -> the (embed, tensor-parallel) block of a [embed, heads/mlp/vocab] matrix it holds, as
+  fractions (e0, e1, t0, t1). Mesh devices are in (data, fsdp, tensor) row-major order."""
+  dm, st = layout.device_mesh, layout.strategy
+  out = {}
+  for local in range(dm.size):
+    t, f = local % st.tensor, (local // st.tensor) % st.fsdp
+    out[dm.start + local] = (f / st.fsdp, (f + 1) / st.fsdp, t / st.tensor, (t + 1) / st.tensor)
+  return out
+
+
+def received_fractions(src: Layout, dst: Layout) -> dict[int, float]:
+  """Per destination device, the fraction of a parameter matrix it must receive: its block minus what
+  it already holds in `src` (0 where the source block covers it, e.g. a replicated source)."""
+  have = _blocks(src)
+  out = {}
+  for dev, (e0, e1, t0, t1) in _blocks(dst).items():
+    need = (e1 - e0) * (t1 - t0)
+    if dev in have:
+      s0, s1, u0, u1 = have[dev]
+      need -= max(0.0, min(e1, s1) - max(e0, s0)) * max(0.0, min(t1, u1) - max(t0, u0))
+    out[dev] = max(need, 0.0)
+  return out
+
+
 class ReallocPricer:
   """Seconds to move a model's parameters from one layout to another, cached per pair.
 
@@ -53,10 +100,14 @@ class ReallocPricer:
   planned on 8 CPU devices) the analytic model below, which `bench/search_scale.py` compares with
   `realloc_cost` where both apply:
 
-  each destination device receives its shard, P / (fsdp x tensor) parameter bytes (nothing when the
-  layouts are equal); same devices: an in-mesh reshard at the collective bandwidth; other devices: the
-  copy time of the busiest receiver or sender at the device-to-device bandwidth (inter-host bandwidth
-  when the two meshes sit on different hosts), plus a transfer latency per parameter leaf.
+  each destination device receives the part of its shard (P / (fsdp x tensor) parameter bytes) that
+  it does not already hold in the source layout (`received_fractions`, parameters taken as
+  [embed, tensor-parallel] matrices); same devices: an in-mesh reshard at the collective bandwidth;
+  other devices: the copy time of the busiest receiver or sender at the device-to-device bandwidth
+  (inter-host bandwidth when the two meshes sit on different hosts), plus a transfer latency per
+  parameter leaf. Zero bytes to move costs only the per-leaf latency.
+
+  Layouts with the same `placement` (e.g. differing only in micro-batches) cost nothing on either path.
   """
 
   def __init__(self, specs: Mapping[str, CallSpec], profile: Profile,
@@ -69,16 +120,19 @@ class ReallocPricer:
     self._cache: dict[tuple, float] = {}
 
   def analytic(self, model: str, src: Layout, dst: Layout) -> float:
-    if src == dst:
+    if placement(src) == placement(dst):
       return 0.0
     m, hw = self.shape[model], self.profile
     total = m.params * m.param_bytes
-    recv = total / (dst.strategy.fsdp * dst.strategy.tensor)
+    frac = received_fractions(src, dst)
+    recv = max(frac.values()) * total
     lat = m.n_leaves() * hw.transfer_latency_s
+    if recv == 0.0:
+      return lat
     s, d = src.device_mesh, dst.device_mesh
     if s == d:
       return recv / hw.intra_mesh_collective_bandwidth + lat
-    send = recv * d.size / s.size
+    send = sum(frac.values()) * total / s.size
     per = hw.devices_per_host
     cross = ({i // per for i in range(s.start, s.stop)} != {i // per for i in range(d.start, d.stop)}
              and max(s.size, d.size) >= per) or (s.start // per != d.start // per)
@@ -86,9 +140,9 @@ class ReallocPricer:
     return max(recv, send) / bw + lat
 
   def __call__(self, model: str, src: Layout, dst: Layout) -> float:
-    key = (model, src, dst)
+    key = (model, placement(src), placement(dst))
     if key not in self._cache:
-      self._cache[key] = self._price(model, src, dst)
+      self._cache[key] = self._price(model, *key[1:])
     return self._cache[key]
 
   def _price(self, model: str, src: Layout, dst: Layout) -> float:
@@ -107,4 +161,5 @@ def n_plans(sizes: Sequence[int]) -> float:
   return math.prod(sizes)
 
 
-__all__ = ["DeviceMesh", "ReallocPricer", "candidates", "n_plans", "valid_strategy"]
+__all__ = ["DeviceMesh", "ReallocPricer", "candidates", "n_plans", "placement", "received_fractions",
+           "valid_strategy"]

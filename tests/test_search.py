@@ -178,3 +178,103 @@ def test_cli_writes_plan_and_png(tmp_path):
   d = json.loads((tmp_path / "plan.json").read_text())
   assert d["predicted_s"] > 0 and "colocated" in d["meta"]["baselines"]
   assert (tmp_path / "timeline.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _actor_plan_tasks():
+  specs = {"gen": _spec("gen", "actor", "generate"), "inf": _spec("inf", "actor", "inference"),
+           "train": _spec("train", "actor", "train_step", trained=True)}
+  tasks = []
+  for i in range(3):
+    tasks += [((i, "gen"), [(i - 1, "train")] if i else []), ((i, "inf"), [(i, "gen")]),
+              ((i, "train"), [(i, "inf")])]
+  return specs, tasks
+
+
+def test_micro_batches_only_difference_moves_nothing():
+  specs, tasks = _actor_plan_tasks()
+  est = Estimator(PROFILE, mode="analytic", cache_dir="")
+  pricer = ReallocPricer(specs, PROFILE)
+  secs = {"gen": 1.0, "inf": 1.0, "train": 1.0}
+
+  def run(lays):
+    costs = {n: est.cost(specs[n], lays[n]) for n in specs}
+    return simulate(tasks, specs, lays, secs, costs, PROFILE, 8, pricer, record=True)
+
+  same = run({"gen": Layout.on(0, fsdp=4), "inf": Layout.on(0, fsdp=4), "train": Layout.on(0, fsdp=4)})
+  mixed = run({"gen": Layout.on(0, fsdp=4), "inf": Layout.on(0, fsdp=4, micro_batches=4),
+               "train": Layout.on(0, fsdp=4, micro_batches=2)})
+  assert pricer("actor", Layout.on(0, fsdp=4, micro_batches=2), Layout.on(0, fsdp=4)) == 0.0
+  assert pricer.analytic("actor", Layout.on(0, fsdp=4, micro_batches=2), Layout.on(0, fsdp=4)) == 0.0
+  assert not [e for e in mixed.events if e.kind == "realloc"] and mixed.realloc_seconds == 0.0
+  assert mixed.makespan == pytest.approx(9.0) == same.makespan
+  # No second copy of the parameters is charged either (only the calls' transient bytes differ).
+  home = Layout.on(0, fsdp=4)
+  resident = (SHAPE.params / 4) * (SHAPE.param_bytes + 8)
+  biggest = max(est.cost(specs[n], l).temp_bytes for n, l in
+                (("gen", home), ("inf", Layout.on(0, fsdp=4, micro_batches=4)),
+                 ("train", Layout.on(0, fsdp=4, micro_batches=2))))
+  assert mixed.peak_memory.max() == pytest.approx(resident + biggest)
+
+
+def test_equivalent_rule_sets_move_nothing():
+  from search.space import placement
+  from sharding import DeviceMesh, Strategy
+  specs, _ = _actor_plan_tasks()
+  pricer = ReallocPricer(specs, PROFILE)
+  fsdp_rules = Layout(DeviceMesh(0, 4), Strategy(1, 4, 1), "fsdp")  # tensor=1: the same shards as "auto"
+  assert placement(fsdp_rules) == placement(Layout.on(0, fsdp=4, micro_batches=2)) == Layout.on(0, fsdp=4)
+  assert pricer("actor", fsdp_rules, Layout.on(0, fsdp=4)) == 0.0
+  assert pricer("actor", Layout(DeviceMesh(0, 4), Strategy(1, 4, 1), "replicated"), Layout.on(0, fsdp=4)) > 0
+
+
+def _tree_pricer(specs):
+  """A pricer with a real (abstract) parameter tree: [embed, mlp] and [mlp, embed] matrices and a norm."""
+  from sharding import shardings_for  # noqa: F401  (the tree path calls sharding.realloc_cost)
+  shapes = {"up": jax.ShapeDtypeStruct((64, 128), jnp.float32), "down": jax.ShapeDtypeStruct((128, 64), jnp.float32),
+            "norm": jax.ShapeDtypeStruct((64,), jnp.float32)}
+
+  def shardings(layout):
+    return {"up": layout.named("fsdp", "tensor"), "down": layout.named("tensor", "fsdp"), "norm": layout.named("fsdp")}
+  return ReallocPricer(specs, PROFILE, trees={"actor": (shapes, shardings)}), shapes, shardings
+
+
+def test_identical_shardings_cost_zero_on_the_tree_path():
+  from sharding import realloc_cost
+  specs, _ = _actor_plan_tasks()
+  pricer, shapes, shardings = _tree_pricer(specs)
+  a, b = Layout.on(0, data=2, fsdp=2, micro_batches=4), Layout.on(0, data=2, fsdp=2)
+  assert realloc_cost(shardings(a), shardings(b), shapes, PROFILE.hardware) == 0.0
+  assert pricer("actor", a, b) == 0.0
+  moved = pricer("actor", Layout.on(0, fsdp=4), Layout.on(0, tensor=4))
+  assert moved == pytest.approx(realloc_cost(shardings(Layout.on(0, fsdp=4)), shardings(Layout.on(0, tensor=4)),
+                                             shapes, PROFILE.hardware)) and moved > 0
+
+
+def test_analytic_pricer_charges_only_missing_bytes():
+  from search.space import received_fractions
+  specs, _ = _actor_plan_tasks()
+  pricer = ReallocPricer(specs, PROFILE)
+  total = SHAPE.params * SHAPE.param_bytes
+  lat = SHAPE.n_leaves() * PROFILE.transfer_latency_s
+  # Replicated source: every device already holds its fsdp / tensor shard, or the whole matrix.
+  assert set(received_fractions(Layout.on(0, data=4), Layout.on(0, fsdp=4)).values()) == {0.0}
+  assert pricer.analytic("actor", Layout.on(0, data=4), Layout.on(0, fsdp=4)) == pytest.approx(lat)
+  assert pricer.analytic("actor", Layout.on(0, data=4), Layout.on(0, data=2)) == pytest.approx(lat)
+  # fsdp4 -> tensor4 on the same devices: each device keeps a quarter of its new column block.
+  frac = received_fractions(Layout.on(0, fsdp=4), Layout.on(0, tensor=4))
+  assert sorted(frac.values()) == pytest.approx([0.25 - 0.25 / 4] * 4)
+  assert pricer.analytic("actor", Layout.on(0, fsdp=4), Layout.on(0, tensor=4)) == pytest.approx(
+      frac[0] * total / PROFILE.intra_mesh_collective_bandwidth + lat)
+  # Disjoint devices: every shard crosses, the busiest receiver's quarter over the d2d link.
+  assert pricer.analytic("actor", Layout.on(0, fsdp=4), Layout.on(4, fsdp=4)) == pytest.approx(
+      total / 4 / PROFILE.d2d_bandwidth + lat)
+
+
+def test_zero_priced_reallocation_adds_no_task():
+  specs, tasks = _actor_plan_tasks()
+  lays = {"gen": Layout.on(4, data=4), "inf": Layout.on(4, data=4), "train": Layout.on(0, fsdp=4)}
+  est = Estimator(PROFILE, mode="analytic", cache_dir="")
+  costs = {n: est.cost(specs[n], lays[n]) for n in specs}
+  r = simulate(tasks, specs, lays, {"gen": 1.0, "inf": 1.0, "train": 1.0}, costs, PROFILE, 8,
+               lambda model, src, dst: 0.0, record=True)
+  assert not [e for e in r.events if e.kind == "realloc"] and r.makespan == pytest.approx(9.0)
