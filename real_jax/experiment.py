@@ -113,11 +113,15 @@ class DataSpec:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingSpec:
+  """Sampling of the generate calls; ignore_eos: always generate max_new_tokens (EOS does not end a
+  response; throughput benchmarks force full-length responses this way)."""
+
   max_new_tokens: int = 16
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
   n_samples: int = 1
+  ignore_eos: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

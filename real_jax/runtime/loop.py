@@ -278,7 +278,8 @@ def run(exp: Experiment, workdir: str, *, log=print, progress: bool | None = Non
 
   sampling = SamplingConfig(max_new_tokens=exp.sampling.max_new_tokens, temperature=exp.sampling.temperature,
                             top_k=exp.sampling.top_k, top_p=exp.sampling.top_p, n=exp.sampling.n_samples,
-                            eos_id=tok.eos_id, pad_id=tok.pad_id, bucket=16)
+                            eos_id=None if exp.sampling.ignore_eos else tok.eos_id, pad_id=tok.pad_id,
+                            bucket=16)
   program = program_cls(exp, {r: s.graphdef for r, s in slots.items()}, sampling, reward_rule(exp, tok))
   engine = Engine(graph, plan, slots, program.functions())
   batches = make_batches(exp, tok, program_cls.data)
