@@ -16,9 +16,11 @@ Two tiers (search/README.md has the method and its measured error):
   all-reduces per layer, data-parallel gradient all-reduce), times per-kind calibration factors
   fitted against the compiled tier (`Profile.calibration`). Used for layouts beyond the machine.
 
-Seconds from counts: `overhead + max(flops / matmul_flops, bytes / hbm_bandwidth) + intra-host comm /
-intra_mesh_collective_bandwidth + inter-host comm / inter_host_bandwidth` (+ a per-layer step
-overhead for each decode step).
+Seconds from counts: `overhead + max(flops / matmul_flops, bytes / hbm_bandwidth) + comm_time x (intra-host
+comm / intra_mesh_collective_bandwidth + inter-host comm / inter_host_bandwidth)` (+ a per-layer step
+overhead for each decode step), times the kind's `time` factor; `overhead` (`call_overhead_s`), `comm_time`
+and `time` per call kind and `step_overhead_s` are fitted against timed calls by
+`python -m search.profile --calibrate` (`search.calibrate`).
 """
 
 from __future__ import annotations
@@ -120,11 +122,24 @@ class CallCost:
   temp_bytes: float       # peak activations / KV cache / gathered weights beyond the arguments
   tier: str = "analytic"
   steps: int = 0          # decode steps (for the per-step overhead)
+  kind: str = ""          # the call kind, for its calibration (see `parts`)
 
-  def seconds(self, profile: Profile, n_layers: int = 0) -> float:
+  def parts(self, profile: Profile, n_layers: int = 0) -> dict[str, float]:
+    """The seconds before the kind's `time` factor, by term: overhead, compute, comm and steps.
+
+    overhead: the kind's fitted `call_overhead_s`, else the profile's; comm: link seconds times the
+    kind's `comm_time` (how much communication is exposed, fitted); steps: decode steps x layers x
+    `step_overhead_s`.
+    """
+    cal = profile.calibration.get(self.kind, {})
     compute = max(self.flops / profile.matmul_flops, self.hbm_bytes / profile.hbm_bandwidth)
     comm = self.comm_intra / profile.intra_mesh_collective_bandwidth + self.comm_inter / profile.inter_host_bandwidth
-    return profile.call_overhead_s + compute + comm + self.steps * n_layers * profile.step_overhead_s
+    return {"overhead": float(cal.get("call_overhead_s", profile.call_overhead_s)), "compute": compute,
+            "comm": comm * float(cal.get("comm_time", 1.0)), "steps": self.steps * n_layers * profile.step_overhead_s}
+
+  def seconds(self, profile: Profile, n_layers: int = 0) -> float:
+    """One run of the call, before the kind's `time` factor (`Estimator.seconds` applies it)."""
+    return sum(self.parts(profile, n_layers).values())
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -178,7 +193,7 @@ def compiled_cost(spec: CallSpec, layout: Layout, devices_per_host: int) -> Call
     hbm_bytes += (steps - 1) * dec["bytes"]
     intra += (steps - 1) * dec["intra"]
     inter += (steps - 1) * dec["inter"]
-  return CallCost(flops, hbm_bytes, intra, inter, main["args"], main["temp"], "compiled", steps)
+  return CallCost(flops, hbm_bytes, intra, inter, main["args"], main["temp"], "compiled", steps, spec.kind)
 
 
 # -- analytic tier -----------------------------------------------------------------------------
@@ -235,7 +250,7 @@ def analytic_counts(spec: CallSpec, layout: Layout) -> CallCost:
     kv = b_loc * s * m.n_layers * 2 * m.n_kv_heads * m.head_dim * cb / t_kv
     temp = kv + pt
   intra, inter = comm, 0.0
-  return CallCost(flops, byts, intra, inter, args, temp, "analytic", steps)
+  return CallCost(flops, byts, intra, inter, args, temp, "analytic", steps, spec.kind)
 
 
 def split_comm(cost: CallCost, layout: Layout, devices_per_host: int) -> CallCost:
@@ -292,7 +307,7 @@ class Estimator:
     path = self._path(spec, layout, "compiled") if self.cache_dir else ""
     if path and os.path.exists(path):
       with open(path) as f:
-        cost = CallCost(**json.load(f))
+        cost = dataclasses.replace(CallCost(**json.load(f)), kind=spec.kind)  # Older entries lack kind.
       self.disk_hits += 1
     else:
       cost = compiled_cost(spec, layout, self.profile.devices_per_host)

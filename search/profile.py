@@ -5,17 +5,25 @@ reallocation cost model reads the same file). Fields beyond Hardware's:
 
 * `matmul_flops`: achieved dense bf16 (GPU) / f32 (CPU) matmul rate per device, FLOP/s.
 * `memory_bytes`: usable device memory per device.
-* `call_overhead_s`: fixed cost of dispatching one jitted call.
+* `call_overhead_s`: fixed cost of dispatching one jitted call (a kind's fitted value overrides it).
 * `step_overhead_s`: fixed cost of one decode step per layer (kernel launches; decode is latency bound).
 * `host_bandwidth`: device <-> host memory, bytes/s (frozen models resting in host memory).
 * `calibration`: per call kind, multiplicative factors of the analytic estimator tier
-  (`flops`, `bytes`, `comm`, `memory`) fitted against compiled estimates, and `time` against timed runs.
+  (`flops`, `bytes`, `comm`, `memory`) fitted against compiled estimates (`estimator.fit_calibration`),
+  and the time terms fitted against timed runs: `time` (all of the call's seconds), `comm_time`
+  (the exposed share of communication) and `call_overhead_s`.
+* `calibration_report`: what `--calibrate` timed and how well the estimator matches before and after.
 
-`python -m search.profile --out search/profiles/cpu.json` measures matmul rate, HBM (memory copy)
-bandwidth, device-to-device copy bandwidth, in-mesh all-gather bandwidth and per-call overhead on
-the machine at hand (CPU too). Calibration against timed real calls (`--calibrate`) is issue 7
-item 6 and not built yet. Estimates for a GPU cluster planned from a CPU machine take the
-GPU profile instead (see search/README.md).
+    python -m search.profile --out search/profiles/cpu.json             # micro-benchmarks only
+    python -m search.profile --calibrate --out P.json [--base h100_sxm] [--budget 240]
+    python -m search.profile --refit P.json --out P2.json               # fit again from P's records
+
+The micro-benchmarks measure matmul rate, HBM (memory copy) bandwidth, device-to-device copy
+bandwidth, in-mesh all-gather bandwidth and per-call overhead on the machine at hand (CPU too).
+`--calibrate` then times real jitted calls (generation, inference, train step; `search.calibrate`)
+and fits the time terms. With `--base`, the base profile's rates are kept (the micro-benchmarks are
+recorded in the report only) and calibrated; without it the measured rates are. Estimates for a GPU
+cluster planned from a CPU machine take the GPU profile instead (see search/README.md).
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ class Profile:
   host_bandwidth: float = 20e9
   calibration: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
   notes: str = dataclasses.field(default="", compare=False)
+  calibration_report: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
   @property
   def hardware(self) -> Hardware:
@@ -97,8 +106,11 @@ def _timeit(fn, *, reps: int = 5) -> float:
   return best
 
 
-def measure(name: str | None = None, *, size: int = 1024, copy_mb: int = 64) -> Profile:
-  """Measures the current machine's rates with small microbenchmarks (seconds on CPU)."""
+def measure(name: str | None = None, *, size: int = 0, copy_mb: int = 0) -> Profile:
+  """Measures the current machine's rates with small microbenchmarks (seconds on CPU, ~10 s on GPU).
+
+  size: matmul side (default 8192 on GPU, 1024 on CPU); copy_mb: bytes copied (1024 / 64 MiB).
+  """
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -106,15 +118,19 @@ def measure(name: str | None = None, *, size: int = 1024, copy_mb: int = 64) -> 
   devs = jax.devices()
   d0 = devs[0]
   kind = d0.platform
-  dt = jnp.bfloat16 if kind == "gpu" else jnp.float32
+  gpu = kind != "cpu"
+  size = size or (8192 if gpu else 1024)
+  copy_mb = copy_mb or (1024 if gpu else 64)
+  rounds = 10 if gpu else 1  # back-to-back calls per timing, so launch latency does not count
+  dt = jnp.bfloat16 if gpu else jnp.float32
   a = jax.device_put(jnp.ones((size, size), dt), d0)
   mm = jax.jit(lambda x: x @ x)
-  t = _timeit(lambda: mm(a).block_until_ready())
+  t = _timeit(lambda: [mm(a) for _ in range(rounds)][-1].block_until_ready()) / rounds
   matmul = 2 * size**3 / t
   n = copy_mb * 2**20 // 4
   x = jax.device_put(jnp.ones((n,), jnp.float32), d0)
   cp = jax.jit(lambda v: v + 1)
-  hbm = 2 * n * 4 / _timeit(lambda: cp(x).block_until_ready())
+  hbm = 2 * n * 4 / (_timeit(lambda: [cp(x) for _ in range(rounds)][-1].block_until_ready()) / rounds)
   tiny = jax.device_put(jnp.ones((8,), jnp.float32), d0)
   f = jax.jit(lambda v: v * 2)
   overhead = _timeit(lambda: f(tiny).block_until_ready(), reps=50)
@@ -136,25 +152,70 @@ def measure(name: str | None = None, *, size: int = 1024, copy_mb: int = 64) -> 
                  notes=f"measured by python -m search.profile on {d0.device_kind} x{len(devs)}, jax {jax.__version__}")
 
 
+MEASURED = ("matmul_flops", "hbm_bandwidth", "d2d_bandwidth", "intra_mesh_collective_bandwidth", "memory_bytes",
+            "call_overhead_s")
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(prog="python -m search.profile", description=__doc__.split("\n")[0])
   p.add_argument("--out", default="", help="write the profile JSON here (default: print it)")
   p.add_argument("--name", default=None)
   p.add_argument("--devices", type=int, default=0, help="fake CPU devices (sets XLA_FLAGS before jax starts)")
-  p.add_argument("--calibrate", default="", help="(not yet: issue 7 item 6) time a config's real calls and fit "
-                 "`calibration`")
+  p.add_argument("--calibrate", action="store_true", help="time real calls and fit the time terms "
+                 "(search/calibrate.py); the profile gets a calibration_report")
+  p.add_argument("--base", default="", help="calibrate this profile (path or name under search/profiles/) "
+                 "instead of the measured rates")
+  p.add_argument("--budget", type=float, default=240.0, help="--calibrate: seconds for micro-benchmarks and timing "
+                 "(no case starts once the budget is spent)")
+  p.add_argument("--reps", type=int, default=3, help="--calibrate: timed runs per call (median)")
+  p.add_argument("--models", default="", help="--calibrate: comma-separated shape names (default: 350m,1.3b on "
+                 "GPU, tiny,tiny2 on CPU)")
+  p.add_argument("--kinds", default="", help="--calibrate: comma-separated call kinds to time (default: generate,"
+                 "inference,train_step)")
+  p.add_argument("--refit", default="", help="fit again from the records of this calibrated profile (no timing)")
   args = p.parse_args(argv)
   if args.devices:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}").strip()
-  prof = measure(args.name)
+  if args.refit:
+    from search import calibrate as cal
+    prof = cal.refit(args.refit, Profile.load(args.base) if args.base else None)
+    if args.name:
+      prof = prof.replace(name=args.name)
+    _emit(prof, args.out)
+    print("\n".join(cal.summary_lines(prof)))
+    return
+  t0 = time.perf_counter()
+  measured = measure(args.name)
+  prof = measured
+  if args.base:
+    prof = Profile.load(args.base)
+    if args.name:
+      prof = prof.replace(name=args.name)
   if args.calibrate:
-    raise SystemExit("--calibrate: timing real calls to fit the `time` factors is issue 7 item 6 (GPU), not "
-                     "built yet; `search.estimator.fit_calibration` fits the count factors from compiled estimates")
-  if args.out:
-    prof.save(args.out)
-    print(f"wrote {args.out}")
-  print(json.dumps(prof.to_dict(), indent=2))
+    import jax
+
+    from search import calibrate as cal
+    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
+    cases = cal.default_cases(jax.devices()[0].platform, jax.device_count(), split(args.models),
+                              split(args.kinds) or cal.KINDS)
+    micro = {k: getattr(measured, k) for k in MEASURED}
+    prof = cal.calibrate(prof, out=args.out, budget_s=args.budget - (time.perf_counter() - t0), reps=args.reps,
+                         cases=cases, micro=micro)
+    _emit(prof, args.out, quiet=True)
+    print("\n".join(cal.summary_lines(prof)))
+    return
+  _emit(prof, args.out)
+
+
+def _emit(prof: Profile, out: str, *, quiet: bool = False) -> None:
+  if out:
+    prof.save(out)
+    print(f"wrote {out}")
+  if not quiet:
+    d = prof.to_dict()
+    d.pop("calibration_report", None)
+    print(json.dumps(d, indent=2))
 
 
 if __name__ == "__main__":

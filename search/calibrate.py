@@ -1,0 +1,497 @@
+"""Calibrating a hardware profile against timed real calls (`python -m search.profile --calibrate`).
+
+Method (search/README.md has the measured error):
+
+1. Cases (`default_cases`): generation (prefill + decode steps, sampling, no early EOS), inference
+   (log-probs with the LM head, values with the scalar head) and a train step (next-token loss,
+   AdamW), for two model shapes and the layouts that fit the machine: one device, and every device
+   (tensor-parallel generation and log-probs, FSDP train step and values). GPU: LLaMA-shaped
+   350M and 1.3B, bf16 compute with fp32 master weights, PPO-like lengths (prompt 128 + 128 new
+   tokens, sequences of 256). CPU: two tiny shapes in fp32.
+2. Each case runs the library's own jitted call (`real_jax.generation.generate`, `inference.logprobs` /
+   `values`, `train_step.make_train_step`) on inputs already in the layout: one warm-up (compile),
+   then the median of `reps` timed runs. Records are written after every case.
+3. The analytic estimator tier prices each case with the base profile. Per call its seconds split
+   into terms (`CallCost.parts`): overhead, compute (max of flops and HBM time), comm and decode
+   steps. The fit scales them: per kind `time` (everything) and `comm_time` (comm), and, shared by
+   the kinds, the call overhead and `step_overhead_s` (per decode step and layer). It minimises the squared log-ratio
+   predicted / measured over the timed calls, plus 1e-3 x the squared log of each factor's change
+   (so factors the cases cannot tell apart keep their base values). Levenberg-Marquardt in numpy.
+   A fit that does not lower the error keeps the base profile.
+4. Held-out check: the fit is repeated on every model shape but the largest, and the largest
+   shape's calls are predicted with it (extrapolation to a bigger model, as planning does). The
+   written profile is fitted on all calls.
+
+Layering: like `search/__main__.py`, this module is a composition root. It imports `real_jax`
+lazily inside `time_cases` to build and time models; the fit (`fit`, `predict`) needs only numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from search.estimator import KINDS, CallSpec, Estimator, ModelShape
+from search.plan import layout_from_text
+from search.profile import Profile
+from sharding import Layout
+
+REG = 1e-3          # weight of the squared log-change of each fitted factor
+STEP_REF = 1e-5     # reference step overhead (s) when the base profile has none (a kernel launch or two)
+
+# Model shapes (ModelConfig fields) used when `real_jax.models.PRESETS` lacks the name. "350m" and
+# "1.3b" are LLaMA-shaped with OPT-like widths and depths (vocab 32000); "tiny2" is a CPU shape.
+SHAPES = {
+    "350m": dict(vocab_size=32000, d_model=1024, n_layers=24, n_heads=16, n_kv_heads=16, head_dim=64, d_ff=2816,
+                 rms_eps=1e-5, max_seq_len=4096),
+    "1.3b": dict(vocab_size=32000, d_model=2048, n_layers=24, n_heads=32, n_kv_heads=32, head_dim=64, d_ff=5504,
+                 rms_eps=1e-5, max_seq_len=4096),
+    "tiny2": dict(vocab_size=512, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=256),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One timed call: model shape name, kind, head ("lm" / "scalar"), layout text and sizes."""
+
+  model: str
+  kind: str
+  head: str
+  layout: str
+  batch: int
+  seq_len: int = 0
+  prompt_len: int = 0
+  new_tokens: int = 0
+
+  @property
+  def name(self) -> str:
+    size = f"b{self.batch}p{self.prompt_len}n{self.new_tokens}" if self.kind == "generate" else \
+        f"b{self.batch}s{self.seq_len}"
+    what = {"generate": "generate", "train_step": "train", "inference": "logprobs" if self.head == "lm" else "values"}
+    return f"{self.model} {what[self.kind]} {self.layout} {size}"
+
+  def spec(self, shape: ModelShape) -> CallSpec:
+    return CallSpec(self.name, self.model, self.kind, self.batch, shape, seq_len=self.seq_len,
+                    prompt_len=self.prompt_len, new_tokens=self.new_tokens, trained=self.kind == "train_step",
+                    head=self.head)
+
+
+def default_cases(platform: str, num_devices: int, models: Sequence[str] = (),
+                  kinds: Sequence[str] = KINDS) -> list[Case]:
+  """The calibration cases for this machine (see module docstring).
+
+  Order: every model on one device, then every model on all devices (one device: larger sizes), so
+  a run cut short by its budget still has both model shapes (for the held-out check); a model's
+  generation and log-probs on one layout are adjacent and share the built model.
+  """
+  gpu = platform != "cpu"
+  models = list(models) or (["350m", "1.3b"] if gpu else ["tiny", "tiny2"])
+  b, p, m, t = (32, 128, 128, 256) if gpu else (8, 16, 8, 32)
+  n = num_devices
+  one = "0:1/d1f1t1"
+  tp = min(n, 4)  # Tensor parallelism over at most 4 devices (the tiny shapes have 4 heads), data beyond.
+  tensor = f"0:{n}/d{n // tp}f1t{tp}"
+  fsdp = f"0:{n}/d1f{n}t1"
+  out = []
+  for model in models:
+    out += [Case(model, "generate", "lm", one, b, prompt_len=p, new_tokens=m),
+            Case(model, "inference", "lm", one, b, seq_len=t),
+            Case(model, "inference", "scalar", one, b, seq_len=t),
+            Case(model, "train_step", "lm", one, b // 2, seq_len=t)]
+  for model in models:
+    if n > 1:
+      out += [Case(model, "generate", "lm", tensor, b, prompt_len=p, new_tokens=m),
+              Case(model, "inference", "lm", tensor, b, seq_len=t),
+              Case(model, "inference", "scalar", fsdp, b, seq_len=t),
+              Case(model, "train_step", "lm", fsdp, max(b // 2, n), seq_len=t)]
+    else:  # One device: more sizes instead of more layouts.
+      out += [Case(model, "generate", "lm", one, 2 * b, prompt_len=p, new_tokens=m),
+              Case(model, "train_step", "lm", one, b, seq_len=t)]
+  bad = set(kinds) - set(KINDS)
+  if bad:
+    raise ValueError(f"calibration kinds {sorted(bad)}: expected some of {KINDS}")
+  return [c for c in out if c.kind in kinds]
+
+
+# -- timing real calls ---------------------------------------------------------------------------
+
+
+def model_config(name: str, platform: str):
+  """The ModelConfig of a shape name: bf16 compute with fp32 masters on GPU, fp32 on CPU."""
+  from real_jax.models import PRESETS, ModelConfig
+  dt = dict(dtype="bfloat16", param_dtype="float32") if platform != "cpu" else dict(dtype="float32",
+                                                                                   param_dtype="float32")
+  if name in PRESETS:
+    return dataclasses.replace(PRESETS[name], **dt)
+  if name not in SHAPES:
+    raise ValueError(f"calibration model {name!r}: not a real_jax preset nor one of {sorted(SHAPES)}")
+  return ModelConfig(**SHAPES[name], **dt)
+
+
+def _median_time(fn: Callable[[], Any], reps: int) -> tuple[float, list[float], float]:
+  """(median seconds, all timed seconds, warm-up seconds) of fn() with its result blocked on."""
+  import jax
+  t = time.perf_counter()
+  jax.block_until_ready(fn())
+  warm = time.perf_counter() - t
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return statistics.median(times), times, warm
+
+
+_BUILT: dict[str, Any] = {}  # The last built (graphdef, state), reused by the next case of the same model/layout/head.
+
+
+def _runner(case: Case, cfg, layout: Layout) -> Callable[[], Any]:
+  """A closure that runs the case's real call once (the model built and the inputs placed here)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from real_jax import inference
+  from real_jax._calls import batch_sharding
+  from real_jax.generation import SamplingConfig, generate
+  from real_jax.models import create_model
+  from real_jax.optim import OptimizerConfig
+  from real_jax.train_step import init_train_state, make_train_step, next_token_loss
+
+  rng = np.random.default_rng(0)
+  length = case.prompt_len if case.kind == "generate" else case.seq_len
+  shape = (case.batch, length)
+  tokens = jax.device_put(jnp.asarray(rng.integers(3, cfg.vocab_size, size=shape), jnp.int32),
+                          batch_sharding(layout, shape))
+  mask = jax.device_put(jnp.ones(shape, bool), batch_sharding(layout, shape))
+  if case.kind != "train_step":
+    key = (case.model, case.layout, case.head)
+    if _BUILT.get("key") != key:
+      _BUILT.clear()  # Free the previous model before building the next.
+      gc.collect()
+      _BUILT.update(key=key, split=nnx.split(create_model(cfg, layout, seed=0, head=case.head)))
+    graphdef, state = _BUILT["split"]
+  if case.kind == "generate":
+    sc = SamplingConfig(max_new_tokens=case.new_tokens, temperature=1.0, eos_id=None, bucket=case.prompt_len)
+    key = jax.random.key(0)
+    return lambda: generate((graphdef, state), tokens, mask, key, sc, layout).tokens
+  if case.kind == "inference":
+    if case.head == "lm":
+      return lambda: inference.logprobs((graphdef, state), tokens, mask, layout)
+    return lambda: inference.values((graphdef, state), tokens, mask, layout)
+  _BUILT.clear()  # The train state is built fresh (its parameters are donated by every step).
+  gc.collect()
+  model = create_model(cfg, layout, seed=0, head=case.head)
+  opt = OptimizerConfig(lr=1e-5, warmup_steps=10, decay_steps=1000)
+  graphdef = nnx.graphdef(model)
+  holder = [init_train_state(model, opt, layout)]
+  del model
+  batch = {"tokens": tokens, "mask": mask}
+  step = make_train_step(graphdef, next_token_loss, opt, layout, params=holder[0].params, batch_example=batch)
+
+  def run():
+    holder[0], metrics = step(holder[0], batch)  # The old state is donated.
+    return metrics["loss"]
+  return run
+
+
+def time_case(case: Case, platform: str, reps: int) -> dict[str, Any]:
+  """Times one case; the record holds the case, its model shape numbers and the measured seconds."""
+  from real_jax.plan_inputs import model_shape
+  cfg = model_config(case.model, platform)
+  layout = layout_from_text(case.layout, what=f"calibration case {case.name}")
+  rec: dict[str, Any] = {"name": case.name, **dataclasses.asdict(case),
+                         "shape": dataclasses.asdict(model_shape(cfg, case.head))}
+  t0 = time.perf_counter()
+  try:
+    run = _runner(case, cfg, layout)
+    med, times, warm = _median_time(run, reps)
+    rec.update(measured_s=med, times_s=times, warmup_s=warm)
+  except Exception as e:  # noqa: BLE001  (one failing case, e.g. out of memory, must not end the run)
+    rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+  finally:
+    run = None
+    gc.collect()
+  rec["wall_s"] = time.perf_counter() - t0
+  return rec
+
+
+# -- predictions and the fit -------------------------------------------------------------------
+
+
+def _spec_layout(rec: dict) -> tuple[CallSpec, Layout]:
+  case = Case(**{f.name: rec[f.name] for f in dataclasses.fields(Case)})
+  return case.spec(ModelShape(**rec["shape"])), layout_from_text(rec["layout"])
+
+
+def predict(profile: Profile, rec: dict) -> float:
+  """The analytic estimator's seconds for one recorded case under `profile`."""
+  spec, layout = _spec_layout(rec)
+  return Estimator(profile, mode="analytic", cache_dir="").seconds(spec, layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Param:
+  name: str     # "time", "comm_time", "call_overhead_s" (per kind) or "step_overhead_s"
+  kind: str     # call kind, "" for step_overhead_s
+  base: float   # value at u = 0 (the reference the regulariser pulls towards)
+
+
+def _terms(profile: Profile, rec: dict) -> dict[str, float]:
+  """The case's seconds by term under `profile` (time factor not applied; steps as steps x layers)."""
+  spec, layout = _spec_layout(rec)
+  cost = Estimator(profile, mode="analytic", cache_dir="").cost(spec, layout)
+  parts = cost.parts(profile, spec.shape.n_layers)
+  return {"compute": parts["compute"], "comm": parts["comm"], "step_units": cost.steps * spec.shape.n_layers}
+
+
+def _params(profile: Profile, recs: Sequence[dict], terms: Sequence[dict]) -> list[_Param]:
+  """What the fit may change: per kind timed, `time` and (where a call communicates) `comm_time`;
+  one call overhead shared by the kinds (`call_overhead_s` per kind in the result); and
+  `step_overhead_s` where a call decodes."""
+  out = []
+  for kind in KINDS:
+    rows = [t for r, t in zip(recs, terms) if r["kind"] == kind]
+    if not rows:
+      continue
+    out.append(_Param("time", kind, float(profile.calibration.get(kind, {}).get("time", 1.0))))
+    if any(t["comm"] > 0 for t in rows):
+      out.append(_Param("comm_time", kind, 1.0))  # Relative to the base comm term (base comm_time applied).
+  out.append(_Param("call_overhead_s", "", 1.0))  # Relative to each kind's base overhead.
+  if any(t["step_units"] > 0 for t in terms):
+    out.append(_Param("step_overhead_s", "", profile.step_overhead_s or STEP_REF))
+  return out
+
+
+def _predict_terms(params: list[_Param], u: np.ndarray, recs: Sequence[dict], terms: Sequence[dict],
+                   profile: Profile) -> np.ndarray:
+  val = {(p.name, p.kind): p.base * math.exp(x) for p, x in zip(params, u)}
+  step = val.get(("step_overhead_s", ""), profile.step_overhead_s)
+  over_scale = val.get(("call_overhead_s", ""), 1.0)
+  out = []
+  for r, t in zip(recs, terms):
+    k = r["kind"]
+    cal = profile.calibration.get(k, {})
+    over = over_scale * float(cal.get("call_overhead_s", profile.call_overhead_s))
+    scale = val.get(("time", k), float(cal.get("time", 1.0)))
+    comm = t["comm"] * val.get(("comm_time", k), 1.0)
+    out.append(scale * (over + t["compute"] + comm + t["step_units"] * step))
+  return np.asarray(out)
+
+
+def _levenberg_marquardt(resid: Callable[[np.ndarray], np.ndarray], u0: np.ndarray, iters: int = 200) -> np.ndarray:
+  """argmin |resid(u)|^2 by Levenberg-Marquardt with a central-difference Jacobian; u clipped to +-15."""
+  u, mu = u0.copy(), 1e-2
+  r = resid(u)
+  cost = float(r @ r)
+  for _ in range(iters):
+    h = 1e-5
+    jac = np.stack([(resid(u + h * e) - resid(u - h * e)) / (2 * h) for e in np.eye(len(u))], axis=1)
+    g = jac.T @ r
+    a = jac.T @ jac
+    improved = False
+    for _ in range(20):
+      step = np.linalg.solve(a + mu * (np.diag(np.diag(a)) + np.eye(len(u))), -g)
+      cand = np.clip(u + step, -15.0, 15.0)
+      rc = resid(cand)
+      if float(rc @ rc) < cost:
+        u, r, cost, mu, improved = cand, rc, float(rc @ rc), max(mu / 3, 1e-9), True
+        break
+      mu *= 4
+    if not improved or float(np.abs(step).max()) < 1e-9:
+      break
+  return u
+
+
+def _log_err(pred: np.ndarray, meas: np.ndarray) -> float:
+  return float(np.sum(np.log(pred / meas) ** 2))
+
+
+def fit(profile: Profile, recs: Sequence[dict]) -> tuple[Profile, dict[str, Any]]:
+  """The profile with fitted time terms (module docstring, step 3) and what was fitted.
+
+  recs: timed records (with `measured_s`, no `error`). Count factors (`flops`, `bytes`, `comm`,
+  `memory`) are kept.
+  """
+  recs = [r for r in recs if r.get("measured_s")]
+  if not recs:
+    raise ValueError("calibration fit: no timed calls (every case failed or none ran)")
+  terms = [_terms(profile, r) for r in recs]
+  params = _params(profile, recs, terms)
+  meas = np.asarray([r["measured_s"] for r in recs])
+
+  def resid(u):
+    pred = _predict_terms(params, u, recs, terms, profile)
+    return np.concatenate([np.log(pred / meas), math.sqrt(REG) * u])
+
+  before = np.asarray([predict(profile, r) for r in recs])
+  u = _levenberg_marquardt(resid, np.zeros(len(params)))
+  after = _predict_terms(params, u, recs, terms, profile)
+  info = {"calls": len(recs), "kinds": sorted({r["kind"] for r in recs}),
+          "models": sorted({r["model"] for r in recs}), "log_sq_err_before": _log_err(before, meas),
+          "log_sq_err_after": _log_err(after, meas)}
+  if info["log_sq_err_after"] >= info["log_sq_err_before"]:
+    info["kept_base"] = "the fit did not lower the error"
+    return profile, info
+  cal = {k: dict(v) for k, v in profile.calibration.items()}
+  step = profile.step_overhead_s
+  fitted = {}
+  kinds = sorted({r["kind"] for r in recs})
+  for p, x in zip(params, u):
+    v = p.base * math.exp(float(x))
+    if p.name == "step_overhead_s":
+      step = v
+      fitted[p.name] = v
+    elif p.name == "call_overhead_s":
+      for k in kinds:
+        kc = cal.setdefault(k, {})
+        kc[p.name] = v * float(kc.get(p.name, profile.call_overhead_s))
+        fitted[f"{k}.{p.name}"] = kc[p.name]
+    else:
+      if p.name == "comm_time":
+        v *= float(cal.get(p.kind, {}).get("comm_time", 1.0))
+      cal.setdefault(p.kind, {})[p.name] = v
+      fitted[f"{p.kind}.{p.name}"] = v
+  info["fitted"] = fitted
+  return profile.replace(calibration=cal, step_overhead_s=step), info
+
+
+def _errors(pred: Sequence[float], meas: Sequence[float]) -> dict[str, float]:
+  rel = [abs(p / m - 1.0) for p, m in zip(pred, meas)]
+  return {"calls": len(rel), "median_abs_rel_err": statistics.median(rel) if rel else float("nan"),
+          "max_abs_rel_err": max(rel) if rel else float("nan")}
+
+
+def report(base: Profile, records: Sequence[dict]) -> tuple[Profile, dict[str, Any]]:
+  """Fits `base` to the timed records; returns the fitted profile and the calibration report parts
+  (per record: predicted before / after / held out and relative errors; summaries)."""
+  timed = [r for r in records if r.get("measured_s")]
+  fitted, info = fit(base, timed)
+  models = list(dict.fromkeys(r["model"] for r in timed))
+  held: dict[str, Any] = {"note": "needs timed calls of at least two model shapes"}
+  hold_fit = None
+  if len(models) >= 2:
+    train = [r for r in timed if r["model"] != models[-1]]
+    hold_fit, hold_info = fit(base, train)
+    held = {"fit_on": models[:-1], "held_out": models[-1], "fit": hold_info}
+  out = []
+  for r in records:
+    r = dict(r)
+    if r.get("measured_s"):
+      m = r["measured_s"]
+      r["predicted_before_s"] = predict(base, r)
+      r["predicted_after_s"] = predict(fitted, r)
+      r["rel_err_before"] = r["predicted_before_s"] / m - 1.0
+      r["rel_err_after"] = r["predicted_after_s"] / m - 1.0
+      if hold_fit is not None:
+        r["role"] = "held_out" if r["model"] == models[-1] else "fit"
+        r["predicted_holdout_fit_s"] = predict(hold_fit, r)
+        r["rel_err_holdout_fit"] = r["predicted_holdout_fit_s"] / m - 1.0
+    out.append(r)
+  ok = [r for r in out if r.get("measured_s")]
+  meas = [r["measured_s"] for r in ok]
+  summary = {"all_calls": {"before": _errors([r["predicted_before_s"] for r in ok], meas),
+                           "after": _errors([r["predicted_after_s"] for r in ok], meas)}}
+  if hold_fit is not None:
+    for role in ("fit", "held_out"):
+      sel = [r for r in ok if r["role"] == role]
+      summary[f"{role}_calls_of_holdout_fit"] = {
+          "before": _errors([r["predicted_before_s"] for r in sel], [r["measured_s"] for r in sel]),
+          "after": _errors([r["predicted_holdout_fit_s"] for r in sel], [r["measured_s"] for r in sel])}
+  return fitted, {"fit": info, "holdout": held, "summary": summary, "records": out}
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+  import jax
+  d = jax.devices()[0]
+  return {"platform": d.platform, "device_kind": d.device_kind, "devices": jax.device_count(), "jax": jax.__version__}
+
+
+def calibrate(base: Profile, *, out: str = "", budget_s: float = 240.0, reps: int = 3,
+              cases: Sequence[Case] | None = None, micro: dict | None = None,
+              log: Callable[[str], None] = print) -> Profile:
+  """Times the cases within `budget_s` (from now), fits `base`, returns (and writes to `out`) the
+  profile with its `calibration_report`. The profile file is rewritten after every timed case."""
+  import jax
+  t0 = time.perf_counter()
+  mach = machine()
+  cases = list(cases) if cases is not None else default_cases(mach["platform"], jax.device_count())
+  head = {"method": "search/calibrate.py (module docstring); errors: predicted / measured - 1",
+          "machine": mach, "date": datetime.datetime.now().isoformat(timespec="seconds"), "base": base.name,
+          "budget_s": budget_s, "reps": reps, "micro": micro or {},
+          "base_profile": base.replace(calibration_report={}).to_dict()}
+  records: list[dict] = []
+  skipped: list[str] = []
+
+  def save(prof: Profile, rep: dict) -> None:
+    if out:
+      prof.replace(calibration_report=rep).save(out)
+
+  for i, case in enumerate(cases):
+    spent = time.perf_counter() - t0
+    per = spent / len(records) if records else 0.0
+    if spent + 1.5 * per > budget_s:
+      skipped += [c.name for c in cases[i:]]
+      log(f"budget: {spent:.0f} s of {budget_s:.0f} spent, {len(cases) - i} case(s) not run")
+      break
+    rec = time_case(case, mach["platform"], reps)
+    records.append(rec)
+    msg = f"{rec['measured_s'] * 1e3:.2f} ms" if "measured_s" in rec else rec["error"]
+    log(f"[{time.perf_counter() - t0:6.1f} s] {case.name}: {msg}")
+    save(base, head | {"status": f"timing: {len(records)} of {len(cases)} cases", "records": records,
+                       "skipped": skipped})
+  _BUILT.clear()
+  fitted, rep = report(base, records)
+  rep = head | {"status": "fitted", "wall_s": time.perf_counter() - t0, "skipped": skipped} | rep
+  notes = (f"{base.notes} | calibrated against {len(rep['records'])} timed calls on {mach['device_kind']} "
+           f"x{mach['devices']} (jax {mach['jax']}, {head['date']}): see calibration_report").strip(" |")
+  fitted = fitted.replace(notes=notes, calibration_report=rep)
+  if out:
+    fitted.save(out)
+  return fitted
+
+
+def refit(path: str, base: Profile | None = None) -> Profile:
+  """Fits again from the records of a profile written by `calibrate` (e.g. a run cut off before its
+  fit, or after changing the fit); `base` defaults to the base profile that run started from."""
+  written = Profile.load(path)
+  rep = dict(written.calibration_report)
+  if not rep.get("records"):
+    raise ValueError(f"{path}: no calibration_report.records to fit")
+  if base is None:
+    if "base_profile" not in rep:
+      raise ValueError(f"{path}: calibration_report has no base_profile; pass the base profile (--base)")
+    base = Profile.from_dict(rep["base_profile"])
+  fitted, new = report(base, rep["records"])
+  rep.update(new, status="refitted", base=base.name)
+  return fitted.replace(calibration_report=rep)
+
+
+def summary_lines(profile: Profile) -> list[str]:
+  """A short human summary of a calibrated profile's report."""
+  rep = profile.calibration_report
+  lines = []
+  for name, s in rep.get("summary", {}).items():
+    b, a = s["before"], s["after"]
+    lines.append(f"{name}: {a['calls']} calls, |rel err| median {b['median_abs_rel_err']:.0%} -> "
+                 f"{a['median_abs_rel_err']:.0%}, max {b['max_abs_rel_err']:.0%} -> {a['max_abs_rel_err']:.0%}")
+  fitted = rep.get("fit", {}).get("fitted", {})
+  if fitted:
+    lines.append("fitted: " + ", ".join(f"{k}={v:.3g}" for k, v in fitted.items()))
+  return lines
+
+
+__all__ = ["Case", "calibrate", "default_cases", "fit", "predict", "refit", "report", "summary_lines",
+           "time_case"]

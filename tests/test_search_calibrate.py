@@ -1,0 +1,103 @@
+"""search.calibrate: the time-term fit on known numbers, and `python -m search.profile --calibrate` end to end."""
+
+import dataclasses
+import json
+
+import pytest
+
+from search import ModelShape, Profile
+from search.calibrate import Case, default_cases, fit, predict, report
+
+PROFILE = Profile("test", 8, matmul_flops=1e12, hbm_bandwidth=1e11, d2d_bandwidth=1e10, inter_host_bandwidth=1e9,
+                  intra_mesh_collective_bandwidth=1e10, memory_bytes=1e9, call_overhead_s=1e-4)
+SMALL = ModelShape(d_model=256, n_layers=4, n_heads=4, n_kv_heads=4, head_dim=64, d_ff=1024, vocab_size=1000,
+                   params=4_000_000)
+LARGE = dataclasses.replace(SMALL, d_model=512, n_layers=8, head_dim=128, d_ff=2048, params=30_000_000)
+# The "machine": 2 ms per call, generation 1.8x slower than counted plus 40 us per decode step and layer,
+# inference as counted, train steps 1.3x with half their communication hidden.
+TRUE = PROFILE.replace(step_overhead_s=4e-5, call_overhead_s=2e-3, calibration={
+    "generate": {"time": 1.8}, "train_step": {"time": 1.3, "comm_time": 0.5}})
+
+
+def _records(shapes):
+  recs = []
+  for name, shape in shapes.items():
+    cases = [Case(name, "generate", "lm", "0:1/d1f1t1", 8, prompt_len=16, new_tokens=32),
+             Case(name, "generate", "lm", "0:4/d1f1t4", 16, prompt_len=32, new_tokens=16),
+             Case(name, "inference", "lm", "0:1/d1f1t1", 8, seq_len=64),
+             Case(name, "inference", "scalar", "0:4/d1f4t1", 16, seq_len=128),
+             Case(name, "train_step", "lm", "0:1/d1f1t1", 8, seq_len=64),
+             Case(name, "train_step", "lm", "0:4/d1f4t1", 16, seq_len=64)]
+    for c in cases:
+      rec = {"name": c.name, **dataclasses.asdict(c), "shape": dataclasses.asdict(shape)}
+      rec["measured_s"] = predict(TRUE, rec)
+      recs.append(rec)
+  return recs
+
+
+def test_fit_recovers_known_time_terms():
+  recs = _records({"small": SMALL, "large": LARGE})
+  fitted, info = fit(PROFILE, recs)
+  assert info["log_sq_err_after"] < 1e-4 * info["log_sq_err_before"]
+  for r in recs:
+    assert predict(fitted, r) == pytest.approx(r["measured_s"], rel=0.01)
+  assert fitted.step_overhead_s == pytest.approx(4e-5, rel=0.1)
+  assert fitted.calibration["train_step"]["comm_time"] == pytest.approx(0.5, rel=0.1)
+  round_trip = Profile.from_dict(json.loads(json.dumps(fitted.to_dict())))
+  assert round_trip.calibration == fitted.calibration and round_trip == fitted
+
+
+def test_report_holds_out_the_largest_model():
+  recs = _records({"small": SMALL, "large": LARGE})
+  _, rep = report(PROFILE, recs)
+  assert rep["holdout"]["fit_on"] == ["small"] and rep["holdout"]["held_out"] == "large"
+  roles = {r["model"]: r["role"] for r in rep["records"]}
+  assert roles == {"small": "fit", "large": "held_out"}
+  held = rep["summary"]["held_out_calls_of_holdout_fit"]
+  assert held["before"]["calls"] == 6 and held["after"]["max_abs_rel_err"] < held["before"]["max_abs_rel_err"]
+  assert rep["summary"]["all_calls"]["after"]["max_abs_rel_err"] < 0.01
+
+
+def test_fit_keeps_the_base_when_nothing_improves():
+  recs = _records({"small": SMALL})
+  for r in recs:
+    r["measured_s"] = predict(PROFILE, r)  # Already exact.
+  fitted, info = fit(PROFILE, recs)
+  assert fitted is PROFILE and "kept_base" in info
+
+
+def test_default_cases_fit_the_machine():
+  for n in (1, 4, 8):
+    for c in default_cases("gpu", n):
+      dm, st = c.layout.split("/")
+      start, size = map(int, dm.split(":"))
+      assert start + size <= n and c.batch % (int(st[1]) * int(st[st.index("f") + 1])) == 0
+  assert {c.model for c in default_cases("gpu", 4)} == {"350m", "1.3b"}
+  assert len(default_cases("cpu", 8, kinds=("generate",))) == 4
+  with pytest.raises(ValueError, match="calibration kinds"):
+    default_cases("cpu", 8, kinds=("decode",))
+
+
+def test_calibrate_cli_on_cpu(tmp_path, capsys):
+  from search import calibrate
+  from search.profile import main
+  out = tmp_path / "cpu_calibrated.json"
+  # The budget lets the first one to three cases run on this (shared, slow) CPU; every case compiles.
+  main(["--calibrate", "--models", "tiny,tiny2", "--kinds", "generate,inference", "--budget", "50", "--reps", "2",
+        "--out", str(out)])
+  assert "all_calls:" in capsys.readouterr().out
+  prof = Profile.load(str(out))
+  assert Profile.from_dict(json.loads(json.dumps(prof.to_dict()))) == prof  # round trip
+  rep = prof.calibration_report
+  assert rep["status"] == "fitted" and rep["machine"]["devices"] == 8 and rep["micro"]["matmul_flops"] > 0
+  timed = [r for r in rep["records"] if r.get("measured_s")]
+  assert timed and timed[0]["name"] == "tiny generate 0:1/d1f1t1 b8p16n8"
+  before = sum(abs(r["rel_err_before"]) for r in timed)
+  after = sum(abs(r["rel_err_after"]) for r in timed)
+  assert after < before, (before, after)
+  assert set(prof.calibration) >= {r["kind"] for r in timed}
+  # A refit from the written records (no timing) reproduces the fit.
+  again = calibrate.refit(str(out))
+  for kind, factors in prof.calibration.items():
+    assert again.calibration[kind] == pytest.approx(factors, rel=1e-6)
+  assert again.step_overhead_s == pytest.approx(prof.step_overhead_s, rel=1e-6)
