@@ -71,7 +71,7 @@ class LeafPlan:
   reshard_bytes: int         # Max bytes one source device receives in the reshard.
   copy_bytes: int            # Total bytes over device-to-device links.
   seconds: float             # Predicted time under the hardware profile.
-  stages: tuple[float, float, float, float]  # reshard, slice, copy, assemble seconds.
+  stages: tuple[float, float, float, float]  # reshard, pack, copy, unpack seconds.
 
 
 def _grid(rs: dict[jax.Device, Region], ndim: int) -> tuple[int, ...]:
@@ -110,25 +110,14 @@ def _process(d: jax.Device) -> int:
   return d.process_index
 
 
-def _assign(src_rs: dict[jax.Device, Region], tgt_rs: dict[jax.Device, Region], itemsize: int,
-            hw: Hardware, assemble: bool):
-  """Pieces for every target device, taken from the least-loaded holder (itself if it holds one).
-
-  Returns (pieces, (slice_s, copy_s, assemble_s), copy_bytes), or None when `assemble` is False
-  and some target region is not inside a single source region.
-  """
+def _assign(src_rs: dict[jax.Device, Region], tgt_rs: dict[jax.Device, Region], assemble: bool):
+  """Pieces for every target device, taken from the least-loaded holder (itself if it holds one),
+  or None when `assemble` is False and some target region is not inside a single source region."""
   holders: dict[Region, list[jax.Device]] = {}
   for d, r in src_rs.items():
     holders.setdefault(r, []).append(d)
   load_out: dict[jax.Device, int] = {}
-  load_in: dict[jax.Device, int] = {}
-  sliced: dict[jax.Device, int] = {}
-  built: dict[jax.Device, int] = {}
-  ncopies: dict[jax.Device, int] = {}
-  pair: dict[tuple[jax.Device, jax.Device], int] = {}
   pieces = []
-  copy_bytes = 0
-  cross = False
   for dst, r in tgt_rs.items():
     cells = []
     for sr in holders:
@@ -140,29 +129,50 @@ def _assign(src_rs: dict[jax.Device, Region], tgt_rs: dict[jax.Device, Region], 
     for sr, box in cells:
       hs = holders[sr]
       src = dst if dst in hs else min(hs, key=lambda s: (load_out.get(s, 0), _process(s) != _process(dst)))
-      nbytes = _size(box) * itemsize
-      local = None if box == sr else tuple((a - c, b - c) for (a, b), (c, _) in zip(box, sr))
-      if local is not None:
-        sliced[src] = sliced.get(src, 0) + nbytes
       if src != dst:
-        load_out[src] = load_out.get(src, 0) + nbytes
-        load_in[dst] = load_in.get(dst, 0) + nbytes
-        pair[src, dst] = pair.get((src, dst), 0) + nbytes
-        ncopies[src] = ncopies.get(src, 0) + 1
-        copy_bytes += nbytes
-        cross |= _process(src) != _process(dst)
-      whole = len(cells) == 1
-      if not whole:
-        built[dst] = built.get(dst, 0) + nbytes
+        load_out[src] = load_out.get(src, 0) + _size(box)
+      local = None if box == sr else tuple((a - c, b - c) for (a, b), (c, _) in zip(box, sr))
       pieces.append(Piece(dst, src, local, tuple(a - c for (a, _), (c, _) in zip(box, r)),
-                          tuple(b - a for a, b in box), whole))
-  bw = hw.inter_host_bandwidth if cross else hw.d2d_bandwidth
-  busiest = max([*load_out.values(), *load_in.values(), 0])
-  copy_s = max([*(b / bw for b in pair.values()), busiest / hw.d2d_device_bandwidth])
-  copy_s += max(ncopies.values()) * hw.transfer_latency_s if ncopies else 0.0
-  slice_s = 2 * max([*sliced.values(), 0]) / hw.hbm_bandwidth
-  assemble_s = 2 * max([*built.values(), 0]) / hw.hbm_bandwidth
-  return tuple(pieces), (slice_s, copy_s, assemble_s), copy_bytes
+                          tuple(b - a for a, b in box), len(cells) == 1))
+  return tuple(pieces)
+
+
+def is_passthrough(pieces: tuple[Piece, ...]) -> bool:
+  """Every target shard is literally its own device's intermediate (or source) shard: no copy at all."""
+  return bool(pieces) and all(pc.src == pc.dst and pc.whole and pc.local is None for pc in pieces)
+
+
+def link_seconds(pair_bytes: dict, hw: Hardware) -> float:
+  """Seconds for device-to-device copies of `pair_bytes[(src, dst)]` bytes, all in flight at once:
+  the slowest pair, or the busiest device's total in or out, whichever is longer."""
+  out: dict = {}
+  inn: dict = {}
+  slowest = 0.0
+  for (s, d), b in pair_bytes.items():
+    out[s] = out.get(s, 0) + b
+    inn[d] = inn.get(d, 0) + b
+    bw = hw.inter_host_bandwidth if _process(s) != _process(d) else hw.d2d_bandwidth
+    slowest = max(slowest, b / bw)
+  return max(slowest, max([*out.values(), *inn.values(), 0]) / hw.d2d_device_bandwidth)
+
+
+def _path_stages(pieces, itemsize: int, hw: Hardware) -> tuple[float, float, float, int]:
+  """(pack, copy, unpack) seconds and link bytes of the general path for one leaf's pieces: every piece
+  is packed on its source (its own device's too), copied unless it is there, unpacked on its target."""
+  if is_passthrough(pieces):
+    return 0.0, 0.0, 0.0, 0
+  packed: dict = {}
+  built: dict = {}
+  pair: dict = {}
+  for pc in pieces:
+    n = math.prod(pc.shape) * itemsize
+    packed[pc.src] = packed.get(pc.src, 0) + n
+    built[pc.dst] = built.get(pc.dst, 0) + n
+    if pc.src != pc.dst:
+      pair[pc.src, pc.dst] = pair.get((pc.src, pc.dst), 0) + n
+  pack_s = 2 * max(packed.values()) / hw.hbm_bandwidth
+  unpack_s = 2 * max(built.values()) / hw.hbm_bandwidth
+  return pack_s, link_seconds(pair, hw), unpack_s, sum(pair.values())
 
 
 def _xla_rematerializes(src_rs, irs, ndim) -> bool:
@@ -184,7 +194,9 @@ def plan_leaf(shape: tuple[int, ...], itemsize: int, src: NamedSharding, dst: Na
 
   mode "reshard": only intermediates whose shards contain whole target shards (no assembly);
   "pieces": no reshard, target shards assembled from pieces of the source shards; "auto": the
-  cheapest of both.
+  cheapest of both. A plan's seconds: the reshard (bytes received per device over the collective
+  bandwidth plus one collective's latency), packing, copies and unpacking in HBM, and its host
+  work (one assembled array for a pass-through plan, else a few jitted-program arguments).
   """
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -206,10 +218,10 @@ def plan_leaf(shape: tuple[int, ...], itemsize: int, src: NamedSharding, dst: Na
       options.append((inter, regions(inter, shape), False))
   best = None
   for inter, irs, assemble in options:
-    a = _assign(irs, tgt_rs, itemsize, hw, assemble)
-    if a is None:
+    pieces = _assign(irs, tgt_rs, assemble)
+    if pieces is None:
       continue
-    pieces, (slice_s, copy_s, assemble_s), copy_bytes = a
+    pack_s, copy_s, unpack_s, copy_bytes = _path_stages(pieces, itemsize, hw)
     if inter is None:
       recv = 0
     elif _xla_rematerializes(src_rs, irs, len(shape)):
@@ -218,9 +230,11 @@ def plan_leaf(shape: tuple[int, ...], itemsize: int, src: NamedSharding, dst: Na
       recv = max(math.prod(shape) - _size(src_rs[d]) for d in irs) * itemsize
     else:
       recv = max(_size(r) - _overlap(r, src_rs[d]) for d, r in irs.items()) * itemsize
-    reshard_s = recv / hw.intra_mesh_collective_bandwidth + (hw.transfer_latency_s if inter is not None else 0)
-    stages = (reshard_s, slice_s, copy_s, assemble_s)
-    seconds = sum(stages)
+    reshard_s = (recv / hw.intra_mesh_collective_bandwidth + hw.collective_latency_s + 2 * hw.leaf_arg_s
+                 if inter is not None else 0.0)
+    host_s = hw.leaf_assemble_s if is_passthrough(pieces) else hw.leaf_arg_s * (1 + len({p.src for p in pieces}))
+    stages = (reshard_s, pack_s, copy_s, unpack_s)
+    seconds = sum(stages) + host_s
     # Ties: prefer finer intermediates (less memory per device).
     key = (seconds, max(_size(r) for r in irs.values()))
     if best is None or key < best[0]:
@@ -256,14 +270,73 @@ class LeafSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class LeafCells:
+  """A general leaf's target shard cut into a grid of cells, the same grid on every target device.
+
+  The grid refines every target device's pieces (the union of their cut points per dimension), so
+  each cell lies inside one piece on every device. `grid`: cells per dimension; `cells`: (offset,
+  shape) of each cell inside the target shard, row-major; `sources[j][c]`: for the j-th device of
+  the target mesh, the device that holds cell c and the cell's box in that device's intermediate
+  (or source) shard, None when the cell is that whole shard.
+  """
+
+  grid: tuple[int, ...]
+  cells: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+  sources: tuple[tuple[tuple[jax.Device, Region | None], ...], ...]
+
+
+def leaf_cells(p: LeafPlan, spec: LeafSpec) -> LeafCells:
+  shard = spec.dst.shard_shape(spec.shape)
+  view = (p.inter or spec.src).shard_shape(spec.shape)
+  cuts = []
+  for i, n in enumerate(shard):
+    points = {0, n} | {pc.offset[i] for pc in p.pieces} | {pc.offset[i] + pc.shape[i] for pc in p.pieces}
+    cuts.append(sorted(points))
+  intervals = [list(zip(c[:-1], c[1:])) for c in cuts]
+  cells = tuple((tuple(a for a, _ in iv), tuple(b - a for a, b in iv)) for iv in itertools.product(*intervals))
+  by_dst: dict = {}
+  for pc in p.pieces:
+    by_dst.setdefault(pc.dst, []).append(pc)
+  whole = tuple((0, n) for n in view)
+  sources = []
+  for d in device_list(spec.dst):
+    row = []
+    for off, shp in cells:
+      pc = next(pc for pc in by_dst[d]
+                if all(o <= c and c + n <= o + m for o, m, c, n in zip(pc.offset, pc.shape, off, shp)))
+      base = tuple(a for a, _ in pc.local) if pc.local is not None else (0,) * len(off)
+      box = tuple((b + c - o, b + c - o + n) for b, c, o, n in zip(base, off, pc.offset, shp))
+      row.append((pc.src, None if box == whole else box))
+    sources.append(tuple(row))
+  return LeafCells(tuple(len(iv) for iv in intervals), cells, tuple(sources))
+
+
+@dataclasses.dataclass(frozen=True)
+class CellClass:
+  """Cells of one bucket (one target mesh and dtype) that each target device takes from a single
+  device: per target device ONE flat buffer, the cells' elements concatenated in `cells` order, so
+  the buffers of all target devices have the same layout and form one global array on the target
+  mesh. `srcs[j]`: the device that packs the j-th target device's buffer (itself: no copy)."""
+
+  mesh: jax.sharding.Mesh
+  dtype: str
+  srcs: tuple[jax.Device, ...]
+  cells: tuple[tuple[int, int], ...]  # (leaf index, cell index)
+  size: int                           # elements per target device
+
+
+@dataclasses.dataclass(frozen=True)
 class BucketPlan:
   """One bucket's programs. `kinds[k]` per leaf of `leaves`: "keep" (already placed: returned as is),
-  "empty" (size 0), "same" (one jitted reshard on the shared device list), "general" (LeafPlan).
+  "empty" (size 0), "same" (one jitted reshard on the shared device list), "passthrough" (every
+  target shard is its own device's intermediate shard: the result is assembled from those buffers)
+  or "general" (cells packed, copied and unpacked).
 
   same: (device list, leaf indices) per jitted reshard over the shared device list.
   reshard: (source device list, leaf indices) per jitted reshard into the leaves' intermediates.
-  transfers: (src, dst, dtype) -> ((leaf index, piece index), ...): one packed buffer per device
-    pair and dtype, concatenating the pieces' elements in this order.
+  cells: the general leaves' cell grids; classes: their cells grouped into one buffer per target
+  device; transfers: (class, target position) of every buffer that crosses devices, in the global
+  order every process uses.
   """
 
   leaves: tuple[int, ...]
@@ -271,10 +344,13 @@ class BucketPlan:
   leaf_plans: dict[int, LeafPlan]
   same: tuple[tuple[tuple[jax.Device, ...], tuple[int, ...]], ...]
   reshard: tuple[tuple[tuple[jax.Device, ...], tuple[int, ...]], ...]
-  transfers: dict[tuple[jax.Device, jax.Device, str], tuple[tuple[int, int], ...]]
-  host_s: float      # predicted host time: dispatches, transfers, per-leaf array assembly
+  cells: dict[int, LeafCells]
+  classes: tuple[CellClass, ...]
+  transfers: tuple[tuple[int, int], ...]
+  host_s: float      # predicted host time: dispatches, transfers, arrays
   device_s: float    # predicted device time: collectives, pack/unpack, copies over the busiest link
   copy_s: float = 0.0  # the part of device_s spent on the links (overlaps other buckets' compute)
+  counts: dict = dataclasses.field(default_factory=dict, compare=False)  # what host_s counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,15 +375,26 @@ def bucket_indices(specs, bucket_bytes):
   return out
 
 
+def _classes(specs, cells: dict[int, LeafCells]) -> tuple[CellClass, ...]:
+  """Cells grouped by (target mesh, dtype, source of every target device), in leaf and cell order."""
+  groups: dict = {}
+  for k, lc in cells.items():
+    s = specs[k]
+    for c, (_, shape) in enumerate(lc.cells):
+      key = (s.dst.mesh, s.dtype, tuple(row[c][0] for row in lc.sources))
+      groups.setdefault(key, []).append((k, c, math.prod(shape)))
+  return tuple(CellClass(mesh, dtype, srcs, tuple((k, c) for k, c, _ in v), sum(n for *_, n in v))
+               for (mesh, dtype, srcs), v in groups.items())
+
+
 def _plan_bucket(specs, idx, hw: Hardware, mode: str) -> BucketPlan:
   import numpy as np
-  kinds, leaf_plans = {}, {}
+  kinds, leaf_plans, cells = {}, {}, {}
   same: dict = {}
   reshard: dict = {}
-  transfers: dict = {}
   recv_same = 0.0
-  n_same_leaves = n_reshard_leaves = 0
-  n_general = 0
+  n_collectives = 0
+  n_passthrough = 0
   for k in idx:
     s = specs[k]
     itemsize = np.dtype(s.dtype).itemsize
@@ -319,56 +406,65 @@ def _plan_bucket(specs, idx, hw: Hardware, mode: str) -> BucketPlan:
       kinds[k] = "same"
       same.setdefault(device_list(s.src), []).append(k)
       recv_same += same_device_recv(s.shape, itemsize, s.src, s.dst)
-      n_same_leaves += 1
+      n_collectives += 1
     else:
       p = plan_leaf(s.shape, itemsize, s.src, s.dst, hw, mode)
-      kinds[k] = "general"
       leaf_plans[k] = p
-      n_general += 1
       if p.inter is not None:
         reshard.setdefault(device_list(p.inter), []).append(k)
         recv_same += p.reshard_bytes
-        n_reshard_leaves += 1
-      for i, pc in enumerate(p.pieces):
-        if pc.src != pc.dst:
-          transfers.setdefault((pc.src, pc.dst, s.dtype), []).append((k, i))
-  # Device time: collectives, then packing, the copies over the busiest link, unpacking.
-  packed_out: dict = {}
-  packed_in: dict = {}
-  pair_s: dict = {}
-  for (src, dst, dtype), segs in transfers.items():
-    nbytes = sum(math.prod(leaf_plans[k].pieces[i].shape) for k, i in segs) * np.dtype(dtype).itemsize
-    packed_out[src] = packed_out.get(src, 0) + nbytes
-    packed_in[dst] = packed_in.get(dst, 0) + nbytes
-    bw = hw.inter_host_bandwidth if src.process_index != dst.process_index else hw.d2d_bandwidth
-    pair_s[src, dst] = pair_s.get((src, dst), 0.0) + nbytes / bw
-  unpack = dict(packed_in)
-  for k, p in leaf_plans.items():  # Local slices and assembly on the target devices.
-    for pc in p.pieces:
-      if pc.src == pc.dst and (pc.local is not None or not pc.whole):
-        unpack[pc.dst] = unpack.get(pc.dst, 0) + math.prod(pc.shape) * np.dtype(specs[k].dtype).itemsize
-  busiest = max([*packed_out.values(), *packed_in.values(), 0])
-  copy_s = max([*pair_s.values(), busiest / hw.d2d_device_bandwidth])
-  device_s = (recv_same / hw.intra_mesh_collective_bandwidth
-              + (n_same_leaves + n_reshard_leaves) * hw.collective_latency_s
-              + 2 * max([*packed_out.values(), 0]) / hw.hbm_bandwidth
-              + copy_s
-              + 2 * max([*unpack.values(), 0]) / hw.hbm_bandwidth)
-  n_programs = len(same) + len(reshard) + len(packed_out) + len({d for d in unpack})
-  for k in idx:
-    if kinds[k] == "empty":
-      n_programs += 1
-  host_s = (n_programs * hw.dispatch_s + len(transfers) * hw.transfer_latency_s
-            + (n_same_leaves + n_reshard_leaves) * hw.leaf_arg_s + n_general * hw.leaf_assemble_s)
+        n_collectives += 1
+      if is_passthrough(p.pieces):
+        kinds[k] = "passthrough"
+        n_passthrough += 1
+      else:
+        kinds[k] = "general"
+        cells[k] = leaf_cells(p, s)
+  classes = _classes(specs, cells)
+  transfers = []
+  packed: dict = {}   # source device -> bytes it packs
+  pair: dict = {}     # (source, target) -> bytes copied
+  outputs: dict = {}  # source device -> buffers it packs
+  for ci, cl in enumerate(classes):
+    nbytes = cl.size * np.dtype(cl.dtype).itemsize
+    for j, (src, dst) in enumerate(zip(cl.srcs, cl.mesh.devices.flat)):
+      packed[src] = packed.get(src, 0) + nbytes
+      outputs[src] = outputs.get(src, 0) + 1
+      if src != dst:
+        pair[src, dst] = pair.get((src, dst), 0) + nbytes
+        transfers.append((ci, j))
+  transfers.sort(key=lambda t: _transfer_order(classes, t))
+  built: dict = {}    # target device -> bytes its unpack writes
+  pack_args = 0
+  for k, lc in cells.items():
+    nbytes = math.prod(specs[k].dst.shard_shape(specs[k].shape)) * np.dtype(specs[k].dtype).itemsize
+    for d in device_list(specs[k].dst):
+      built[d] = built.get(d, 0) + nbytes
+    pack_args += len({src for row in lc.sources for src, _ in row})
+  copy_s = link_seconds(pair, hw)
+  device_s = (recv_same / hw.intra_mesh_collective_bandwidth + n_collectives * hw.collective_latency_s
+              + 2 * max([*packed.values(), 0]) / hw.hbm_bandwidth + copy_s
+              + 2 * max([*built.values(), 0]) / hw.hbm_bandwidth)
+  unpack_meshes = {specs[k].dst.mesh for k in cells}
+  counts = {
+      "programs": len(same) + len(reshard) + len(packed) + len(unpack_meshes) + sum(kinds[k] == "empty" for k in idx),
+      "transfers": len(transfers),
+      "assembled_arrays": len(classes) + n_passthrough,
+      "program_arrays": (len(idx) + 2 * sum(len(ks) for ks in same.values())
+                         + 2 * sum(len(ks) for ks in reshard.values()) + pack_args + sum(outputs.values())
+                         + len(classes) + len(cells)),
+  }
+  host_s = (counts["programs"] * hw.dispatch_s + counts["transfers"] * hw.transfer_latency_s
+            + counts["assembled_arrays"] * hw.leaf_assemble_s + counts["program_arrays"] * hw.leaf_arg_s)
   return BucketPlan(tuple(idx), kinds, leaf_plans, tuple((d, tuple(ks)) for d, ks in same.items()),
-                    tuple((d, tuple(ks)) for d, ks in reshard.items()),
-                    {key: tuple(v) for key, v in sorted(transfers.items(), key=_transfer_order)},
-                    host_s, device_s, copy_s)
+                    tuple((d, tuple(ks)) for d, ks in reshard.items()), cells, classes, tuple(transfers),
+                    host_s, device_s, copy_s, counts)
 
 
-def _transfer_order(item):
-  (src, dst, dtype), _ = item
-  return (src.process_index, src.id, dst.process_index, dst.id, dtype)
+def _transfer_order(classes, t):
+  ci, j = t
+  src, dst = classes[ci].srcs[j], classes[ci].mesh.devices.flat[j]
+  return (src.process_index, src.id, dst.process_index, dst.id, ci)
 
 
 @functools.lru_cache(maxsize=64)

@@ -15,16 +15,20 @@ Bandwidth conventions (all in bytes per second):
   costs 2 B / hbm_bandwidth).
 * `intra_mesh_collective_bandwidth` - bytes *received per device* per second by a jitted reshard
   (all-to-all / all-gather) inside one mesh.
-* `transfer_latency_s` - host cost of one device-to-device transfer inside a batched `device_put`.
+* `transfer_latency_s` - host cost of one device-to-device buffer copy inside a batched `device_put`.
 * `dispatch_s` - host cost of dispatching one jitted program (reshard, pack, unpack).
-* `collective_latency_s` - device cost of one array's collective inside a reshard program.
-* `leaf_arg_s` - host cost per array argument of a jitted reshard.
-* `leaf_assemble_s` - host cost per leaf of the general path (shard lookup, building the result array).
+* `collective_latency_s` - device cost of one array's collective inside a reshard program (XLA
+  emits one collective per array; on GPUs each is a kernel launch and a synchronisation).
+* `leaf_arg_s` - host cost per array argument or output of a jitted program (the C++ dispatch
+  path), and per leaf of a `reallocate` call (flattening, the plan lookup).
+* `leaf_assemble_s` - host cost of one array assembled in Python from per-device buffers
+  (`jax.make_array_from_single_device_arrays`): one per cell class of a bucket, and one per
+  pass-through leaf.
 
 The last four have defaults (older profile files lack them). `realloc_cost` sums, per bucket, the
-host time (dispatches, transfers, per-leaf work) and the device time (collectives, pack and unpack
-copies in HBM, bytes over the busiest link) and takes the larger: host dispatch of one bucket
-overlaps the device work of the previous one.
+host time (dispatches, transfers, arrays) and the device time (collectives, pack and unpack copies
+in HBM, bytes over the busiest link) and takes the larger: host dispatch of one bucket overlaps
+the device work of the previous one.
 
 `H100_SXM` is the default, from measurements on 4x H100 SXM (NVLink) with jax 0.11.2 (DESIGN.md
 section 4) and recalibrated by `bench/realloc.py` (see bench/README.md).
@@ -50,9 +54,9 @@ class Hardware:
   transfer_latency_s: float
   d2d_device_bandwidth: float = 0.0  # 0: 2 x d2d_bandwidth.
   dispatch_s: float = 40e-6
-  collective_latency_s: float = 10e-6
+  collective_latency_s: float = 40e-6
   leaf_arg_s: float = 3e-6
-  leaf_assemble_s: float = 25e-6
+  leaf_assemble_s: float = 30e-6
   extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
   def __post_init__(self):
@@ -98,35 +102,31 @@ class Hardware:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-# 4x H100 SXM 80GB, NVLink 4, one host, jax 0.11.2. Fitted to bench/results/realloc-h100.json
-# (8 reallocations of 1B/7B bf16 trees; every prediction within 25% of the measurement, in sample)
-# under the constraint that every plan choice stays the one measured:
-# * intra_mesh_collective_bandwidth 150 GB/s received per device (XLA all-to-all of 7B fsdp4 ->
-#   tensor4: 2.5 GB per device after the per-leaf costs);
-# * d2d_bandwidth 90 GB/s per device pair, d2d_device_bandwidth 150 GB/s into one device from
-#   several (raw copies of that run: 64.6 ms for 6.7 GB into each of 2 devices = 104 GB/s);
-# * leaf_arg_s 65 us per leaf of a jitted reshard and leaf_assemble_s 90 us per leaf of the
-#   general path: the fixed cost that dominates 1B (201 leaves: 12 ms where the bytes need 3).
-#   Host dispatch or per-collective device latency: that run cannot tell them apart (the bucket
-#   pipeline blocks the host, so dispatch time equals total time);
-# * transfer_latency_s 20 us per transfer, dispatch_s 40 us per program (the earlier partial run:
-#   804 single-shard copies took 18 ms where their bytes needed 6), HBM copy 2.58 TB/s,
-#   inter-host 400 Gb/s InfiniBand per GPU (not measured).
-# Out of sample (the next run, another machine, pipelined buckets, 2026-11-26 12:20): 7 of 8
-# predictions within 25% (-4% to -23%; 7B fsdp4 -> tensor2 -37%), all low. Not refitted.
+# 4x H100 SXM 80GB, NVLink 4, one host, jax 0.11.2. From bench/results/realloc-h100.json (runs of
+# 2026-11-26, the implementation before cell classes, which made one Python array per leaf):
+# * intra_mesh_collective_bandwidth 225 GB/s received per device and collective_latency_s 40 us per
+#   array: the same-device reshards (one XLA collective per leaf) of 7B fsdp4 -> tensor4 (2.5 GB per
+#   device, 291 leaves: 21.5 ms measured, 22.8 predicted) and of 1B (201 leaves: 11.7 ms, 10.1);
+# * d2d_bandwidth 270 GB/s per device pair (raw copy of 7B tensor2 -> fsdp4: 6.7 GB per pair in
+#   25 ms), d2d_device_bandwidth 360 GB/s into or out of one device from several (NVLink 4: 450 GB/s
+#   per direction), HBM copy 2.58 TB/s, inter-host 400 Gb/s InfiniBand per GPU (not measured);
+# * host: dispatch_s 40 us per program and transfer_latency_s 20 us per copied buffer (earlier
+#   partial run: 804 single-shard copies took 18 ms where their bytes needed 6); leaf_arg_s 3 us per
+#   program array and leaf_assemble_s 30 us per Python-assembled array (CPU measurements of this
+#   implementation, bench/README.md): to be refitted on GPUs (`bench/realloc.py --fit`).
 H100_SXM = Hardware(
     name="h100_sxm",
     devices_per_host=8,
-    d2d_bandwidth=90e9,
+    d2d_bandwidth=270e9,
     inter_host_bandwidth=45e9,
     hbm_bandwidth=2.58e12,
-    intra_mesh_collective_bandwidth=150e9,
+    intra_mesh_collective_bandwidth=225e9,
     transfer_latency_s=20e-6,
-    d2d_device_bandwidth=150e9,
+    d2d_device_bandwidth=360e9,
     dispatch_s=40e-6,
-    collective_latency_s=0.0,
-    leaf_arg_s=65e-6,
-    leaf_assemble_s=90e-6,
+    collective_latency_s=40e-6,
+    leaf_arg_s=3e-6,
+    leaf_assemble_s=30e-6,
 )
 
 DEFAULT = H100_SXM

@@ -25,22 +25,32 @@ General algorithm, per leaf (planning in `sharding/_realloc_plan.py`, pure and c
    every target region already sits inside one source shard, and g = (1, ...) (all-gather) always
    qualifies, so a plan always exists.
 3. Copies. Each target device takes its region from a source device that holds it in I: itself
-   if possible (no copy), else the least-loaded holder, preferring the same process. If the I
-   shard is larger than the region, a jitted local slice on the source device cuts it out.
+   if possible, else the least-loaded holder, preferring the same process.
 4. Cost. Every candidate is priced with the `Hardware` model (reshard bytes received per device
-   / collective bandwidth + local slice bytes / HBM + busiest link's bytes / d2d bandwidth +
-   per-transfer latency) and the cheapest wins. `realloc_cost` prices the whole executed path per
-   bucket: host time (program dispatches, transfers, per-leaf work) against device time
-   (collectives, pack/unpack in HBM, the busiest device pair's bytes), the larger of the two.
-5. Execution, per bucket, not per leaf: ONE `jit(identity, out_shardings=[I...])` per source device
-   list over all the bucket's leaves that need a reshard; per source device ONE jitted "pack" that
-   cuts every piece going elsewhere out of its local shards and concatenates them into one flat
-   buffer per (target device, dtype); ONE batched `device_put` of those buffers; per target device
-   ONE jitted "unpack" that cuts the received buffers (and local slices) back into target shards;
-   then `jax.make_array_from_single_device_arrays` per leaf. So a bucket costs a handful of
-   dispatches and about (source devices x target devices) transfers whatever its leaf count.
-   Plans and jitted programs are cached by the tree's (shapes, dtypes, shardings): a repeated
-   reallocation of the same tree costs only dispatch. No host round trip.
+   / collective bandwidth + one collective's latency, pack and unpack copies in HBM, the busiest
+   link's bytes / d2d bandwidth, host work) and the cheapest wins. A plan where every target shard
+   is literally its own device's I shard ("pass-through") copies nothing. `realloc_cost` prices
+   the whole executed path per bucket: host time (program dispatches, transfers, arrays) against
+   device time (collectives, pack/unpack in HBM, the busiest device pair's bytes).
+5. Cells and classes. Every target shard of a general leaf is cut into a grid of cells that is the
+   same on all target devices (the union of the pieces' cut points), so each cell lies in one
+   piece everywhere. Cells of a bucket that every target device takes from the same device as
+   each other (same target mesh, dtype and source per target device) form a *class*: per target
+   device ONE flat buffer, the cells' elements concatenated in a fixed order, so the buffers of
+   all target devices have the same layout.
+6. Execution, per bucket, with no Python work per leaf: ONE `jit(identity, out_shardings=[I...])`
+   per source device list over all the bucket's leaves that need a reshard; per source device
+   ONE jitted "pack" that cuts every class buffer it serves (its own device's included) out of its
+   local shards; ONE batched `device_put` of the buffers that change device; per class ONE global
+   array over the target mesh made of its buffers (`make_array_from_single_device_arrays`); per
+   target mesh ONE jitted `shard_map` "unpack" whose inputs are the class arrays and whose OUTPUTS
+   are the bucket's target arrays with their target shardings (every device slices the same
+   offsets of its own buffers, so one SPMD program serves all of them; XLA creates the global
+   arrays). Pass-through leaves are assembled from their buffers as they are (one Python array
+   each, no copy). A bucket thus costs a handful of dispatches, one transfer per (class, target
+   device) and one Python array per class, whatever its leaf count. Plans and programs are cached
+   by the leaves' (shapes, dtypes, shardings) and the targets: a repeated reallocation finds them
+   with one dict lookup and only dispatches. No host round trip.
 
 Cases: N -> M with M > N (target shards finer than source devices can hold apart) gets g
 coarser than the target grid and local slices; replicated targets take each copy from a
@@ -49,18 +59,19 @@ the collective.
 
 Memory: leaves go in buckets of at most `bucket_bytes` (a single larger leaf is its own bucket).
 Buckets are software-pipelined: bucket b's reshard, packs and transfers are dispatched before
-bucket b-1's unpacks and assembly, so the copies of consecutive buckets run back to back on the
-links while packing and unpacking overlap them (on one compute stream per device, an unpack of b-1
-that waits for its copies would otherwise hold back the pack of b; on 4x H100 this took 7B
-fsdp4 -> tensor2 from 66 to 57 ms, while the 2 -> 4 device case stays host-bound by per-leaf
-work, bench/README.md). Before bucket b is dispatched, bucket b-2 is waited for, so at most two
-buckets' intermediates (each <= bucket_bytes, times the replication of I) are alive per device beyond
-the source and the result. `bucket_bytes=None` dispatches everything without waiting.
-`donate=True` deletes each source leaf right after its last use is dispatched (a cross-device
-`device_put(donate=True)` would not free it); a leaf whose buffers the result reuses (a target
-shard that is literally a source shard on the same device) is left for the garbage collector.
+bucket b-1's unpacks, so the copies of consecutive buckets run back to back on the links while
+packing and unpacking overlap them (on one compute stream per device, an unpack of b-1 that waits
+for its copies would otherwise hold back the pack of b). Before a bucket with intermediates
+(reshard outputs, packed and received buffers) is dispatched, the one two before it is waited
+for, so at most two buckets' intermediates (each <= bucket_bytes, times the replication of I) are
+alive per device beyond the source and the result. Buckets of same-device reshards only hold
+XLA's temporaries while they run and are never waited for. `bucket_bytes=None` dispatches
+everything without waiting. `donate=True` deletes each source leaf right after its last use is
+dispatched (a cross-device `device_put(donate=True)` would not free it); a leaf whose buffers the
+result reuses (a pass-through target shard that is literally a source shard) is left for the
+garbage collector.
 
-Multi-process: cross-process buffers move with `device_put` between single-device shardings on
+Multi-process: cross-process class buffers move with `device_put` between single-device shardings on
 both processes (JAX's DCN transfer; on CPU it needs `jax_force_dcn_cross_host_transfers` and
 `jax_cross_host_transfer_socket_address`); a process builds an empty placeholder for a buffer
 that lives on another process's device. Each cross-process buffer goes in its OWN `device_put`
@@ -71,19 +82,22 @@ permutation from run to run; one call per array is exact). With unequal sizes th
 hangs. Every plan is a pure function of the global shardings, so all processes build the same
 buckets, programs and buffer order. The reshard in step 2 runs as one SPMD program on the
 source devices, so with a source mesh spanning processes the CPU backend needs collectives
-(`jax_cpu_collectives_implementation='gloo'`).
+(`jax_cpu_collectives_implementation='gloo'`). The unpack has no collectives: every process with
+devices in the target mesh runs it on its own buffers; a process with none gets the result as an
+array without addressable shards.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from sharding import hardware as _hw
 from sharding._realloc_plan import BucketPlan, LeafPlan, LeafSpec, plan_leaf, plan_tree
@@ -150,7 +164,7 @@ class _BucketProgram:
 
   def __init__(self, specs, bp: BucketPlan, me: int):
     self.bp = bp
-    self.me = me
+    self.holds_intermediates = any(kd in ("general", "passthrough") for kd in bp.kinds.values())
     self.same = []    # (leaf indices, jitted identity)
     for devs, ks in bp.same:
       if any(d.process_index == me for d in devs):
@@ -159,143 +173,144 @@ class _BucketProgram:
     for devs, ks in bp.reshard:
       if any(d.process_index == me for d in devs):
         self.reshard.append((ks, _identity_fn(tuple(bp.leaf_plans[k].inter for k in ks), False)))
-    # Where each general leaf's pieces are cut from: its intermediate (or source) layout.
-    self.general = [k for k in bp.leaves if bp.kinds[k] == "general"]
     self.keep = [k for k in bp.leaves if bp.kinds[k] == "keep"]
     self.empty = [k for k in bp.leaves if bp.kinds[k] == "empty"]
-    view = {k: (bp.leaf_plans[k].inter or specs[k].src) for k in self.general}
-    self.view_order = {k: _local_order(view[k], me) for k in self.general}
-    self.has_local = [k for k in self.general if self.view_order[k]]
+    self.passthrough = [k for k in bp.leaves if bp.kinds[k] == "passthrough"]
+    moved = [k for k in bp.leaves if bp.kinds[k] in ("general", "passthrough")]
+    # Where each moved leaf's data is cut from: its intermediate (or source) layout.
+    view = {k: (bp.leaf_plans[k].inter or specs[k].src) for k in moved}
+    self.view_order = {k: _local_order(view[k], me) for k in moved}
+    self.has_local = [k for k in moved if self.view_order[k]]
     self.checked = False
-    # Pack: per source device of this process, every outgoing piece, one buffer per (dst, dtype).
-    packs: dict = {}
-    self.puts = []  # (key, src mine, dst mine, n elements)
-    for key, segs in bp.transfers.items():
-      src, dst, dtype = key
-      if src.process_index != me and dst.process_index != me:
-        continue
-      n = sum(int(np.prod(bp.leaf_plans[k].pieces[i].shape)) for k, i in segs)
-      self.puts.append((key, src.process_index == me, dst.process_index == me, n))
-      if src.process_index == me:
-        packs.setdefault(src, []).append(key)
-    self.packs = []  # (src device, [(leaf, position)] inputs, [key] outputs, jitted fn)
-    for src, keys in packs.items():
-      inputs = sorted({k for key in keys for k, _ in bp.transfers[key]})
-      slot = {k: j for j, k in enumerate(inputs)}
-      recipe = tuple(tuple((slot[k], bp.leaf_plans[k].pieces[i].local) for k, i in bp.transfers[key])
-                     for key in keys)
-      self.packs.append((src, [(k, self.view_order[k][src]) for k in inputs], keys, _pack_fn(recipe)))
-    # Unpack: per target device of this process, every target shard not passed through as is.
-    self.passthrough = {}  # (leaf, dst) -> position of the source buffer in the view's local arrays
-    unpacks: dict = {}
-    for k in self.general:
-      p = bp.leaf_plans[k]
-      by_dst: dict = {}
-      for i, pc in enumerate(p.pieces):
-        if pc.dst.process_index == me:
-          by_dst.setdefault(pc.dst, []).append(i)
-      for dst, idx in by_dst.items():
-        pc = p.pieces[idx[0]]
-        if len(idx) == 1 and pc.whole and pc.src == dst and pc.local is None:
-          self.passthrough[k, dst] = self.view_order[k][dst]
-        else:
-          unpacks.setdefault(dst, []).append((k, idx))
-    self.unpacks = []  # (dst, buffer keys, local inputs [(leaf, position)], outputs [leaf], fn)
-    for dst, jobs in unpacks.items():
-      keys = [key for key, _, dmine, _ in self.puts if dmine and key[1] == dst]
-      where = {}  # (leaf, piece) -> (buffer slot, start, stop)
-      for b, key in enumerate(keys):
-        off = 0
-        for k, i in bp.transfers[key]:
-          n = int(np.prod(bp.leaf_plans[k].pieces[i].shape))
-          where[k, i] = (b, off, off + n)
-          off += n
-      local_leaves = sorted({k for k, idx in jobs for i in idx if bp.leaf_plans[k].pieces[i].src == dst})
-      lslot = {k: len(keys) + j for j, k in enumerate(local_leaves)}
+    # Pack: per source device of this process, every class buffer it fills (its own included).
+    packs: dict = {}  # source device -> [(class, target position)]
+    for ci, cl in enumerate(bp.classes):
+      for j, src in enumerate(cl.srcs):
+        if src.process_index == me:
+          packs.setdefault(src, []).append((ci, j))
+    self.packs = []  # (source device, [(leaf, local position)], [(class, target position)], jitted fn)
+    for src, outs in packs.items():
+      inputs = sorted({k for ci, _ in outs for k, _ in bp.classes[ci].cells})
+      slot = {k: i for i, k in enumerate(inputs)}
+      recipe = tuple(tuple((slot[k], bp.cells[k].sources[j][c][1]) for k, c in bp.classes[ci].cells)
+                     for ci, j in outs)
+      self.packs.append((src, [(k, self.view_order[k][src]) for k in inputs], outs, _pack_fn(recipe)))
+    # Copies between devices, in the global order (every process walks the same list).
+    self.puts = []  # (class, target position, source device, target device, source mine, target mine)
+    for ci, j in bp.transfers:
+      cl = bp.classes[ci]
+      src, dst = cl.srcs[j], cl.mesh.devices.flat[j]
+      if src.process_index == me or dst.process_index == me:
+        self.puts.append((ci, j, src, dst, src.process_index == me, dst.process_index == me))
+    # Per class with devices here: the global array of its buffers on the target mesh.
+    self.arrays = []  # (class, global shape, sharding, [target positions of this process])
+    for ci, cl in enumerate(bp.classes):
+      mine = [j for j, d in enumerate(cl.mesh.devices.flat) if d.process_index == me]
+      if mine:
+        sharding = NamedSharding(cl.mesh, P(tuple(cl.mesh.axis_names)))
+        self.arrays.append((ci, (cl.size * cl.mesh.size,), sharding, mine))
+    # Unpack: per target mesh with devices here, ONE program whose outputs are the target arrays.
+    by_mesh: dict = {}
+    for k in bp.leaves:
+      if bp.kinds[k] == "general" and any(d.process_index == me for d in specs[k].dst.mesh.devices.flat):
+        by_mesh.setdefault(specs[k].dst.mesh, []).append(k)
+    where = {}  # (leaf, cell) -> (class, start, stop)
+    for ci, cl in enumerate(bp.classes):
+      off = 0
+      for k, c in cl.cells:
+        n = math.prod(bp.cells[k].cells[c][1])
+        where[k, c] = (ci, off, off + n)
+        off += n
+    self.unpacks = []  # (class indices, leaves, jitted fn)
+    for mesh, ks in by_mesh.items():
+      inputs = sorted({where[k, c][0] for k in ks for c in range(len(bp.cells[k].cells))})
+      slot = {ci: i for i, ci in enumerate(inputs)}
       recipe = []
-      for k, idx in jobs:
-        p = bp.leaf_plans[k]
-        shard_shape = specs[k].dst.shard_shape(specs[k].shape)
-        parts = []
-        for i in idx:
-          pc = p.pieces[i]
-          if pc.src == dst:
-            parts.append(("local", lslot[k], pc.local, pc.offset, pc.shape))
-          else:
-            parts.append(("buf",) + where[k, i] + (pc.offset, pc.shape))
-        recipe.append((tuple(shard_shape), specs[k].dtype, tuple(parts), p.pieces[idx[0]].whole and len(idx) == 1))
-      self.unpacks.append((dst, keys, [(k, self.view_order[k][dst]) for k in local_leaves],
-                           [k for k, _ in jobs], _unpack_fn(tuple(recipe))))
-    # Result assembly order: the target's addressable devices.
+      for k in ks:
+        lc = bp.cells[k]
+        parts = tuple((slot[where[k, c][0]],) + where[k, c][1:] + (shape,) for c, (_, shape) in enumerate(lc.cells))
+        recipe.append((lc.grid, parts))
+      self.unpacks.append((inputs, ks, _unpack_fn(mesh, len(inputs), tuple(recipe),
+                                                 tuple(specs[k].dst for k in ks))))
+    # Pass-through results: the target's addressable devices, each with its own intermediate buffer.
     self.target_devs = {k: [d for d in specs[k].dst.mesh.devices.flat if d.process_index == me]
-                        for k in self.general}
+                        for k in self.passthrough}
+    # Targets wholly on other processes: this process holds no shard of the result.
+    self.elsewhere = [k for k in bp.leaves if bp.kinds[k] in ("same", "general")
+                      and not any(d.process_index == me for d in specs[k].dst.mesh.devices.flat)]
 
   def send(self, leaves, out):
-    """First half: same-device and intermediate reshards, packs, transfers (all dispatched, none
+    """First half: same-device and intermediate reshards, packs, copies (all dispatched, none
     waited for). Returns what `recv` needs."""
+    bp = self.bp
     for ks, fn in self.same:
       for k, y in zip(ks, fn(*(leaves[k] for k in ks))):
         out[k] = y
-    view = {k: leaves[k] for k in self.general}
+    view = {}
     for ks, fn in self.reshard:
       for k, y in zip(ks, fn(*(leaves[k] for k in ks))):
         view[k] = y
-    local = {k: _local_arrays(view[k]) for k in self.has_local}
+    local = {k: _local_arrays(view.get(k, leaves[k])) for k in self.has_local}
     if not self.checked:  # Once per program: the assumed shard order is the real one.
-      for k, arrs in local.items():
-        devs = [sh.device for sh in view[k].addressable_shards]
+      for k in self.has_local:
+        v = view.get(k, leaves[k])
+        devs = [sh.device for sh in v.addressable_shards]
         assert devs == sorted(self.view_order[k], key=self.view_order[k].get), (devs, self.view_order[k])
       self.checked = True
-    bufs = {}
-    for src, inputs, keys, fn in self.packs:
-      for key, b in zip(keys, fn(*(local[k][j] for k, j in inputs))):
+    bufs = {}  # (class, target position) -> buffer on the target device (or, before the copy, its source)
+    for _, inputs, outs, fn in self.packs:
+      for key, b in zip(outs, fn(*(local[k][i] for k, i in inputs))):
         bufs[key] = b
-    put_x, put_dst, put_keys = [], [], []
-    for key, smine, dmine, n in self.puts:
-      src, dst, dtype = key
-      if smine:
-        x = bufs[key]
-      else:  # Lives on another process: an empty placeholder on its device.
-        x = jax.make_array_from_single_device_arrays((n,), SingleDeviceSharding(src), [], dtype=dtype)
-      put_x.append(x)
-      put_dst.append(SingleDeviceSharding(dst))
-      put_keys.append(key)
-    received = {}
-    same_proc = [j for j, key in enumerate(put_keys) if key[0].process_index == key[1].process_index]
+    same_proc = [p for p in self.puts if p[2].process_index == p[3].process_index]
     if same_proc:  # Inside this process: one batched call.
-      for j, y in zip(same_proc, jax.device_put([put_x[j] for j in same_proc], [put_dst[j] for j in same_proc])):
-        received[put_keys[j]] = y
-    for j, key in enumerate(put_keys):
+      ys = jax.device_put([bufs[ci, j] for ci, j, *_ in same_proc],
+                          [SingleDeviceSharding(dst) for _, _, _, dst, _, _ in same_proc])
+      for (ci, j, *_), y in zip(same_proc, ys):
+        bufs[ci, j] = y
+    for ci, j, src, dst, smine, dmine in self.puts:
       # Across processes: one call per buffer, in the global order. A batched call groups its
       # arrays by (source, destination) devices in an order that differs between processes, so
-      # the transfer keys pair up the wrong buffers (wrong values, then a hang on a size mismatch).
-      if key[0].process_index != key[1].process_index:
-        received[key] = jax.device_put(put_x[j], put_dst[j])
-    return local, received
+      # the buffers would pair up wrongly (wrong values, then a hang on a size mismatch).
+      if src.process_index == dst.process_index:
+        continue
+      cl = bp.classes[ci]
+      if smine:
+        x = bufs[ci, j]
+      else:  # Lives on another process: an empty placeholder on its device.
+        x = jax.make_array_from_single_device_arrays((cl.size,), SingleDeviceSharding(src), [], dtype=cl.dtype)
+      y = jax.device_put(x, SingleDeviceSharding(dst))
+      if dmine:
+        bufs[ci, j] = y
+    return local, bufs
 
   def recv(self, state, leaves, targets, out, donate):
-    """Second half: per-target-device unpack programs, per-leaf result arrays, donation."""
+    """Second half: the class arrays, one unpack program per target mesh, pass-through results,
+    donation."""
     bp = self.bp
-    local, received = state
-    shards: dict = {}
-    for (k, dst), j in self.passthrough.items():
-      shards[k, dst] = local[k][j]
-    for dst, keys, linputs, outs, fn in self.unpacks:
-      args = [received[key] for key in keys] + [local[k][j] for k, j in linputs]
-      for k, y in zip(outs, fn(*args)):
-        shards[k, dst] = y
+    local, bufs = state
+    arrays = {}
+    for ci, shape, sharding, mine in self.arrays:
+      arrays[ci] = jax.make_array_from_single_device_arrays(shape, sharding, [bufs[ci, j] for j in mine],
+                                                            dtype=bp.classes[ci].dtype)
+    for inputs, ks, fn in self.unpacks:
+      for k, y in zip(ks, fn(*(arrays[ci] for ci in inputs))):
+        out[k] = y
+    for k in self.passthrough:
+      order = self.view_order[k]
+      x = leaves[k]
+      out[k] = jax.make_array_from_single_device_arrays(
+          x.shape, targets[k], [local[k][order[d]] for d in self.target_devs[k]], dtype=x.dtype)
+    for k in self.elsewhere:
+      x = leaves[k]
+      out[k] = jax.make_array_from_single_device_arrays(x.shape, targets[k], [], dtype=x.dtype)
     for k in self.keep:
       out[k] = leaves[k]
     for k in self.empty:
       x = leaves[k]
       out[k] = _empty_fn(tuple(x.shape), x.dtype, targets[k])()
-    for k in self.general:
-      x = leaves[k]
-      out[k] = jax.make_array_from_single_device_arrays(
-          x.shape, targets[k], [shards[k, d] for d in self.target_devs[k]], dtype=x.dtype)
     if donate:
-      aliased = {id(leaves[k]) for k, _ in self.passthrough if bp.leaf_plans[k].inter is None}
-      aliased |= {id(leaves[k]) for k in bp.leaves if bp.kinds[k] == "keep"}
+      aliased = {id(leaves[k]) for k in self.passthrough if bp.leaf_plans[k].inter is None}
+      aliased |= {id(leaves[k]) for k in self.keep}
       seen = set()
       for k in bp.leaves:
         x = leaves[k]
@@ -308,7 +323,7 @@ class _BucketProgram:
 
 @functools.lru_cache(maxsize=None)
 def _pack_fn(recipe):
-  """recipe: per output buffer, ((input slot, local box or None), ...): the flat concatenation."""
+  """recipe: per output buffer, ((input slot, box or None), ...): the cut cells, flattened and concatenated."""
   def f(*xs):
     outs = []
     for parts in recipe:
@@ -318,35 +333,59 @@ def _pack_fn(recipe):
   return jax.jit(f)
 
 
-@functools.lru_cache(maxsize=None)
-def _unpack_fn(recipe):
-  """recipe: per output shard (shape, dtype, parts, whole); a part is ("buf", slot, start, stop,
-  offset, shape) or ("local", slot, box, offset, shape)."""
-  def piece(xs, part):
-    if part[0] == "buf":
-      _, j, a, b, _, shape = part
-      return xs[j][a:b].reshape(shape)
-    _, j, box, _, _ = part
-    return _cut(xs[j], box)
+def _assemble(blocks, grid, axis=0):
+  """Row-major blocks of a grid (cells per dimension, from `axis` on) concatenated into one array."""
+  if not grid:
+    return blocks[0]
+  step = len(blocks) // grid[0]
+  rows = [_assemble(blocks[i * step:(i + 1) * step], grid[1:], axis + 1) for i in range(grid[0])]
+  return rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=axis)
 
-  def f(*xs):
+
+@functools.lru_cache(maxsize=None)
+def _unpack_fn(mesh, n_inputs: int, recipe, out_shardings):
+  """One SPMD program on the target mesh: its inputs are the class arrays (one flat buffer per device),
+  its outputs every target array of the bucket. recipe: per output (grid, cells), a cell being
+  (input slot, start, stop, shape) in the device's buffer; the same on every device."""
+  axes = P(tuple(mesh.axis_names))
+
+  def body(*bufs):
     outs = []
-    for shape, dtype, parts, whole in recipe:
-      if whole:
-        outs.append(piece(xs, parts[0]))
-        continue
-      y = jnp.zeros(shape, dtype)
-      for part in parts:
-        y = jax.lax.dynamic_update_slice(y, piece(xs, part), part[-2])
-      outs.append(y)
+    for grid, parts in recipe:
+      blocks = [bufs[j][a:b].reshape(shape) for j, a, b, shape in parts]
+      outs.append(_assemble(blocks, grid))
     return tuple(outs)
-  return jax.jit(f)
+
+  f = jax.shard_map(body, mesh=mesh, in_specs=(axes,) * n_inputs,
+                    out_specs=tuple(s.spec for s in out_shardings), check_vma=False)
+  return jax.jit(f, out_shardings=out_shardings)
 
 
 @functools.lru_cache(maxsize=64)
 def _programs(specs: tuple[LeafSpec, ...], hw, mode: str, bucket_bytes, me: int):
   tp = plan_tree(specs, hw, mode, bucket_bytes)
   return [_BucketProgram(specs, bp, me) for bp in tp.buckets]
+
+
+_CALLS: dict = {}  # (leaf shapes, dtypes and shardings, targets, options) -> bucket programs
+_MAX_CALLS = 64
+
+
+def _cached_programs(leaves, targets, hw, mode, bucket_bytes):
+  """The bucket programs for this call, found by one dict lookup when the same tree moved before."""
+  try:
+    key = (tuple([(x.shape, x.dtype, x.sharding) for x in leaves]), tuple(targets), hw, mode, bucket_bytes,
+           jax.process_index())
+  except AttributeError:  # Not a jax.Array: _spec names it.
+    key = None
+  progs = _CALLS.get(key) if key is not None else None
+  if progs is None:
+    specs = tuple(_spec(x, t) for x, t in zip(leaves, targets))
+    progs = _programs(specs, hw, mode, bucket_bytes, jax.process_index())
+    if len(_CALLS) >= _MAX_CALLS:
+      _CALLS.pop(next(iter(_CALLS)))
+    _CALLS[key] = progs
+  return progs
 
 
 def reallocate(tree: Any, target_shardings: Any, *, donate: bool = False,
@@ -360,7 +399,7 @@ def reallocate(tree: Any, target_shardings: Any, *, donate: bool = False,
       NamedSharding for every leaf).
     donate: delete the source arrays once their data is on its way (see module docstring).
     bucket_bytes: peak-memory bound: leaves move in buckets of at most this many bytes, with at
-      most two buckets in flight. None: no bound, no waiting.
+      most two buckets' intermediates alive. None: no bound, no waiting.
     hardware: the profile the planner prices candidate plans with (default `hardware.DEFAULT`).
     mode: "auto" (same-device fast path, else the cheapest plan), or force "reshard" or "pieces"
       plans for every leaf (see module docstring).
@@ -370,13 +409,12 @@ def reallocate(tree: Any, target_shardings: Any, *, donate: bool = False,
   """
   hw = hardware or _hw.DEFAULT
   leaves, treedef, targets = _targets_like(tree, target_shardings)
-  specs = tuple(_spec(x, t) for x, t in zip(leaves, targets))
-  progs = _programs(specs, hw, mode, bucket_bytes, jax.process_index())
+  progs = _cached_programs(leaves, targets, hw, mode, bucket_bytes)
   out: list = [None] * len(leaves)
-  inflight: list[list] = []
+  inflight: list[list] = []  # Results of the buckets with intermediates, not yet waited for.
   pending = None  # (program, state): the previous bucket, sent but not yet received.
   for prog in progs:
-    if bucket_bytes is not None and len(inflight) >= (1 if _PIPELINE else 2):
+    if bucket_bytes is not None and prog.holds_intermediates and len(inflight) >= (1 if _PIPELINE else 2):
       jax.block_until_ready(inflight.pop(0))  # Pipelined: bucket b-2 done, at most b-1 and b alive.
     # Software pipeline: this bucket's packs and transfers are dispatched BEFORE the previous
     # bucket's unpacks. A device that both sends and receives runs its programs in order on one
@@ -384,13 +422,17 @@ def reallocate(tree: Any, target_shardings: Any, *, donate: bool = False,
     # copies of b+1 could not start before the copies of b had finished and been unpacked.
     state = prog.send(leaves, out)
     if not _PIPELINE:  # The previous schedule: send(b), recv(b), waiting for bucket b-2.
-      inflight.append(prog.recv(state, leaves, targets, out, donate))
+      done = prog.recv(state, leaves, targets, out, donate)
+      if prog.holds_intermediates:
+        inflight.append(done)
       continue
     if pending is not None:
-      inflight.append(pending[0].recv(pending[1], leaves, targets, out, donate))
+      done = pending[0].recv(pending[1], leaves, targets, out, donate)
+      if pending[0].holds_intermediates:
+        inflight.append(done)
     pending = (prog, state)
   if pending is not None:
-    inflight.append(pending[0].recv(pending[1], leaves, targets, out, donate))
+    pending[0].recv(pending[1], leaves, targets, out, donate)
   return jax.tree.unflatten(treedef, out)
 
 

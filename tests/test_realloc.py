@@ -198,26 +198,36 @@ def test_property_random_trees(case):
   _move(refs, src, dst, mode=mode)
 
 
-def test_batched_programs_and_cached_plans():
-  """One reshard program per bucket on a shared device list; otherwise at most one packed buffer per
-  (source device, target device, dtype); a repeated reallocation reuses plan and programs."""
+def test_batched_programs_and_cached_plans(monkeypatch):
+  """One reshard program per bucket on a shared device list; otherwise one pack program per source
+  device, one unpack program per target mesh whose outputs are the target arrays, and Python-made
+  arrays only per cell class (4 here: two cells per target shard, two dtypes), not per leaf; a
+  repeated reallocation finds its programs by one lookup and plans nothing."""
   from sharding import realloc as R
   refs = {f"w{i}": _value((16, 8), np.float32, i) for i in range(12)}
   refs["m"] = _value((8, 8), jnp.bfloat16, 99)
   src = L(0, fsdp=4).named("fsdp")
+  made = []
+  make = jax.make_array_from_single_device_arrays
+  monkeypatch.setattr(jax, "make_array_from_single_device_arrays", lambda *a, **k: (made.append(a[1]), make(*a, **k))[1])
   for dst, same in ((L(0, tensor=4).named(None, "tensor"), True), (L(2, fsdp=2, tensor=2).named("tensor", "fsdp"), False)):
+    made.clear()
     xs, _ = _move(refs, jax.tree.map(lambda _: src, refs), jax.tree.map(lambda _: dst, refs))
     leaves = jax.tree.leaves(xs)
     specs = tuple(R._spec(x, dst) for x in leaves)
     (prog,) = R._programs(specs, R._hw.DEFAULT, "auto", R.DEFAULT_BUCKET_BYTES, 0)
     if same:
-      assert [len(ks) for ks, _ in prog.same] == [len(leaves)] and not prog.puts
+      assert [len(ks) for ks, _ in prog.same] == [len(leaves)] and not prog.puts and not made
     else:
-      assert not prog.same and len(prog.puts) <= 4 * 4 * 2 and len(prog.packs) <= 4 and len(prog.unpacks) <= 4
-    hits = R._programs.cache_info().hits
+      assert not prog.same and set(prog.bp.kinds.values()) == {"general"}
+      assert len(prog.bp.classes) == 4 and len(prog.arrays) == 4 and len(made) == 4
+      assert len(prog.packs) == 4 and len(prog.unpacks) == 1 and len(prog.unpacks[0][1]) == len(leaves)
+      assert len(prog.puts) == len(prog.bp.transfers) <= 4 * 4
+    before = R._programs.cache_info()
+    made.clear()
     with jax.transfer_guard("disallow"):
       jax.block_until_ready(reallocate(xs, dst))
-    assert R._programs.cache_info().hits == hits + 1
+    assert R._programs.cache_info() == before and len(made) == (0 if same else 4)
 
 
 def test_buckets_are_pipelined_send_before_previous_recv(monkeypatch):
