@@ -11,16 +11,19 @@ Method (search/README.md has the measured error):
 2. Each case runs the library's own jitted call (`real_jax.generation.generate`, `inference.logprobs` /
    `values`, `train_step.make_train_step`) on inputs already in the layout: one warm-up (compile),
    then the median of `reps` timed runs. Records are written after every case.
-3. The analytic estimator tier prices each case with the base profile. Per call its seconds split
-   into terms (`CallCost.parts`): overhead, compute (max of flops and HBM time), comm and decode
-   steps. The fit scales them: per kind `time` (everything) and `comm_time` (comm), and, shared by
-   the kinds, the call overhead and `step_overhead_s` (per decode step and layer). It minimises the squared log-ratio
-   predicted / measured over the timed calls, plus 1e-3 x the squared log of each factor's change
-   (so factors the cases cannot tell apart keep their base values). Levenberg-Marquardt in numpy.
-   A fit that does not lower the error keeps the base profile.
-4. Held-out check: the fit is repeated on every model shape but the largest, and the largest
-   shape's calls are predicted with it (extrapolation to a bigger model, as planning does). The
-   written profile is fitted on all calls.
+3. The analytic estimator tier prices each case with the base profile. Per call its counts become
+   seconds by term: flops time, HBM time, comm time and decode steps x layers. The fitted model is
+   `time x (call_overhead_s + flops time + bytes_time x HBM time + comm_time x comm time +
+   steps x layers x step_overhead_s)`, with `time`, `bytes_time`, `comm_time` and `call_overhead_s`
+   per kind and one `step_overhead_s` (`CallCost.parts`): matmuls and memory-bound kernels add up
+   (the uncalibrated estimate takes their max), communication is partly hidden. The fit minimises
+   the squared log-ratio predicted / measured over the timed calls, plus 1e-4 x the squared log of
+   each factor's change from its start (1, or the base profile's value), so factors the cases
+   cannot tell apart stay there; Levenberg-Marquardt in numpy. A fit that does not lower the error
+   keeps the base profile.
+4. Held-out checks, both reported: leave-one-out (each call predicted by the fit to all the others)
+   and size extrapolation (the fit repeated on every model shape but the largest, which it then
+   predicts, as planning a bigger model does). The written profile is fitted on all calls.
 
 Layering: like `search/__main__.py`, this module is a composition root. It imports `real_jax`
 lazily inside `time_cases` to build and time models; the fit (`fit`, `predict`) needs only numbers.
@@ -44,7 +47,7 @@ from search.plan import layout_from_text
 from search.profile import Profile
 from sharding import Layout
 
-REG = 1e-3          # weight of the squared log-change of each fitted factor
+REG = 1e-4          # weight of the squared log-change of each fitted factor
 STEP_REF = 1e-5     # reference step overhead (s) when the base profile has none (a kernel launch or two)
 
 # Model shapes (ModelConfig fields) used when `real_jax.models.PRESETS` lacks the name. "350m" and
@@ -247,26 +250,29 @@ class _Param:
 
 
 def _terms(profile: Profile, rec: dict) -> dict[str, float]:
-  """The case's seconds by term under `profile` (time factor not applied; steps as steps x layers)."""
+  """The case's seconds by term under `profile`, before any time calibration: flops and HBM time,
+  comm time (the base `comm_time` applied), decode steps x layers."""
   spec, layout = _spec_layout(rec)
   cost = Estimator(profile, mode="analytic", cache_dir="").cost(spec, layout)
   parts = cost.parts(profile, spec.shape.n_layers)
-  return {"compute": parts["compute"], "comm": parts["comm"], "step_units": cost.steps * spec.shape.n_layers}
+  return {"flops": cost.flops / profile.matmul_flops, "bytes": cost.hbm_bytes / profile.hbm_bandwidth,
+          "comm": parts["comm"], "step_units": cost.steps * spec.shape.n_layers}
 
 
 def _params(profile: Profile, recs: Sequence[dict], terms: Sequence[dict]) -> list[_Param]:
-  """What the fit may change: per kind timed, `time` and (where a call communicates) `comm_time`;
-  one call overhead shared by the kinds (`call_overhead_s` per kind in the result); and
-  `step_overhead_s` where a call decodes."""
+  """What the fit may change: per kind timed, `time`, `bytes_time`, `call_overhead_s` and (where a
+  call communicates) `comm_time`; and `step_overhead_s` where a call decodes."""
   out = []
   for kind in KINDS:
     rows = [t for r, t in zip(recs, terms) if r["kind"] == kind]
     if not rows:
       continue
-    out.append(_Param("time", kind, float(profile.calibration.get(kind, {}).get("time", 1.0))))
+    cal = profile.calibration.get(kind, {})
+    out.append(_Param("time", kind, float(cal.get("time", 1.0))))
+    out.append(_Param("bytes_time", kind, float(cal.get("bytes_time", 1.0))))
+    out.append(_Param("call_overhead_s", kind, 1.0))  # Relative to the kind's base overhead.
     if any(t["comm"] > 0 for t in rows):
       out.append(_Param("comm_time", kind, 1.0))  # Relative to the base comm term (base comm_time applied).
-  out.append(_Param("call_overhead_s", "", 1.0))  # Relative to each kind's base overhead.
   if any(t["step_units"] > 0 for t in terms):
     out.append(_Param("step_overhead_s", "", profile.step_overhead_s or STEP_REF))
   return out
@@ -276,15 +282,15 @@ def _predict_terms(params: list[_Param], u: np.ndarray, recs: Sequence[dict], te
                    profile: Profile) -> np.ndarray:
   val = {(p.name, p.kind): p.base * math.exp(x) for p, x in zip(params, u)}
   step = val.get(("step_overhead_s", ""), profile.step_overhead_s)
-  over_scale = val.get(("call_overhead_s", ""), 1.0)
   out = []
   for r, t in zip(recs, terms):
     k = r["kind"]
     cal = profile.calibration.get(k, {})
-    over = over_scale * float(cal.get("call_overhead_s", profile.call_overhead_s))
+    over = val.get(("call_overhead_s", k), 1.0) * float(cal.get("call_overhead_s", profile.call_overhead_s))
     scale = val.get(("time", k), float(cal.get("time", 1.0)))
+    compute = t["flops"] + val.get(("bytes_time", k), 1.0) * t["bytes"]
     comm = t["comm"] * val.get(("comm_time", k), 1.0)
-    out.append(scale * (over + t["compute"] + comm + t["step_units"] * step))
+    out.append(scale * (over + compute + comm + t["step_units"] * step))
   return np.asarray(out)
 
 
@@ -345,17 +351,15 @@ def fit(profile: Profile, recs: Sequence[dict]) -> tuple[Profile, dict[str, Any]
   cal = {k: dict(v) for k, v in profile.calibration.items()}
   step = profile.step_overhead_s
   fitted = {}
-  kinds = sorted({r["kind"] for r in recs})
   for p, x in zip(params, u):
     v = p.base * math.exp(float(x))
     if p.name == "step_overhead_s":
       step = v
       fitted[p.name] = v
     elif p.name == "call_overhead_s":
-      for k in kinds:
-        kc = cal.setdefault(k, {})
-        kc[p.name] = v * float(kc.get(p.name, profile.call_overhead_s))
-        fitted[f"{k}.{p.name}"] = kc[p.name]
+      kc = cal.setdefault(p.kind, {})
+      kc[p.name] = v * float(kc.get(p.name, profile.call_overhead_s))
+      fitted[f"{p.kind}.{p.name}"] = kc[p.name]
     else:
       if p.name == "comm_time":
         v *= float(cal.get(p.kind, {}).get("comm_time", 1.0))
@@ -373,7 +377,8 @@ def _errors(pred: Sequence[float], meas: Sequence[float]) -> dict[str, float]:
 
 def report(base: Profile, records: Sequence[dict]) -> tuple[Profile, dict[str, Any]]:
   """Fits `base` to the timed records; returns the fitted profile and the calibration report parts
-  (per record: predicted before / after / held out and relative errors; summaries)."""
+  (per record: predicted before, after, leave-one-out and by the size-extrapolation fit, with their
+  relative errors; summaries of |relative error| per set)."""
   timed = [r for r in records if r.get("measured_s")]
   fitted, info = fit(base, timed)
   models = list(dict.fromkeys(r["model"] for r in timed))
@@ -383,15 +388,23 @@ def report(base: Profile, records: Sequence[dict]) -> tuple[Profile, dict[str, A
     train = [r for r in timed if r["model"] != models[-1]]
     hold_fit, hold_info = fit(base, train)
     held = {"fit_on": models[:-1], "held_out": models[-1], "fit": hold_info}
+  loo = {}
+  if len(timed) >= 2:
+    for i, r in enumerate(timed):
+      others, _ = fit(base, timed[:i] + timed[i + 1:])
+      loo[id(r)] = predict(others, r)
   out = []
-  for r in records:
-    r = dict(r)
+  for r0 in records:
+    r = dict(r0)
     if r.get("measured_s"):
       m = r["measured_s"]
       r["predicted_before_s"] = predict(base, r)
       r["predicted_after_s"] = predict(fitted, r)
       r["rel_err_before"] = r["predicted_before_s"] / m - 1.0
       r["rel_err_after"] = r["predicted_after_s"] / m - 1.0
+      if id(r0) in loo:
+        r["predicted_leave_one_out_s"] = loo[id(r0)]
+        r["rel_err_leave_one_out"] = loo[id(r0)] / m - 1.0
       if hold_fit is not None:
         r["role"] = "held_out" if r["model"] == models[-1] else "fit"
         r["predicted_holdout_fit_s"] = predict(hold_fit, r)
@@ -401,6 +414,9 @@ def report(base: Profile, records: Sequence[dict]) -> tuple[Profile, dict[str, A
   meas = [r["measured_s"] for r in ok]
   summary = {"all_calls": {"before": _errors([r["predicted_before_s"] for r in ok], meas),
                            "after": _errors([r["predicted_after_s"] for r in ok], meas)}}
+  if loo:
+    summary["leave_one_out"] = {"before": summary["all_calls"]["before"],
+                                "after": _errors([r["predicted_leave_one_out_s"] for r in ok], meas)}
   if hold_fit is not None:
     for role in ("fit", "held_out"):
       sel = [r for r in ok if r["role"] == role]
@@ -479,6 +495,38 @@ def refit(path: str, base: Profile | None = None) -> Profile:
   return fitted.replace(calibration_report=rep)
 
 
+def bench_records(path: str) -> list[dict]:
+  """Timed calls from a `bench/generate.py` + `bench/train.py` result (`bench/results/calls-<card>.json`),
+  as calibration records: generation (bf16 weights, prompt + new tokens forced) and train steps
+  (bf16 compute, fp32 masters, the recorded remat), in the file's order."""
+  import json
+
+  from real_jax.models import get_config
+  from real_jax.plan_inputs import model_shape
+  with open(path) as f:
+    doc = json.load(f)
+  out = []
+  for r in doc.get("generate", []):
+    if not r.get("time_s"):
+      continue
+    t = r["tensor"]
+    case = Case(r["model"], "generate", "lm", f"0:{t}/d1f1t{t}", r["batch"], prompt_len=r["prompt"],
+                new_tokens=r["new_tokens"])
+    shape = model_shape(get_config(r["model"], dtype="bfloat16", param_dtype="bfloat16"), "lm")
+    out.append({"name": case.name, **dataclasses.asdict(case), "shape": dataclasses.asdict(shape),
+                "measured_s": r["time_s"], "source": path})
+  for r in doc.get("train", []):
+    if not r.get("step_s"):
+      continue
+    axes = dict(kv.split("=") for kv in r["layout"].split(","))
+    d, f, t = (int(axes.get(a, 1)) for a in ("data", "fsdp", "tensor"))
+    case = Case(r["model"], "train_step", "lm", f"0:{d * f * t}/d{d}f{f}t{t}", r["batch"], seq_len=r["seq"])
+    shape = model_shape(get_config(r["model"], dtype="bfloat16", param_dtype="float32", remat=r["remat"]), "lm")
+    out.append({"name": f"{case.name} remat={r['remat']}", **dataclasses.asdict(case),
+                "shape": dataclasses.asdict(shape), "measured_s": r["step_s"], "source": path})
+  return out
+
+
 def summary_lines(profile: Profile) -> list[str]:
   """A short human summary of a calibrated profile's report."""
   rep = profile.calibration_report
@@ -493,5 +541,5 @@ def summary_lines(profile: Profile) -> list[str]:
   return lines
 
 
-__all__ = ["Case", "calibrate", "default_cases", "fit", "predict", "refit", "report", "summary_lines",
-           "time_case"]
+__all__ = ["Case", "bench_records", "calibrate", "default_cases", "fit", "predict", "refit", "report",
+           "summary_lines", "time_case"]

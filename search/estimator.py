@@ -16,11 +16,12 @@ Two tiers (search/README.md has the method and its measured error):
   all-reduces per layer, data-parallel gradient all-reduce), times per-kind calibration factors
   fitted against the compiled tier (`Profile.calibration`). Used for layouts beyond the machine.
 
-Seconds from counts: `overhead + max(flops / matmul_flops, bytes / hbm_bandwidth) + comm_time x (intra-host
-comm / intra_mesh_collective_bandwidth + inter-host comm / inter_host_bandwidth)` (+ a per-layer step
-overhead for each decode step), times the kind's `time` factor; `overhead` (`call_overhead_s`), `comm_time`
-and `time` per call kind and `step_overhead_s` are fitted against timed calls by
-`python -m search.profile --calibrate` (`search.calibrate`).
+Seconds from counts: `overhead + max(flops / matmul_flops, bytes / hbm_bandwidth) + intra-host comm /
+intra_mesh_collective_bandwidth + inter-host comm / inter_host_bandwidth` (+ a per-layer step overhead for
+each decode step). `python -m search.profile --calibrate` (`search.calibrate`) fits, per call kind, how
+these terms add up on the machine: `time` x (overhead + flops time + bytes_time x HBM time + comm_time x
+comm time + steps), with `call_overhead_s`, `bytes_time`, `comm_time`, `time` per kind and
+`step_overhead_s` (`CallCost.parts`).
 """
 
 from __future__ import annotations
@@ -127,12 +128,14 @@ class CallCost:
   def parts(self, profile: Profile, n_layers: int = 0) -> dict[str, float]:
     """The seconds before the kind's `time` factor, by term: overhead, compute, comm and steps.
 
-    overhead: the kind's fitted `call_overhead_s`, else the profile's; comm: link seconds times the
-    kind's `comm_time` (how much communication is exposed, fitted); steps: decode steps x layers x
-    `step_overhead_s`.
+    overhead: the kind's fitted `call_overhead_s`, else the profile's; compute: max(flops time, HBM
+    time), or, once the kind has a fitted `bytes_time`, flops time + bytes_time x HBM time (matmuls
+    and memory-bound kernels do not overlap); comm: link seconds times the kind's `comm_time` (the
+    exposed share, fitted); steps: decode steps x layers x `step_overhead_s`.
     """
     cal = profile.calibration.get(self.kind, {})
-    compute = max(self.flops / profile.matmul_flops, self.hbm_bytes / profile.hbm_bandwidth)
+    flops_s, bytes_s = self.flops / profile.matmul_flops, self.hbm_bytes / profile.hbm_bandwidth
+    compute = flops_s + float(cal["bytes_time"]) * bytes_s if "bytes_time" in cal else max(flops_s, bytes_s)
     comm = self.comm_intra / profile.intra_mesh_collective_bandwidth + self.comm_inter / profile.inter_host_bandwidth
     return {"overhead": float(cal.get("call_overhead_s", profile.call_overhead_s)), "compute": compute,
             "comm": comm * float(cal.get("comm_time", 1.0)), "steps": self.steps * n_layers * profile.step_overhead_s}

@@ -17,6 +17,7 @@ reallocation cost model reads the same file). Fields beyond Hardware's:
     python -m search.profile --out search/profiles/cpu.json             # micro-benchmarks only
     python -m search.profile --calibrate --out P.json [--base h100_sxm] [--budget 240]
     python -m search.profile --refit P.json --out P2.json               # fit again from P's records
+    python -m search.profile --from-bench bench/results/calls-h100.json --base h100_sxm --out P.json
 
 The micro-benchmarks measure matmul rate, HBM (memory copy) bandwidth, device-to-device copy
 bandwidth, in-mesh all-gather bandwidth and per-call overhead on the machine at hand (CPU too).
@@ -173,16 +174,29 @@ def main(argv=None) -> None:
   p.add_argument("--kinds", default="", help="--calibrate: comma-separated call kinds to time (default: generate,"
                  "inference,train_step)")
   p.add_argument("--refit", default="", help="fit again from the records of this calibrated profile (no timing)")
+  p.add_argument("--from-bench", default="", help="fit --base to the timed calls of a bench/results/calls-<card>.json "
+                 "(no timing)")
   args = p.parse_args(argv)
   if args.devices:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}").strip()
-  if args.refit:
+  if args.refit or args.from_bench:
     from search import calibrate as cal
-    prof = cal.refit(args.refit, Profile.load(args.base) if args.base else None)
+    if args.refit:
+      prof = cal.refit(args.refit, Profile.load(args.base) if args.base else None)
+    else:
+      if not args.base:
+        raise SystemExit("--from-bench needs --base (the profile the bench machine's calls are fitted to)")
+      base = Profile.load(args.base)
+      prof, rep = cal.report(base, cal.bench_records(args.from_bench))
+      prof = prof.replace(notes=f"{base.notes} | time terms fitted to the timed calls of {args.from_bench} "
+                          "(see calibration_report)", calibration_report={
+          "method": "search/calibrate.py (module docstring); errors: predicted / measured - 1",
+          "source": args.from_bench, "base": base.name, "base_profile": base.replace(calibration_report={}).to_dict(),
+          "status": "fitted"} | rep)
     if args.name:
       prof = prof.replace(name=args.name)
-    _emit(prof, args.out)
+    _emit(prof, args.out, quiet=True)
     print("\n".join(cal.summary_lines(prof)))
     return
   t0 = time.perf_counter()
