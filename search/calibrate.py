@@ -26,7 +26,8 @@ Method (search/README.md has the measured error):
    predicts, as planning a bigger model does). The written profile is fitted on all calls.
 
 Layering: like `search/__main__.py`, this module is a composition root. It imports `real_jax`
-lazily inside `time_cases` to build and time models; the fit (`fit`, `predict`) needs only numbers.
+lazily inside `time_case` (and `bench_records`) to build and time models; the fit (`fit`, `report`,
+`predict`) needs only numbers.
 """
 
 from __future__ import annotations
@@ -160,7 +161,6 @@ def _runner(case: Case, cfg, layout: Layout) -> Callable[[], Any]:
   """A closure that runs the case's real call once (the model built and the inputs placed here)."""
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from flax import nnx
 
   from real_jax import inference
@@ -244,7 +244,7 @@ def predict(profile: Profile, rec: dict) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class _Param:
-  name: str     # "time", "comm_time", "call_overhead_s" (per kind) or "step_overhead_s"
+  name: str     # "time", "bytes_time", "comm_time", "call_overhead_s" (per kind) or "step_overhead_s"
   kind: str     # call kind, "" for step_overhead_s
   base: float   # value at u = 0 (the reference the regulariser pulls towards)
 
