@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import json
 import os
-import subprocess
+import re
 import sys
 import time
 import traceback
+
+import numpy as np
 
 T0 = time.perf_counter()
 
@@ -56,14 +59,169 @@ def too_big(cfg, batch: int, slots: int, tensor: int, hbm_bytes: float) -> str |
   return None
 
 
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+                "s64": 8, "u64": 8, "f64": 8}
+_INSTR = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]\S* ([\w\-]+)\((.*)$")
+_MOVE_OPS = {"parameter", "slice", "dynamic-slice", "bitcast", "copy", "transpose", "reshape", "constant", "tuple",
+             "get-tuple-element", "broadcast"}
+
+
+def _computations(txt: str) -> dict[str, list[str]]:
+  comps, name = {}, None
+  for line in txt.splitlines():
+    m = re.match(r"^(?:ENTRY )?%([\w.\-]+) \(", line)
+    if m and line.rstrip().endswith("{"):
+      name = m.group(1)
+      comps[name] = []
+    elif line.startswith("}"):
+      name = None
+    elif name is not None:
+      comps[name].append(line)
+  return comps
+
+
+def hlo_loop_moves(txt: str, min_bytes: int = 1 << 20) -> dict:
+  """Data movement inside the while-loop bodies of a compiled HLO text: copies and fusions that
+  only slice / copy / transpose (no arithmetic) with an output of at least `min_bytes`.
+
+  Each such op costs its output bytes twice (read + write) every iteration; in a decode loop they
+  are bytes beyond the weights + KV-cache floor (for example a layer's weights sliced out of a
+  stacked array every step, or a copy of a cache buffer). Counts one loop body once.
+  """
+  comps = _computations(txt)
+  ops = {n: {m.group(4) for m in map(_INSTR.match, lines) if m} for n, lines in comps.items()}
+  bodies = set(re.findall(r"body=%([\w.\-]+)", txt))
+  found, seen = [], set()
+
+  def visit(name):
+    if name in seen or name not in comps:
+      return
+    seen.add(name)
+    for line in comps[name]:
+      m = _INSTR.match(line)
+      called = re.findall(r"(?:to_apply|calls)=%([\w.\-]+)", line)
+      if m is None:
+        for c in called:  # tuple-shaped calls (e.g. command buffers): look inside
+          visit(c)
+        continue
+      iname, dt, dims, op = m.group(1), m.group(2), m.group(3), m.group(4)
+      if op in ("call", "async-start"):
+        for c in called:
+          visit(c)
+        continue
+      move = op == "copy" or (op == "fusion" and called and ops.get(called[0], {"?"}) <= _MOVE_OPS)
+      if move and dt in _DTYPE_BYTES:
+        n = _DTYPE_BYTES[dt] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+        if n >= min_bytes:
+          found.append((n, f"{iname}: {dt}[{dims}] {op}"))
+
+  for b in bodies:
+    visit(b)
+  found.sort(reverse=True)
+  return {"count": len(found), "bytes": int(sum(n for n, _ in found)), "largest": [s for _, s in found[:6]]}
+
+
+def _prefill_fn(graphdef, cfg, b, prompt, new, mode):
+  """Prefill alone, as the sampler of `mode` runs it (weights sliced per layer, cache made)."""
+  import jax
+  from flax import nnx
+
+  from real_jax._calls import compute_params
+  from real_jax.models.transformer import KVCache, layer_arrays
+
+  @jax.jit
+  def prefill(state, toks, mask):
+    m = nnx.merge(graphdef, compute_params(state, cfg.dtype))
+    if mode == "layered":
+      cache = KVCache.zeros(cfg, b, prompt + new - 1, per_layer=True)
+      h, cache = m.hidden(toks, attention_mask_BT=mask, cache=cache,
+                          layer_params=layer_arrays(m.layers.arrays(), cfg.n_layers))
+    else:
+      h, cache = m.hidden(toks, attention_mask_BT=mask, cache=KVCache.zeros(cfg, b, prompt + new))
+    return m.project(h[:, -1:]), cache
+  return prefill
+
+
+def _step_fn(graphdef, cfg, mode, kv_len):
+  """One decode step outside any loop: (state, layer params, cache, token, live) -> (logits, cache)."""
+  import jax
+  from flax import nnx
+
+  def step(state, lps, cache, tok, live):
+    m = nnx.merge(graphdef, state)
+    kw = {"layer_params": lps, "kv_len": kv_len} if mode == "layered" else {"scan_layers": False}
+    h, cache = m.hidden(tok[:, None], attention_mask_BT=live[:, None], cache=cache, **kw)
+    return m.project(h)[:, 0], cache
+  return jax.jit(step, donate_argnums=(2,))
+
+
+def _step_inputs(graphdef, state, cfg, b, slots, index, mode, abstract):
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from real_jax.models.transformer import KVCache, layer_arrays
+
+  def make(state):
+    m = nnx.merge(graphdef, state)
+    lps = layer_arrays(m.layers.arrays(), cfg.n_layers) if mode == "layered" else None
+    cache = KVCache.zeros(cfg, b, slots, per_layer=mode == "layered")
+    cache = KVCache(cache.k, cache.v, jnp.arange(slots)[None, :].repeat(b, 0) < index, jnp.asarray(index, jnp.int32))
+    return lps, cache
+  if abstract:
+    lps, cache = jax.eval_shape(make, state)
+    return lps, cache, jax.ShapeDtypeStruct((b,), jnp.int32), jax.ShapeDtypeStruct((b,), bool)
+  # On the state's mesh, as the step's outputs will be (else the second call compiles again).
+  rep = jax.sharding.NamedSharding(jax.tree.leaves(state)[0].sharding.mesh, jax.sharding.PartitionSpec())
+  lps, cache = jax.jit(make, out_shardings=rep)(state)
+  return lps, cache, jax.device_put(jnp.full((b,), 3, jnp.int32), rep), jax.device_put(jnp.ones((b,), bool), rep)
+
+
+def step_hlo(graphdef, state, cfg, b, slots, kv_len, mode) -> dict:
+  """Compiled one-step cost: bytes accessed (XLA cost analysis) next to the weights + read-KV floor."""
+  import jax
+  lps, cache, tok, live = _step_inputs(graphdef, state, cfg, b, slots, kv_len - 1, mode, abstract=True)
+  abstract_state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+  c = _step_fn(graphdef, cfg, mode, kv_len).lower(abstract_state, lps, cache, tok, live).compile()
+  cost = c.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  read = kv_len if mode == "layered" else slots
+  return {"kv_len": kv_len, "hlo_bytes_per_step": float(cost.get("bytes accessed", float("nan"))),
+          "ideal_bytes_per_step": float(weight_bytes_per_step(cfg) + b * kv_len * kv_bytes_per_token(cfg)),
+          "kv_slots_read": read}
+
+
+def step_breakdown(graphdef, state, cfg, b, slots, reps: int) -> dict:
+  """Timed "layered" decode steps with a long and a short KV read: weight vs KV-read time per step."""
+  import jax
+  res = {}
+  for tag, kv_len in (("kv_full", slots), ("kv_short", 16)):
+    lps, cache, tok, live = _step_inputs(graphdef, state, cfg, b, slots, kv_len - 1, "layered", abstract=False)
+    fn = _step_fn(graphdef, cfg, "layered", kv_len)
+    logits, cache = fn(state, lps, cache, tok, live)
+    jax.block_until_ready(logits)
+    t = time.perf_counter()
+    for _ in range(reps):
+      logits, cache = fn(state, lps, cache, tok, live)
+    jax.block_until_ready(logits)
+    res[f"step_ms_{tag}"] = 1e3 * (time.perf_counter() - t) / reps
+    res[f"kv_len_{tag}"] = kv_len
+    del lps, cache, logits
+  wb = weight_bytes_per_step(cfg)
+  dkv = b * (slots - 16) * kv_bytes_per_token(cfg)
+  short, full = res["step_ms_kv_short"] / 1e3, res["step_ms_kv_full"] / 1e3
+  res["weights_bytes_per_s"] = wb / short  # upper bound on weight-read time: the short step is ~weights only
+  res["kv_bytes_per_s"] = dkv / (full - short) if full > short else None
+  return res
+
+
 def run_jax(args, out: dict):
   import jax
   import jax.numpy as jnp
-  import numpy as np
   from flax import nnx
 
   from bench._common import hbm_bandwidth, timed, write
-  from real_jax.generation import SamplingConfig, generate
+  from real_jax.generation import SamplingConfig, sampler
   from real_jax.models import create_model, get_config
   from sharding import Layout
 
@@ -71,13 +229,15 @@ def run_jax(args, out: dict):
     models, batches, tensors, prompt, new = ["tiny"], [8], [1, 4], 16, 8
   else:
     models, batches, tensors, prompt, new = args.models, args.batches, args.tensors, 256, 256
+  modes = args.decodes
   bw = hbm_bandwidth(gib=0.25 if args.small else 2.0)
   out["hbm_bytes_per_s"] = bw
+  out["decode_modes"] = modes
+  out["decode_segments"] = args.segments
   hf = {}
   if args.hf_json and os.path.exists(args.hf_json):
     hf = {(r["model"], r["batch"]): r for r in json.load(open(args.hf_json))["hf"]}
   out.setdefault("generate", [])
-  scan_choice = None
   for name in models:
     for tensor in tensors:
       cfg = get_config(name, dtype="bfloat16", param_dtype="bfloat16", max_seq_len=4096)
@@ -90,77 +250,92 @@ def run_jax(args, out: dict):
                                   "error": f"create: {type(e).__name__}: {str(e)[:200]}"})
         continue
       graphdef, state = nnx.split(model)
+      del model
       for b in batches:
-        rec = {"model": name, "batch": b, "tensor": tensor, "prompt": prompt, "new_tokens": new}
+        rec = {"model": name, "batch": b, "tensor": tensor, "prompt": prompt, "new_tokens": new,
+               "decode": modes[0], "decode_segments": args.segments}
+        h = hf.get((name, b))
+        rec["hf_tokens_per_s"] = h.get("tokens_per_s") if (h and tensor == 1) else None
+        if h and tensor == 1 and h.get("error"):
+          rec["hf_note"] = h["error"]
+        if tensor != 1:
+          rec["hf_note"] = "HF generate measured on one GPU only (tensor=1 rows)"
         hbm = jax.devices()[0].memory_stats().get("bytes_limit", 80e9) if not args.small else 1e12
         reason = too_big(cfg, b, prompt + new, tensor, hbm)
         if time.perf_counter() - T0 > args.budget_s:
           reason = "not run: this run's time budget was spent"
         if reason:
-          h = hf.get((name, b))
-          rec.update({"tokens_per_s": None, "roofline_fraction": None, "error": reason,
-                      "hf_tokens_per_s": h.get("tokens_per_s") if (h and tensor == 1) else None})
-          if h and h.get("error"):
-            rec["hf_note"] = h["error"]
+          rec.update({"tokens_per_s": None, "roofline_fraction": None, "error": reason})
           out["generate"].append(rec)
+          write(args.out, out)
           continue
-        try:
-          rng = np.random.default_rng(0)
-          toks = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(b, prompt)), jnp.int32)
-          mask = jnp.ones((b, prompt), bool)
-          variants = [False, True] if scan_choice is None and not args.small else [bool(scan_choice)]
-          best = None
-          for scan in variants:
-            sc = SamplingConfig(max_new_tokens=new, greedy=True, eos_id=None, bucket=256, scan_layers=scan)
-            t0 = time.perf_counter()
-            jax.block_until_ready(generate((graphdef, state), toks, mask, jax.random.key(0), sc, layout).tokens)
-            compile_s = time.perf_counter() - t0
-            t, r = timed(lambda: generate((graphdef, state), toks, mask, jax.random.key(0), sc, layout).tokens,
-                         reps=args.reps)
-            rec[f"time_s_scan_layers_{scan}"] = t
-            if best is None or t < best[0]:
-              best = (t, scan, compile_s)
-          t, scan, compile_s = best
-          if scan_choice is None:
-            scan_choice = scan
-          # Prefill alone (the same forward, no decode loop) to isolate the decode step time.
-          from real_jax._calls import compute_params
-          from real_jax.models.transformer import KVCache
-
-          @jax.jit
-          def prefill(state, toks, mask):
-            m = nnx.merge(graphdef, compute_params(state, cfg.dtype))
-            cache = KVCache.zeros(cfg, b, prompt + new)
-            h, cache = m.hidden(toks, attention_mask_BT=mask, cache=cache)
-            return m.project(h[:, -1:]), cache.k[0, 0, 0]
-          jax.block_until_ready(prefill(state, toks, mask))
-          t_pre, _ = timed(prefill, state, toks, mask, reps=3)
-          step = (t - t_pre) / (new - 1)
-          avg_ctx = prompt + new / 2
-          bytes_step = weight_bytes_per_step(cfg) + b * avg_ctx * kv_bytes_per_token(cfg)
-          floor = bytes_step / (bw * tensor)
-          rec.update({
-              "tokens_per_s": b * new / t, "time_s": t, "prefill_s": t_pre, "decode_step_ms": 1e3 * step,
-              "roofline_step_ms": 1e3 * floor, "roofline_fraction": floor / step, "scan_layers": scan,
-              "compile_s": compile_s, "bytes_per_step": bytes_step,
-          })
-          h = hf.get((name, b))
-          rec["hf_tokens_per_s"] = h.get("tokens_per_s") if (h and tensor == 1) else None
-          if h and tensor == 1 and h.get("error"):
-            rec["hf_note"] = h["error"]
-          if tensor != 1:
-            rec["hf_note"] = "HF generate measured on one GPU only (tensor=1 rows)"
-        except Exception as e:  # noqa: BLE001
-          traceback.print_exc()
-          rec.update({"tokens_per_s": None, "roofline_fraction": None, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-          h = hf.get((name, b))
-          rec["hf_tokens_per_s"] = h.get("tokens_per_s") if (h and tensor == 1) else None
         out["generate"].append(rec)
+        rng = np.random.default_rng(0)
+        toks = jnp.asarray(rng.integers(3, cfg.vocab_size, size=(b, prompt)), jnp.int32)
+        mask = jnp.ones((b, prompt), bool)
+        avg_ctx = prompt + new / 2
+        bytes_step = weight_bytes_per_step(cfg) + b * avg_ctx * kv_bytes_per_token(cfg)
+        floor = bytes_step / (bw * tensor)
+        rec.update({"roofline_step_ms": 1e3 * floor, "bytes_per_step": bytes_step})
+        for mode in modes:
+          if time.perf_counter() - T0 > args.budget_s:
+            rec[mode] = {"error": "not run: this run's time budget was spent"}
+            continue
+          try:
+            sc = SamplingConfig(max_new_tokens=new, greedy=True, eos_id=None, bucket=prompt, decode=mode,
+                                decode_segments=args.segments)
+            t0 = time.perf_counter()
+            fn = sampler(graphdef, state, (b, prompt), sc, layout)
+            compiled = fn.lower(state, toks, mask, jax.random.key(0)).compile()
+            compile_s = time.perf_counter() - t0
+            txt = compiled.as_text()
+            moves = hlo_loop_moves(txt)
+            if args.hlo_dir:
+              os.makedirs(args.hlo_dir, exist_ok=True)
+              with gzip.open(os.path.join(args.hlo_dir, f"generate_{name}_b{b}_t{tensor}_{mode}.hlo.txt.gz"),
+                             "wt") as f:
+                f.write(txt)
+            del txt
+            jax.block_until_ready(compiled(state, toks, mask, jax.random.key(0)).tokens)
+            t, _ = timed(lambda: compiled(state, toks, mask, jax.random.key(0)).tokens, reps=args.reps)
+            del compiled
+            pre = _prefill_fn(graphdef, cfg, b, prompt, new, mode)
+            jax.block_until_ready(pre(state, toks, mask))
+            t_pre, _ = timed(pre, state, toks, mask, reps=3)
+            del pre
+            step = (t - t_pre) / (new - 1)
+            r = {"tokens_per_s": b * new / t, "time_s": t, "prefill_s": t_pre, "decode_step_ms": 1e3 * step,
+                 "roofline_fraction": floor / step, "compile_s": compile_s, "loop_moves": moves}
+            if tensor == 1:
+              try:
+                r.update(step_hlo(graphdef, state, cfg, b, prompt + new - (mode == "layered"), int(avg_ctx), mode))
+              except Exception as e:  # noqa: BLE001
+                r["step_hlo_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            rec[mode] = r
+          except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            rec[mode] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+          write(args.out, out)
+          gc.collect()
+        main = rec.get(modes[0], {})
+        rec["tokens_per_s"] = main.get("tokens_per_s")
+        rec["roofline_fraction"] = main.get("roofline_fraction")
+        for k in ("time_s", "prefill_s", "decode_step_ms", "compile_s", "hlo_bytes_per_step", "ideal_bytes_per_step"):
+          if k in main:
+            rec[k] = main[k]
+        if "error" in main:
+          rec["error"] = main["error"]
+        if args.breakdown and tensor == 1 and time.perf_counter() - T0 < args.budget_s:
+          try:
+            rec["breakdown"] = step_breakdown(graphdef, state, cfg, b, prompt + new - 1, reps=args.breakdown_reps)
+          except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            rec["breakdown"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         write(args.out, out)
         gc.collect()
-      del model, graphdef, state
+      del graphdef, state
       gc.collect()
-  if not args.small and time.perf_counter() - T0 < args.budget_s:
+  if args.consistency and not args.small and time.perf_counter() - T0 < args.budget_s:
     out["bf16_consistency"] = bf16_gap()
     write(args.out, out)
 
@@ -253,15 +428,36 @@ def main():
   ap.add_argument("--models", nargs="+", default=["1b", "7b"])
   ap.add_argument("--batches", nargs="+", type=int, default=[64, 256])
   ap.add_argument("--tensors", nargs="+", type=int, default=[1, 4])
+  ap.add_argument("--only", default=None, metavar="MODEL:BATCH:TENSOR",
+                  help="one case, e.g. 7b:64:1 (sets --models/--batches/--tensors; no bf16 consistency run)")
+  ap.add_argument("--decodes", nargs="+", default=["layered", "stacked"], choices=["layered", "stacked"],
+                  help="SamplingConfig.decode modes to time; the first gives the record's main numbers")
+  ap.add_argument("--segments", type=int, default=4, help="SamplingConfig.decode_segments")
+  ap.add_argument("--breakdown", action="store_true",
+                  help="tensor=1: time single layered decode steps with a long and a short KV read")
+  ap.add_argument("--breakdown-reps", type=int, default=20)
+  ap.add_argument("--hlo-dir", default=None, help="write each compiled sampler's HLO text (gzip) here")
+  ap.add_argument("--compile-cache", default=None, help="JAX persistent compilation cache directory")
   ap.add_argument("--reps", type=int, default=1)
   ap.add_argument("--budget-s", type=float, default=1e9, help="start no new case after this many seconds")
   args = ap.parse_args()
+  args.consistency = args.only is None
+  if args.only:
+    try:
+      m, b, t = args.only.split(":")
+      args.models, args.batches, args.tensors = [m], [int(b)], [int(t)]
+    except ValueError:
+      ap.error(f"--only wants MODEL:BATCH:TENSOR, e.g. 7b:64:1; got {args.only!r}")
   if args.hf:
     return run_hf(args)
   if args.small:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  if args.compile_cache:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   from bench._common import header
   out = header()
   run_jax(args, out)

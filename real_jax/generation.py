@@ -1,10 +1,15 @@
 """Batched sampling with a pre-allocated KV cache (DESIGN.md section 5).
 
 `generate(model, prompt_BP, prompt_mask_BP, rng, config, layout)` runs, as one jitted call under
-`layout`: prefill of the (left-padded, bucketed) prompts, then a `lax.while_loop` of decode steps
-that stops when every row has emitted EOS or `max_new_tokens` are out. Shapes are static: the
-cache holds `P + max_new_tokens` slots, P the prompt bucket, so only a handful of programs compile
-(one per bucket, batch size, layout and sampling config; see `bucket_length`).
+`layout`: prefill of the (left-padded, bucketed) prompts, then decode steps in `lax.while_loop`s
+that stop when every row has emitted EOS or `max_new_tokens` are out. Shapes are static: the
+cache holds `P + max_new_tokens - 1` slots, P the prompt bucket, so only a handful of programs
+compile (one per bucket, batch size, layout and sampling config; see `bucket_length`).
+
+The decode loop is bound by HBM reads: every step reads all weights and the cache. So the
+default loop ("layered", see `SamplingConfig.decode`) gives each layer its own weight arrays
+(sliced once before the loop) and its own cache buffer, and runs as a few segments whose
+attention reads a static cache prefix that grows with the sequence (`segment_ends`).
 
 Shape legend: B rows (prompts x n samples), P prompt bucket, M max_new_tokens, T = P + M, V vocab.
 
@@ -33,6 +38,7 @@ such a batch from lists of token ids and pads to the bucket length.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -41,7 +47,7 @@ import numpy as np
 from flax import nnx
 
 from real_jax._calls import batch_sharding, cached, compute_params, shape_key, sharding_hook, split_model
-from real_jax.models.transformer import KVCache, activation_constraints
+from real_jax.models.transformer import KVCache, activation_constraints, layer_arrays
 from sharding import Layout, activation_sharding, shardings_for
 
 
@@ -59,7 +65,19 @@ class SamplingConfig:
   pad_id: written after EOS (and left of short prompts by `pad_prompts`).
   n: samples per prompt (rows are repeated group-major).
   bucket: prompt lengths are rounded up to a multiple of this (and to a power of two below it).
-  scan_layers: False unrolls the layer loop in the decode step (static weight slices).
+  decode: how the decode loop holds weights and cache (same tokens and log-probs either way):
+    "layered" (default): each layer's weights are sliced out of the stacked parameters once,
+    before the loop (in a bf16 model that stores bf16 weights this is one extra copy of the layer
+    weights for the call; a model that stores fp32 masters casts into them instead of into a
+    stacked copy), and each layer has its own cache buffer, read before the new slot is
+    written. The loop is split into `decode_segments` while loops; segment j's attention reads a
+    static cache prefix that ends where segment j does, so reads grow with the sequence.
+    "stacked": one [L, B, S, K, H] cache written then read in place and stacked weights sliced in
+    the loop, every step reading all P + M slots (the earlier loop; kept as a benchmark baseline).
+  decode_segments: number of decode while loops ("layered"); each is one more compiled copy of
+    the decode step, and the cache slots read per step exceed the filled ones by about
+    M / (2 * decode_segments) on average.
+  scan_layers: "stacked" only: True scans the layer loop of the decode step, False unrolls it.
   """
 
   max_new_tokens: int
@@ -71,6 +89,8 @@ class SamplingConfig:
   pad_id: int = 0
   n: int = 1
   bucket: int = 64
+  decode: str = "layered"
+  decode_segments: int = 4
   scan_layers: bool = False
 
   def __post_init__(self):
@@ -84,6 +104,10 @@ class SamplingConfig:
       raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
     if self.n < 1 or self.bucket < 1:
       raise ValueError(f"SamplingConfig.n and .bucket must be >= 1, got n={self.n} bucket={self.bucket}")
+    if self.decode not in ("layered", "stacked"):
+      raise ValueError(f"SamplingConfig.decode must be 'layered' or 'stacked', got {self.decode!r}")
+    if self.decode_segments < 1:
+      raise ValueError(f"SamplingConfig.decode_segments must be >= 1, got {self.decode_segments}")
 
   @property
   def eos_ids(self) -> tuple[int, ...]:
@@ -184,9 +208,15 @@ def sample_token(key: jax.Array, logits_BV: jax.Array, cfg: SamplingConfig) -> t
 # The jitted sampler.
 
 
+def segment_ends(steps: int, segments: int) -> list[int]:
+  """Ends (exclusive) of up to `segments` near-equal runs of decode steps 0..steps-1."""
+  return sorted({-(-steps * (j + 1) // segments) for j in range(segments)} - {0})
+
+
 def _sample_fn(graphdef, cfg: SamplingConfig, layout: Layout):
   """The pure function (state, prompt_BP, mask_BP, rng) -> Rollout, traced under `layout`."""
   eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
+  layered = cfg.decode == "layered"
 
   def run(state, prompt_BP, mask_BP, rng):
     with activation_constraints(sharding_hook(layout)):
@@ -195,18 +225,21 @@ def _sample_fn(graphdef, cfg: SamplingConfig, layout: Layout):
       b, p = prompt_BP.shape
       m = cfg.max_new_tokens
       mask_BP = mask_BP.astype(bool)
-      cache = KVCache.zeros(mcfg, b, p + m)
+      if layered:
+        # Sliced once, outside every loop: the decode step never slices stacked weights.
+        lps = layer_arrays(model.layers.arrays(), mcfg.n_layers)
+        fwd = functools.partial(model.hidden, layer_params=lps)
+        cache = KVCache.zeros(mcfg, b, p + m - 1, per_layer=True)  # token M-1 is never run
+      else:
+        fwd = functools.partial(model.hidden, scan_layers=cfg.scan_layers)
+        cache = KVCache.zeros(mcfg, b, p + m)
       cache = _constrain_cache(cache, layout)
       # Prefill: hidden states of the whole prompt, logits of the last column only.
-      h_BPD, cache = model.hidden(prompt_BP, attention_mask_BT=mask_BP, cache=cache)
+      h_BPD, cache = (fwd if layered else model.hidden)(prompt_BP, attention_mask_BT=mask_BP, cache=cache)
       logits_BV = model.project(h_BPD[:, -1:])[:, 0]
 
-      def cond(c):
-        t, _, _, _, _, done, _ = c
-        return (t < m) & ~jnp.all(done)
-
-      def body(c):
-        t, cache, logits_BV, out_BM, lp_BM, done, _ = c
+      def draw(t, logits_BV, out_BM, lp_BM, done):
+        """Token t from logits_BV; `live`: the rows not yet done before it (its attention mask)."""
         tok, lp = sample_token(jax.random.fold_in(rng, t), logits_BV, cfg)
         tok = jnp.where(done, cfg.pad_id, tok)
         lp = jnp.where(done, 0.0, lp)
@@ -214,14 +247,37 @@ def _sample_fn(graphdef, cfg: SamplingConfig, layout: Layout):
         lp_BM = jax.lax.dynamic_update_slice_in_dim(lp_BM, lp[:, None], t, axis=1)
         live = ~done
         done = done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
-        h, cache = model.hidden(tok[:, None], attention_mask_BT=live[:, None], cache=cache,
-                                scan_layers=cfg.scan_layers)
-        logits_BV = model.project(h)[:, 0]
-        return t + 1, cache, logits_BV, out_BM, lp_BM, done, live
+        return tok, live, out_BM, lp_BM, done
 
-      init = (jnp.zeros((), jnp.int32), cache, logits_BV, jnp.full((b, m), cfg.pad_id, jnp.int32),
-              jnp.zeros((b, m), jnp.float32), jnp.zeros((b,), bool), jnp.ones((b,), bool))
-      _, _, _, out_BM, lp_BM, done, _ = jax.lax.while_loop(cond, body, init)
+      out_BM = jnp.full((b, m), cfg.pad_id, jnp.int32)
+      lp_BM = jnp.zeros((b, m), jnp.float32)
+      done = jnp.zeros((b,), bool)
+      if layered:
+        # Token 0 from the prefill; then iteration t runs token t at slot P + t and draws token t + 1,
+        # so the loop carries tokens, not logits, and token M - 1 is never run.
+        c = (jnp.zeros((), jnp.int32), cache) + draw(0, logits_BV, out_BM, lp_BM, done)
+
+        def body_for(kv_len):
+          def body(c):
+            t, cache, tok, live, out_BM, lp_BM, done = c
+            h, cache = fwd(tok[:, None], attention_mask_BT=live[:, None], cache=cache, kv_len=kv_len)
+            return (t + 1, cache) + draw(t + 1, model.project(h)[:, 0], out_BM, lp_BM, done)
+          return body
+
+        # Segment [a, end) runs tokens a..end-1 at slots < P + end - 1: a static read of P + end - 1.
+        for end in segment_ends(m - 1, cfg.decode_segments):
+          c = jax.lax.while_loop(lambda c, end=end: (c[0] < end) & ~jnp.all(c[6]), body_for(p + end - 1), c)
+        out_BM, lp_BM = c[4], c[5]
+      else:
+        def body(c):
+          t, cache, logits_BV, out_BM, lp_BM, done = c
+          tok, live, out_BM, lp_BM, done = draw(t, logits_BV, out_BM, lp_BM, done)
+          h, cache = fwd(tok[:, None], attention_mask_BT=live[:, None], cache=cache)
+          return t + 1, cache, model.project(h)[:, 0], out_BM, lp_BM, done
+
+        c = (jnp.zeros((), jnp.int32), cache, logits_BV, out_BM, lp_BM, done)
+        c = jax.lax.while_loop(lambda c: (c[0] < m) & ~jnp.all(c[5]), body, c)
+        out_BM, lp_BM = c[3], c[4]
 
       is_eos = jnp.any(out_BM[:, :, None] == eos[None, None, :], axis=-1)
       # Response: tokens up to and including the first EOS.
@@ -245,11 +301,14 @@ def model_config(graphdef, state):
 
 def _constrain_cache(cache: KVCache, layout: Layout) -> KVCache:
   """The cache laid out like its logical axes say (batch over data/fsdp, kv_heads over tensor)."""
-  names = KVCache.logical_axes()
+  names = KVCache.logical_axes(cache.per_layer, len(cache.k) if cache.per_layer else 0)
 
   def c(x, n):
     return jax.lax.with_sharding_constraint(x, activation_sharding(layout, n, tuple(x.shape)))
-  return KVCache(c(cache.k, names.k), c(cache.v, names.v), c(cache.valid, names.valid), cache.index)
+
+  def kv(xs, ns):
+    return tuple(map(c, xs, ns)) if cache.per_layer else c(xs, ns)
+  return KVCache(kv(cache.k, names.k), kv(cache.v, names.v), c(cache.valid, names.valid), cache.index)
 
 
 def generate(model, prompt_BP, prompt_mask_BP, rng: jax.Array, config: SamplingConfig,

@@ -1,10 +1,13 @@
 """Generation: determinism, greedy = argmax of a full forward, top-k/top-p support, EOS masks,
 log-prob consistency with the inference call under several layouts, n-sample grouping."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from real_jax import inference
 from real_jax.generation import SamplingConfig, bucket_length, filter_logits, generate, pad_prompts, sample_token
@@ -142,3 +145,87 @@ def test_n_samples_group_major(model):
     for j in range(3):
       np.testing.assert_array_equal(t[3 * i + j, :8], toks[i])
   assert len({tuple(t[k, 8:]) for k in range(3)}) > 1  # distinct samples within a group
+
+
+def test_segment_ends():
+  from real_jax.generation import segment_ends
+  assert segment_ends(255, 4) == [64, 128, 192, 255]
+  assert segment_ends(5, 4) == [2, 3, 4, 5]
+  assert segment_ends(2, 4) == [1, 2]
+  assert segment_ends(0, 4) == []
+  assert segment_ends(7, 1) == [7]
+
+
+@pytest.mark.parametrize("segments", [1, 3])
+def test_layered_decode_equals_stacked(model, segments):
+  """The layered loop (per-layer weights and caches, segmented prefix reads) against the stacked one."""
+  toks, mask = pad_prompts(PROMPTS * 2, bucket=8)
+  cfg = SamplingConfig(max_new_tokens=7, top_p=0.9, eos_id=tuple(range(3, 256, 7)), n=2, decode_segments=segments)
+  a = generate(model, toks, mask, jax.random.key(5), cfg)
+  b = generate(model, toks, mask, jax.random.key(5), dataclasses.replace(cfg, decode="stacked"))
+  np.testing.assert_array_equal(_np(a.tokens), _np(b.tokens))
+  np.testing.assert_array_equal(_np(a.response_mask), _np(b.response_mask))
+  np.testing.assert_array_equal(_np(a.ended_with_eos), _np(b.ended_with_eos))
+  np.testing.assert_allclose(_np(a.logprobs), _np(b.logprobs), atol=1e-6)
+  assert _np(a.ended_with_eos).any() and not _np(a.ended_with_eos).all()
+
+
+def test_per_layer_cache_decode_equals_full_forward(model):
+  """Prefill then single-token steps with a per-layer cache and a static read prefix (kv_len)."""
+  from real_jax.models import KVCache
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(1, CFG.vocab_size, size=(3, 9)), jnp.int32)
+  mask = jnp.asarray(np.arange(9)[None, :] >= np.array([[0], [2], [4]]))  # left padding
+  full = _np(jax.jit(model.__call__)(tokens, attention_mask_BT=mask))
+  cache = KVCache.zeros(CFG, 3, 12, per_layer=True)
+  step = jax.jit(lambda t, m, c, n: model.forward(t, attention_mask_BT=m, cache=c, kv_len=n), static_argnums=3)
+  logits, cache = step(tokens[:, :5], mask[:, :5], cache, None)
+  pieces = [_np(logits)]
+  for i in range(5, 9):
+    logits, cache = step(tokens[:, i:i + 1], mask[:, i:i + 1], cache, i + 1)  # reads slots < i + 1 only
+    pieces.append(_np(logits))
+  got = np.concatenate(pieces, axis=1)
+  real = _np(mask)
+  np.testing.assert_allclose(got[real], full[real], rtol=1e-5, atol=1e-5)
+  assert int(cache.index) == 9 and not bool(cache.valid[:, 9:].any())
+
+
+def _loop_moves(model, cfg):
+  """Data-movement ops (copies, slice-only fusions) in the compiled decode loops, by element count."""
+  import re
+
+  from bench.generate import _computations, _INSTR, _MOVE_OPS
+  from real_jax.generation import sampler
+
+  graphdef, state = nnx.split(model)
+  toks, mask = pad_prompts(PROMPTS[:3], bucket=8)
+  txt = sampler(graphdef, state, toks.shape, cfg, Layout.on(0)).lower(
+      state, jnp.asarray(toks), jnp.asarray(mask), jax.random.key(0)).compile().as_text()
+  comps = _computations(txt)
+  ops = {n: {m.group(4) for m in map(_INSTR.match, lines) if m} for n, lines in comps.items()}
+  bodies = [m.group(1) for m in re.finditer(r"while\(.*body=%([\w.\-]+)", txt)
+            if "known_trip_count" not in m.group(0)]  # decode loops (the prefill layer scan has one)
+  sizes = []
+  for body in bodies:
+    for m in map(_INSTR.match, comps[body]):
+      if m and (m.group(4) == "copy" or (m.group(4) == "fusion" and ops.get(
+          (re.findall(r"calls=%([\w.\-]+)", m.group(0)) or ["?"])[0], {"?"}) <= _MOVE_OPS)):
+        sizes.append(int(np.prod([int(d) for d in m.group(3).split(",") if d] or [1])))
+  return bodies, sizes
+
+
+def test_decode_loop_slices_no_weights_and_copies_no_cache(model):
+  """The layered decode loop reads per-layer weights and updates each cache buffer in place: no
+  weight-sized slice and no cache-sized copy inside a decode loop body (the stacked loop has both
+  on this backend, which shows the check can fail)."""
+  p = model.layers.arrays()
+  weight_sizes = {int(np.prod(a.shape[1:])) for a in p.values() if a.ndim >= 3}
+  m = 6
+  cfg = SamplingConfig(max_new_tokens=m, greedy=True, decode_segments=2)
+  cache_size = 3 * (8 + m - 1) * CFG.n_kv_heads * CFG.head_dim
+  assert cache_size not in weight_sizes
+  bodies, sizes = _loop_moves(model, cfg)
+  assert len(bodies) == 2
+  assert not weight_sizes & set(sizes) and cache_size not in sizes, sizes
+  _, stacked = _loop_moves(model, dataclasses.replace(cfg, decode="stacked"))
+  assert weight_sizes & set(stacked), stacked

@@ -109,25 +109,45 @@ def attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, impl
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, implementation="xla")
 
 
-def decode_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array) -> Array:
+def decode_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array,
+                     k_new_BTKH: Array | None = None, v_new_BTKH: Array | None = None) -> Array:
   """Attention for a few query tokens against a long cache, as fused multiply-reduce (no dot).
 
   Decode is bound by reading the cache: written as broadcast-multiply + reduce, XLA fuses the
-  read of this layer's cache slice (a dynamic slice of the stacked cache) into the reduction, so
-  the cache is read once per step instead of being copied out first. Same math as the XLA path
-  of `jax.nn.dot_product_attention` (fp32 scores and softmax, probabilities cast to the value
-  dtype before the PV product).
+  read of the cache (or of a static prefix of it) into the reduction, so it is read once per step
+  instead of being copied out first. Same math as the XLA path of `jax.nn.dot_product_attention`
+  (fp32 scores and softmax, probabilities cast to the value dtype before the PV product).
+
+  k_new_BTKH / v_new_BTKH (decode with T = 1 only): the query token's own key/value, not yet in
+  the cache; it always sees itself, so its score joins the softmax beside the masked cache slots.
+  This lets the caller read the cache *before* writing the new slot (no read-after-write of the
+  same buffer inside a step).
   """
   b, t, n, h = q_BTNH.shape
   k = k_BSKH.shape[2]
   g = n // k
   f32 = jnp.float32
+  scale = f32(1.0 / (h ** 0.5))
   q = q_BTNH.reshape(b, t, 1, k, g, h).astype(f32)
-  s_BTSKG = jnp.sum(q * k_BSKH[:, None, :, :, None, :].astype(f32), axis=-1) * f32(1.0 / (h ** 0.5))
+  s_BTSKG = jnp.sum(q * k_BSKH[:, None, :, :, None, :].astype(f32), axis=-1) * scale
   big_neg = jnp.finfo(f32).min / 2
   s_BTSKG = jnp.where(mask_BTS[:, :, :, None, None], s_BTSKG, big_neg)
-  p_BTSKG = jax.nn.softmax(s_BTSKG, axis=2).astype(v_BSKH.dtype)
+  vdt = v_BSKH.dtype
+  if k_new_BTKH is None:
+    p_BTSKG = jax.nn.softmax(s_BTSKG, axis=2).astype(vdt)
+    o = jnp.sum(p_BTSKG[..., None].astype(f32) * v_BSKH[:, None, :, :, None, :].astype(f32), axis=2)
+    return o.reshape(b, t, n, h).astype(q_BTNH.dtype)
+  if t != 1:
+    raise ValueError(f"decode_attention: k_new/v_new need one query token, got T={t}")
+  s_new_BTKG = jnp.sum(q[:, :, 0] * k_new_BTKH[:, :, :, None, :].astype(f32), axis=-1) * scale
+  m_BTKG = jnp.maximum(jnp.max(s_BTSKG, axis=2), s_new_BTKG)
+  e_BTSKG = jnp.exp(s_BTSKG - m_BTKG[:, :, None])
+  e_new_BTKG = jnp.exp(s_new_BTKG - m_BTKG)
+  denom_BTKG = jnp.sum(e_BTSKG, axis=2) + e_new_BTKG
+  p_BTSKG = (e_BTSKG / denom_BTKG[:, :, None]).astype(vdt)
+  p_new_BTKG = (e_new_BTKG / denom_BTKG).astype(vdt)
   o = jnp.sum(p_BTSKG[..., None].astype(f32) * v_BSKH[:, None, :, :, None, :].astype(f32), axis=2)
+  o = o + p_new_BTKG[..., None].astype(f32) * v_new_BTKH[:, :, :, None, :].astype(f32)
   return o.reshape(b, t, n, h).astype(q_BTNH.dtype)
 
 
@@ -147,24 +167,42 @@ def slot_mask(q_slot_BT: Array, key_valid_BS: Array) -> Array:
 class KVCache:
   """Pre-allocated keys/values for all layers, plus which slots hold real tokens.
 
-  k, v: [L, B, S, K, H]; valid: [B, S] bool; index: [] int32, the next slot to write.
+  k, v: stacked [L, B, S, K, H] arrays, or (per_layer) tuples of L arrays [B, S, K, H], one
+  buffer per layer (the decode loop of generation: each layer's buffer is read, then updated in
+  place, without slicing a stacked array); valid: [B, S] bool; index: [] int32, the next slot to
+  write.
   """
 
-  k: Array
-  v: Array
+  k: Array | tuple[Array, ...]
+  v: Array | tuple[Array, ...]
   valid: Array
   index: Array
 
+  @property
+  def per_layer(self) -> bool:
+    return isinstance(self.k, (tuple, list))
+
   @classmethod
-  def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
+  def zeros(cls, cfg: ModelConfig, batch: int, length: int, dtype=None, *, per_layer: bool = False) -> KVCache:
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool),
-               jnp.zeros((), jnp.int32))
+    if per_layer:
+      shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+      k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+      v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+    else:
+      shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+      k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    return cls(k, v, jnp.zeros((batch, length), bool), jnp.zeros((), jnp.int32))
 
   @staticmethod
-  def logical_axes() -> KVCache:
-    """Logical axes of each field (for sharding the cache with `sharding.rules`)."""
+  def logical_axes(per_layer: bool = False, n_layers: int = 0) -> KVCache:
+    """Logical axes of each field (for sharding the cache with `sharding.rules`).
+
+    per_layer: axes of a per-layer cache of `n_layers` layers (a tuple of axes per field).
+    """
+    if per_layer:
+      kv = ("batch", "cache_seq", "kv_heads", "head_dim")
+      return KVCache((kv,) * n_layers, (kv,) * n_layers, ("batch", "cache_seq"), ())  # type: ignore[arg-type]
     kv = ("layers", "batch", "cache_seq", "kv_heads", "head_dim")
     return KVCache(kv, kv, ("batch", "cache_seq"), ())  # type: ignore[arg-type]
 
@@ -217,13 +255,17 @@ class Layers(nnx.Module):
     return {name: v.get_value() for name, v in vars(self).items() if isinstance(v, nnx.Param)}
 
 
-def _layer(cfg: ModelConfig, inv_freq, x_BTD, p, positions_BT, mask_BTS, kv_in, index):
+def _layer(cfg: ModelConfig, inv_freq, x_BTD, p, positions_BT, mask_BTS, kv_in, index, old_mask_BS=None,
+           kv_len=None):
   """One decoder layer.
 
-  kv_in: None (no cache), or (k_LBSKH, v_LBSKH, layer) - the whole stacked cache and this layer's
-  index. The T new keys/values are written in place at slots [index, index + T) of that layer
-  first, then the layer's slice is read back for attention (so the cache is never copied).
-  Returns (x, (k_all, v_all) updated, or None).
+  kv_in: None (no cache); (k_LBSKH, v_LBSKH, layer), the whole stacked cache and this layer's
+  index: the T new keys/values are written in place at slots [index, index + T) of that layer
+  first, then the layer's slice is read back for attention; or (k_BSKH, v_BSKH, None), this
+  layer's own buffers (a per-layer cache): with T = 1 and `old_mask_BS` (which earlier slots the
+  token sees) the first `kv_len` slots are read *before* the new key/value is written, the token's
+  own key/value joining the softmax directly (`decode_attention`); otherwise written, then read.
+  Returns (x, (k, v) updated, or None).
   """
   dt = x_BTD.dtype
   c = lambda name: p[name].astype(dt)  # noqa: E731
@@ -238,6 +280,23 @@ def _layer(cfg: ModelConfig, inv_freq, x_BTD, p, positions_BT, mask_BTS, kv_in, 
   kv_out = None
   if kv_in is None:
     o = attention(q, k, v, mask_BTS, cfg.attention_impl)
+  elif kv_in[2] is None:  # Per-layer buffers.
+    k_l, v_l, _ = kv_in
+    zero = jnp.zeros((), jnp.int32)
+    start = (zero, jnp.asarray(index, jnp.int32), zero, zero)
+    if q.shape[1] == 1 and old_mask_BS is not None:  # Decode step: read the old prefix, then write.
+      n = k_l.shape[1] if kv_len is None else kv_len
+      o = decode_attention(q, k_l[:, :n].astype(dt), v_l[:, :n].astype(dt), old_mask_BS[:, None, :n], k, v)
+      # The writes below depend on the read above (through o), so they can happen in place: XLA
+      # never needs a copy of the buffer to keep the old value for a reader not yet run.
+      o, k_l, v_l = jax.lax.optimization_barrier((o, k_l, v_l))
+      k_l = jax.lax.dynamic_update_slice(k_l, k.astype(k_l.dtype), start)
+      v_l = jax.lax.dynamic_update_slice(v_l, v.astype(v_l.dtype), start)
+    else:
+      k_l = jax.lax.dynamic_update_slice(k_l, k.astype(k_l.dtype), start)
+      v_l = jax.lax.dynamic_update_slice(v_l, v.astype(v_l.dtype), start)
+      o = attention(q, k_l.astype(dt), v_l.astype(dt), mask_BTS, cfg.attention_impl)
+    kv_out = (k_l, v_l)
   else:
     k_all, v_all, layer = kv_in
     zero = jnp.zeros((), jnp.int32)
@@ -251,7 +310,10 @@ def _layer(cfg: ModelConfig, inv_freq, x_BTD, p, positions_BT, mask_BTS, kv_in, 
     else:
       o = attention(q, keys, values, mask_BTS, cfg.attention_impl)
     kv_out = (k_all, v_all)
-  x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o, c("wo"))
+  if kv_out is None:
+    x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o, c("wo"))
+  else:  # With a cache: contract (N, H) in storage order, so no backend transposes wo per step.
+    x_BTD = x_BTD + jax.lax.dot_general(o, c("wo"), (((2, 3), (0, 1)), ((), ())))
   x_BTD = constrain(x_BTD, ("batch", "seq", "embed"))
   h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg.rms_eps)
   gate = jnp.einsum("BTD,DF->BTF", h_BTD, c("w_gate"))
@@ -260,6 +322,11 @@ def _layer(cfg: ModelConfig, inv_freq, x_BTD, p, positions_BT, mask_BTS, kv_in, 
   x_BTD = x_BTD + jnp.einsum("BTF,FD->BTD", act, c("w_down"))
   x_BTD = constrain(x_BTD, ("batch", "seq", "embed"))
   return x_BTD, kv_out
+
+
+def layer_arrays(stacked: dict[str, Array], n_layers: int) -> list[dict[str, Array]]:
+  """Layer i's parameters as their own arrays, from the `layers`-stacked ones (static slices)."""
+  return [{name: a[i] for name, a in stacked.items()} for i in range(n_layers)]
 
 
 _REMAT_POLICIES = {
@@ -292,8 +359,9 @@ class Transformer(nnx.Module):
   # -- forward -------------------------------------------------------------------------------
 
   def hidden(self, tokens_BT: Array, positions_BT: Array | None = None, attention_mask_BT: Array | None = None,
-             cache: KVCache | None = None, *, train: bool = False,
-             scan_layers: bool = True) -> tuple[Array, KVCache | None]:
+             cache: KVCache | None = None, *, train: bool = False, scan_layers: bool = True,
+             layer_params: list[dict[str, Array]] | None = None,
+             kv_len: int | None = None) -> tuple[Array, KVCache | None]:
     """Final-norm hidden states [B, T, D] and the updated cache.
 
     tokens_BT: int token ids. positions_BT: RoPE positions (default: cumsum of the mask - 1).
@@ -304,6 +372,11 @@ class Transformer(nnx.Module):
     scan_layers: with a cache, False unrolls the layer loop (static weight slices; used by the
       decode loop of generation, where a scanned layer loop may copy each layer's weights out of
       the stack every step). Same math either way.
+    layer_params: with a per-layer cache, each layer's parameters as its own arrays (see
+      `layer_arrays`; default: sliced from the stacked parameters here). The layer loop is
+      unrolled over them, so a decode loop that gets them from outside never slices weights.
+    kv_len: with a per-layer cache and one token (a decode step): attention reads only the first
+      kv_len slots (static), which must hold every slot before `cache.index`.
     """
     cfg = self.cfg
     b, t = tokens_BT.shape
@@ -327,7 +400,25 @@ class Transformer(nnx.Module):
 
     params = self.layers.arrays()
     new_cache = None
-    if cache is None:
+    if layer_params is not None and (cache is None or not cache.per_layer):
+      raise ValueError("Transformer.hidden: layer_params needs a per-layer KVCache (KVCache.zeros(per_layer=True))")
+    if cache is not None and cache.per_layer:
+      lps = layer_params if layer_params is not None else layer_arrays(params, cfg.n_layers)
+      if len(lps) != cfg.n_layers or len(cache.k) != cfg.n_layers or len(cache.v) != cfg.n_layers:
+        raise ValueError(f"Transformer.hidden: {cfg.n_layers} layers, but {len(lps)} layer_params and "
+                         f"{len(cache.k)}/{len(cache.v)} cache k/v buffers")
+      old_mask_BS = None
+      if t == 1:  # Decode: earlier slots the token sees (its own slot joins in decode_attention).
+        s_idx = jnp.arange(cache.valid.shape[1], dtype=jnp.int32)[None, :]
+        old_mask_BS = cache.valid & (s_idx < index)
+      ks, vs = [], []
+      for i in range(cfg.n_layers):
+        x_BTD, (k_i, v_i) = _layer(cfg, inv_freq, x_BTD, lps[i], positions_BT, mask_BTS,
+                                   (cache.k[i], cache.v[i], None), index, old_mask_BS, kv_len)
+        ks.append(k_i)
+        vs.append(v_i)
+      new_cache = KVCache(tuple(ks), tuple(vs), valid_BS, index + t)
+    elif cache is None:
       def body(x, p):
         return _layer(cfg, inv_freq, x, p, positions_BT, mask_BTS, None, index)[0], None
 
@@ -363,9 +454,10 @@ class Transformer(nnx.Module):
     return constrain(logits, ("batch", "seq", "vocab")).astype(jnp.float32)
 
   def forward(self, tokens_BT, positions_BT=None, attention_mask_BT=None, cache=None, *, train=False,
-              scan_layers=True):
+              scan_layers=True, layer_params=None, kv_len=None):
     """(logits or values, updated cache)."""
-    h, cache = self.hidden(tokens_BT, positions_BT, attention_mask_BT, cache, train=train, scan_layers=scan_layers)
+    h, cache = self.hidden(tokens_BT, positions_BT, attention_mask_BT, cache, train=train, scan_layers=scan_layers,
+                           layer_params=layer_params, kv_len=kv_len)
     return self.project(h), cache
 
   def __call__(self, tokens_BT, positions_BT=None, attention_mask_BT=None, *, train=False):
