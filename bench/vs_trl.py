@@ -101,6 +101,8 @@ class Spec:
 
   def __post_init__(self):
     self.rows = self.prompts * self.group_size
+    if self.prompts % self.gpus:
+      raise ValueError(f"{self.algorithm}: {self.prompts} prompts per iteration do not divide over {self.gpus} GPUs")
     if self.rows % (self.gpus * self.micro_rows):
       raise ValueError(f"{self.algorithm}: {self.rows} rows per iteration do not divide into {self.gpus} GPUs x "
                        f"--micro-rows {self.micro_rows}")
@@ -154,10 +156,10 @@ def export_models(spec: Spec) -> None:
   from real_jax.models import create_model, get_config, save_pretrained
   from sharding import Layout
 
-  marker = os.path.join(spec.reward_dir, "export.json")
-  if os.path.exists(marker):
-    return
   preset, overrides = spec.model_config()
+  marker = os.path.join(spec.reward_dir, "export.json")
+  if os.path.exists(marker) and json.load(open(marker)) == {"preset": preset, "overrides": overrides}:
+    return
   cfg = get_config(preset, **overrides)
   for path, seed, head in ((spec.policy_dir, 0, "lm"), (spec.reward_dir, REWARD_SEED, "scalar")):
     model = create_model(cfg, Layout.on(0), seed=seed, head=head)
@@ -220,7 +222,9 @@ def phase_split(records: list[dict], iteration_s: float) -> dict[str, float]:
   return out
 
 
-def real_jax_worker(spec: Spec, out_path: str) -> None:
+def run_real_jax(spec: Spec) -> dict:
+  """Exports the models (once), runs real_jax's `run` for warmup + timed iterations, returns the
+  per-iteration phase split (an "error" key instead when something failed)."""
   import jax
 
   from real_jax.experiment import experiment_from_config
@@ -230,6 +234,8 @@ def real_jax_worker(spec: Spec, out_path: str) -> None:
             "devices": jax.device_count()}
   t0 = time.perf_counter()
   try:
+    if jax.device_count() != spec.gpus:
+      raise ValueError(f"real_jax sees {jax.device_count()} devices, the spec asks for {spec.gpus}")
     export_models(spec)
     result["export_s"] = time.perf_counter() - t0
     config = real_jax_config(spec)
@@ -270,6 +276,11 @@ def real_jax_worker(spec: Spec, out_path: str) -> None:
     result["error"] = f"{type(e).__name__}: {str(e)[:400]}"
   result["wall_s"] = time.perf_counter() - t0
   result["warmup"] = spec.warmup
+  return result
+
+
+def real_jax_worker(spec: Spec, out_path: str) -> None:
+  result = run_real_jax(spec)
   with open(out_path, "w") as f:
     json.dump(result, f, indent=1)
   sys.exit(1 if "error" in result else 0)
@@ -300,6 +311,29 @@ def timed_mean(result: dict | None) -> dict | None:
     return None
   keys = [k for k in its[0] if k.endswith("_s")]
   return {k: sum(i[k] for i in its) / len(its) for k in keys}
+
+
+def make_spec(a, algorithm: str, model: str, gpus: int) -> Spec:
+  """The Spec of one comparison from the command-line settings `a`; writes the model's tokenizer and
+  prompt file into `a.workdir` when missing."""
+  preset, overrides = (SMOKE_MODELS if a.smoke else MODELS)[model]
+  from real_jax.models import get_config  # Pure Python (dataclasses): does not start JAX.
+  vocab = get_config(preset, **overrides).vocab_size
+  root = os.path.join(a.workdir, "models", f"{model}{'-smoke' if a.smoke else ''}")
+  tok_dir = os.path.join(root, "tokenizer")
+  if not os.path.exists(os.path.join(tok_dir, "tokenizer_config.json")):
+    make_tokenizer(tok_dir, vocab)
+  grpo = algorithm == "grpo"
+  prompts = a.grpo_prompts if grpo else a.ppo_prompts
+  n = prompts * (a.warmup + a.iterations + 1)
+  path = os.path.join(root, f"prompts-{n}x{a.prompt_len}.jsonl")
+  if not os.path.exists(path):
+    make_prompts(path, n, a.prompt_len, vocab, seed=a.seed)
+  return Spec(algorithm=algorithm, model=model, gpus=gpus, prompts=prompts, group_size=a.group_size if grpo else 1,
+              prompt_len=a.prompt_len, response_len=a.response_len, warmup=a.warmup, iterations=a.iterations,
+              micro_rows=a.micro_rows, lr=a.lr, beta=a.beta, kl_coef=a.kl_coef, temperature=1.0, seed=a.seed,
+              smoke=a.smoke, policy_dir=os.path.join(root, "policy"), reward_dir=os.path.join(root, "reward"),
+              tokenizer_dir=tok_dir, prompts_path=path, workdir=a.workdir)
 
 
 class Orchestrator:
@@ -362,7 +396,10 @@ class Orchestrator:
   def device_env(self, gpus: int) -> dict:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
+    # NVLink multicast stays off (the GPU machines' rule), also for programs started here.
+    env.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
     if self.args.smoke or self.card == "cpu":
+      env["ACCELERATE_USE_CPU"] = "true"
       env["JAX_PLATFORMS"] = "cpu"
       env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={gpus}").strip()
       env["CUDA_VISIBLE_DEVICES"] = ""
@@ -391,35 +428,20 @@ class Orchestrator:
   # -- one comparison --
 
   def spec(self, algorithm: str, model: str, gpus: int) -> Spec:
-    a = self.args
-    preset, overrides = (SMOKE_MODELS if a.smoke else MODELS)[model]
-    from real_jax.models import get_config  # Pure Python (dataclasses): does not start JAX.
-    vocab = get_config(preset, **overrides).vocab_size
-    root = os.path.join(a.workdir, "models", f"{model}{'-smoke' if a.smoke else ''}")
-    tok_dir = os.path.join(root, "tokenizer")
-    if not os.path.exists(os.path.join(tok_dir, "tokenizer_config.json")):
-      make_tokenizer(tok_dir, vocab)
-    grpo = algorithm == "grpo"
-    prompts = a.grpo_prompts if grpo else a.ppo_prompts
-    n = prompts * (a.warmup + a.iterations + 1)
-    path = os.path.join(root, f"prompts-{n}x{a.prompt_len}.jsonl")
-    if not os.path.exists(path):
-      make_prompts(path, n, a.prompt_len, vocab, seed=a.seed)
-    return Spec(algorithm=algorithm, model=model, gpus=gpus, prompts=prompts, group_size=a.group_size if grpo else 1,
-                prompt_len=a.prompt_len, response_len=a.response_len, warmup=a.warmup, iterations=a.iterations,
-                micro_rows=a.micro_rows, lr=a.lr, beta=a.beta, kl_coef=a.kl_coef, temperature=1.0, seed=a.seed,
-                smoke=a.smoke, policy_dir=os.path.join(root, "policy"), reward_dir=os.path.join(root, "reward"),
-                tokenizer_dir=tok_dir, prompts_path=path, workdir=a.workdir)
+    return make_spec(self.args, algorithm, model, gpus)
 
   def trl_command(self, spec_path: str, out: str, gc: bool, gpus: int) -> list[str]:
     worker = [os.path.join(REPO, "bench", "_trl_worker.py"), "--spec", spec_path, "--out", out,
               "--gradient-checkpointing", str(int(gc))]
     if gpus == 1:
       return [self.args.trl_python, *worker]
-    device = ["--cpu"] if (self.args.smoke or self.card == "cpu") else ["--multi_gpu"]
+    port = str(29500 + random.randrange(1000))
+    if self.args.smoke or self.card == "cpu":  # accelerate launches several CPU processes only through mpirun.
+      return [self.args.trl_python, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_port",
+              port, *worker]
     return [self.args.trl_python, "-m", "accelerate.commands.launch", "--num_processes", str(gpus),
-            "--num_machines", "1", *device, "--mixed_precision", "bf16", "--dynamo_backend", "no",
-            "--main_process_port", str(29500 + random.randrange(1000)), *worker]
+            "--num_machines", "1", "--multi_gpu", "--mixed_precision", "bf16", "--dynamo_backend", "no",
+            "--main_process_port", port, *worker]
 
   def compare(self, algorithm: str, model: str, gpus: int) -> None:
     spec = self.spec(algorithm, model, gpus)
@@ -488,7 +510,7 @@ class Orchestrator:
             f" tok/s  speedup {s if s is not None else float('nan'):.2f}", flush=True)
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--gpus", type=int, nargs="+", default=[1], help="device counts, one sweep each")
   ap.add_argument("--algorithms", nargs="+", default=["grpo", "ppo"], choices=["grpo", "ppo"])
@@ -519,17 +541,22 @@ def main(argv=None):
   ap.add_argument("--spec", help=argparse.SUPPRESS)
   ap.add_argument("--worker-out", help=argparse.SUPPRESS)
   a = ap.parse_args(argv)
+  if a.smoke:
+    a.grpo_prompts, a.group_size, a.ppo_prompts = 4, 2, 4
+    a.prompt_len, a.response_len, a.micro_rows = 8, 8, 2
+    a.out = a.out or os.path.join(a.workdir, "vs_trl-smoke.json")
+    a.budget = max(a.budget, 3600.0)  # CPU compilation is slow; the smoke run is not budgeted.
+  a.site_dir = a.site_dir or os.path.join(a.workdir, "site")
+  return a
+
+
+def main(argv=None):
+  a = parse_args(argv)
   if REPO not in sys.path:
     sys.path.insert(0, REPO)
   if a.worker:
     with open(a.spec) as f:
       return real_jax_worker(Spec(**{k: v for k, v in json.load(f).items() if k != "rows"}), a.worker_out)
-  if a.smoke:
-    a.grpo_prompts, a.group_size, a.ppo_prompts = 4, 2, 4
-    a.prompt_len, a.response_len, a.micro_rows = 8, 8, 2
-    if a.out is None:
-      a.out = os.path.join(a.workdir, "vs_trl-smoke.json")
-  a.site_dir = a.site_dir or os.path.join(a.workdir, "site")
   os.makedirs(a.workdir, exist_ok=True)
   Orchestrator(a).run()
 

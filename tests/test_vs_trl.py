@@ -1,0 +1,80 @@
+"""bench/vs_trl.py without TRL: the real_jax half at toy sizes, the exported weights, the record schema."""
+
+import json
+import os
+
+import jax
+import numpy as np
+from flax import nnx
+
+from bench import vs_trl
+from real_jax.models import create_model, get_config, load_pretrained
+from sharding import DeviceMesh, Layout, Strategy
+
+
+def _spec(tmp_path, algorithm="grpo"):
+  a = vs_trl.parse_args(["--smoke", "--workdir", str(tmp_path)])
+  a.grpo_prompts, a.micro_rows = 8, 1  # Prompts and rows divide over the 8 fake devices.
+  return vs_trl.make_spec(a, algorithm, "qwen2.5-0.5b", gpus=jax.device_count())
+
+
+def test_real_jax_half_runs_full_length_and_splits_phases(tmp_path):
+  spec = _spec(tmp_path)
+  res = vs_trl.run_real_jax(spec)
+  assert "error" not in res, res.get("error")
+  its = res["iterations"]
+  assert len(its) == spec.warmup + spec.iterations
+  for it in its:
+    assert it["response_len"] == spec.response_len  # ignore_eos: every response is full length.
+    parts = it["generation_s"] + it["inference_s"] + it["training_s"] + it["realloc_s"]
+    assert it["generation_s"] > 0 and it["inference_s"] > 0 and it["training_s"] > 0
+    assert parts <= it["iteration_s"] + 1e-6
+  assert res["plan"] == f"colocated d{spec.gpus}f1t1m{spec.rows // spec.gpus}"
+  # The exported checkpoints are the run's initial weights: the policy as real_jax creates it under the
+  # run's colocated layout, and the reward model likewise.
+  preset, overrides = spec.model_config()
+  cfg = get_config(preset, **overrides)
+  layout = Layout(DeviceMesh(0, jax.device_count()), Strategy(data=jax.device_count()))
+  for path, seed, head in ((spec.policy_dir, 0, "lm"), (spec.reward_dir, vs_trl.REWARD_SEED, "scalar")):
+    ours = nnx.state(create_model(cfg, layout, seed=seed, head=head))
+    loaded = nnx.state(load_pretrained(path, layout=layout, dtype="float32"))
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(loaded), strict=True):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with open(os.path.join(spec.tokenizer_dir, "tokenizer_config.json")) as f:
+    assert json.load(f)["eos_token"] == "</s>"
+  with open(spec.prompts_path) as f:
+    assert len(json.loads(f.readline())["prompt"].split()) == spec.prompt_len
+
+
+def test_phase_split_counts_time_not_overlapped_by_earlier_calls():
+  recs = [{"name": "actor_gen", "kind": "call", "start": 0.0, "end": 5.0},
+          {"name": "ref_inf", "kind": "call", "start": 0.1, "end": 6.0},  # queued behind generation
+          {"name": "reward_inf", "kind": "call", "start": 0.2, "end": 7.5},
+          {"name": "actor_train", "kind": "call", "start": 7.6, "end": 9.0}]
+  s = vs_trl.phase_split(recs, 10.0)
+  assert s["generation_s"] == 5.0 and s["inference_s"] == 2.5 and abs(s["training_s"] - 1.4) < 1e-9
+  assert abs(s["other_s"] - 1.1) < 1e-9
+
+
+def test_records_merge_by_key_and_keep_the_schema(tmp_path):
+  a = vs_trl.parse_args(["--smoke", "--workdir", str(tmp_path), "--out", str(tmp_path / "r.json")])
+  spec = vs_trl.make_spec(a, "ppo", "tiny-4l", gpus=1)
+  orch = vs_trl.Orchestrator(a)
+  rj = {"system": "real_jax", "warmup": 1, "iterations": [
+      {"iteration_s": 9.0, "generation_s": 5, "inference_s": 1, "training_s": 2, "realloc_s": 0, "other_s": 1},
+      {"iteration_s": 2.0, "generation_s": 1, "inference_s": 0.5, "training_s": 0.5, "realloc_s": 0, "other_s": 0}]}
+  trl = {"system": "trl", "warmup": 1, "iterations": [
+      {"iteration_s": 9.0, "generation_s": 6, "inference_s": 1, "training_s": 2},
+      {"iteration_s": 8.0, "generation_s": 6, "inference_s": 1, "training_s": 1}]}
+  common = {"algorithm": "ppo", "model": "tiny-4l", "gpus": 1}
+  rec = orch.record(common, rj, trl, True, spec)
+  assert rec["real_jax_tokens_per_s"] == spec.tokens_per_iteration / 2.0
+  assert rec["trl_tokens_per_s"] == spec.tokens_per_iteration / 8.0 and rec["speedup"] == 4.0
+  assert rec["trl"]["version"] == vs_trl.TRL_VERSIONS["ppo"] and rec["trl"]["phases_s"]["generation_s"] == 6
+  orch.put(rec)
+  orch.put({**rec, "speedup": 5.0})  # Same key: replaced.
+  orch.put(orch.record(common, rj, {"error": "not run: the --budget was spent"}, False, spec))
+  doc = json.loads((tmp_path / "r.json").read_text())
+  assert {"card", "date", "records"} <= set(doc)
+  assert [(r["trl_gradient_checkpointing"], r["speedup"]) for r in doc["records"]] == [(True, 5.0), (False, None)]
+  assert doc["records"][1]["trl_tokens_per_s"] is None and doc["records"][1]["trl"]["error"].startswith("not run")
