@@ -121,11 +121,15 @@ def _qwen25(d, l, n, k, f, tied, v=151936):
 
 
 # Presets. The "7b", "13b", "70b" shapes are LLaMA-2's; "34b" is Code Llama 34B's (the LLaMA-34B shape
-# the ReaL paper uses); "1b" is LLaMA-3.2-1B's; "125m" is a small LLaMA-shaped model (no published
-# counterpart). Published parameter counts are checked in tests/test_models.py.
+# the ReaL paper uses); "1b" is LLaMA-3.2-1B's; "125m", "350m" and "1.3b" are LLaMA-shaped models of
+# OPT-like widths and depths (no published counterpart; "350m" is about 341M with a scalar head and 374M
+# with an LM head, "1.3b" about 1.35B with an LM head; checked in tests/test_bench_plans.py). Published
+# parameter counts are checked in tests/test_models.py.
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(),
     "125m": _llama2(768, 12, 12, 2048),
+    "350m": _llama2(1024, 24, 16, 2816),
+    "1.3b": _llama2(2048, 24, 32, 5504),
     "1b": ModelConfig(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64,
                       d_ff=8192, rms_eps=1e-5, rope_theta=500000.0, tie_embeddings=True, max_seq_len=131072,
                       rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192)),

@@ -1,0 +1,80 @@
+"""bench/plans.py: settings, presets, per-call timing, and a run of its core function on tiny shapes."""
+
+import json
+import math
+
+import pytest
+
+from bench import plans as bp
+from real_jax.models import get_config, param_count
+from search.profile import Profile
+
+
+def test_bench_presets_param_counts():
+  # LLaMA-shaped 1.3B (actor / reference) and 350M (critic / reward) of configs/ppo_bench.py.
+  assert param_count(get_config("1.3b"), "lm") == 1_345_423_360
+  assert param_count(get_config("350m"), "scalar") == 341_100_544
+  assert param_count(get_config("350m"), "lm") == 373_867_520
+
+
+def test_parse_settings():
+  assert bp.parse_settings("1.3b:128, 7b:1024") == [("1.3b", 128), ("7b", 1024)]
+  with pytest.raises(ValueError, match="expected MODELS:GEN_TOKENS"):
+    bp.parse_settings("1.3b")
+  with pytest.raises(ValueError, match="models '13b' not in"):
+    bp.parse_settings("13b:128")
+
+
+def test_bench_experiment_shapes():
+  exp = bp.make_experiment("7b", 512)
+  assert (exp.data.batch_size, exp.data.max_prompt_len, exp.sampling.max_new_tokens) == (64, 128, 512)
+  assert exp.models["actor"].model_config().param_dtype == "float32"
+  assert exp.models["ref"].model_config().param_dtype == "bfloat16"
+  # Critic and reward share a config (their inference calls share compiled programs); the config does not
+  # depend on the generation length (models and their init are reused across settings).
+  assert exp.models["critic"].model_config() == exp.models["reward"].model_config()
+  assert bp.make_experiment("7b", 128).models["actor"].model_config() == exp.models["actor"].model_config()
+
+
+def test_busy_times_subtracts_waiting():
+  from real_jax.runtime.ppo import ppo_graph
+
+  graph = ppo_graph(8)
+  recs = [  # dispatch order; (start, end) on the engine clock
+      {"name": "actor:a->b", "kind": "realloc", "devices": (0, 2), "start": 0.0, "end": 1.0},
+      {"name": "actor_gen", "kind": "call", "devices": (0, 2), "start": 0.1, "end": 5.0},
+      {"name": "reward_inf", "kind": "call", "devices": (2, 1), "start": 0.2, "end": 6.0},  # waits for actor_gen
+      {"name": "ref_inf", "kind": "call", "devices": (0, 1), "start": 0.3, "end": 5.5},  # waits for actor_gen
+  ]
+  assert bp.busy_times(graph, recs) == pytest.approx([1.0, 4.0, 1.0, 0.5])
+
+
+@pytest.mark.slow
+def test_run_bench_tiny(tmp_path):
+  """The core function end to end on 2 of the 8 CPU devices: plan, run every plan, JSON after each."""
+  out = tmp_path / "plans.json"
+  doc = bp.run_bench([("tiny", 4)], out=str(out), profile=Profile.load("h100_sxm"), devices=2, warmup=1, iters=1,
+                     batch=8, prompt=8, search_steps=2000, log=lambda m: None)
+  saved = json.loads(out.read_text())
+  assert saved["settings"][0]["name"] == doc["settings"][0]["name"] == "tiny:4"
+  for key in ("card", "jax", "date", "devices_used", "settings"):
+    assert key in saved, key
+  (setting,) = saved["settings"]
+  assert (setting["batch"], setting["prompt_len"], setting["gen_len"]) == (8, 8, 4)
+  names = [p["name"] for p in setting["plans"]]
+  assert names[0] == "searched" and any(n.startswith("colocated-") for n in names), names
+  assert len(setting["plans"]) >= 2
+  for p in setting["plans"]:
+    assert p["status"] == "ok", (p["name"], p.get("error"))
+    assert isinstance(p["plan"], str) and "actor_gen=" in p["plan"]
+    for key in ("measured_s", "predicted_s", "predicted_1iter_s", "first_iteration_s"):
+      assert math.isfinite(p[key]) and p[key] > 0, (p["name"], key, p[key])
+    assert len(p["iteration_s"]) == 1 and p["finite"]
+    assert set(p["calls"]) == {"actor_gen", "reward_inf", "ref_inf", "critic_inf", "actor_train", "critic_train"}
+    for name, c in p["calls"].items():
+      assert c["predicted_s"] > 0 and c["measured_s"] >= 0 and c["measured_wall_s"] >= c["measured_s"], (name, c)
+    assert p["timeline"] and all(r["t1"] >= r["t0"] for r in p["timeline"])
+  distinct = {p["plan"] for p in setting["plans"]}
+  assert len(distinct) >= 2  # The tiny search splits the models over the 2 devices: the pool moves them.
+  s = setting["summary"]
+  assert s["searched_measured_s"] > 0 and s["speedup_measured"] > 0 and "best_heuristic" in s
