@@ -130,3 +130,27 @@ def test_cli_multi_host_flags_must_come_together(tmp_path):
          "--workdir", str(tmp_path), "--coordinator_address", "127.0.0.1:1", "--num_processes", "2"]
   out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
   assert out.returncode != 0 and "missing ['--process_id']" in out.stderr, out.stderr[-2000:]
+
+
+def test_engine_moves_nothing_between_layouts_that_place_parameters_alike():
+  """Micro-batches and equivalent rule sets leave every parameter where it is: no reallocation."""
+  from flax import nnx
+
+  from real_jax.dataflow import Call, CallKind, Graph
+  from real_jax.models import create_model, get_config
+  from real_jax.runtime.engine import Engine, ModelSlot
+  from search.plan import ExecutionPlan
+  from sharding import DeviceMesh, Layout, Strategy
+
+  home = Layout(DeviceMesh(0, 8), Strategy(fsdp=4, tensor=2))
+  _, params = nnx.split(create_model(get_config("tiny"), home))
+  slot = ModelSlot("actor", None, params, home)
+  graph = Graph([Call("actor_gen", "actor", CallKind.GENERATE)], models=("actor",))
+  engine = Engine(graph, ExecutionPlan.colocated(["actor_gen"], home), {"actor": slot},
+                  {"actor_gen": lambda *a: {}}, validate=False)
+  for same in (Layout(DeviceMesh(0, 8), Strategy(fsdp=4, tensor=2, micro_batches=4)),
+               Layout(DeviceMesh(0, 8), Strategy(fsdp=4, tensor=2), "fsdp_tensor")):
+    assert engine.params_in("actor", same) is params, same
+  other = Layout(DeviceMesh(0, 8), Strategy(data=2, tensor=4))
+  moved = engine.params_in("actor", other)
+  assert moved is not params and [r.kind for r in engine.timeline] == ["realloc"]

@@ -90,6 +90,7 @@ class Engine:
     if missing:
       raise ValueError(f"no function given for calls {missing}")
     self.timeline: list[Record] = []
+    self._same_placement: dict[tuple, bool] = {}
     self._watchers: list[threading.Thread] = []
     self._t0 = time.perf_counter()
     self.iteration = 0
@@ -128,7 +129,7 @@ class Engine:
     slot = self.slots[model]
     if slot.offloaded:
       self._restore_from_host(slot)
-    if layout == slot.home:
+    if layout == slot.home or self._placed_as_home(slot, layout):
       return slot.params
     key = (slot.version, layout)
     if key not in slot._copies:
@@ -143,6 +144,20 @@ class Engine:
       self.timeline.append(rec)
       self._watch(rec, copy)
     return slot._copies[key]
+
+  def _placed_as_home(self, slot: ModelSlot, layout: Layout) -> bool:
+    """Whether `layout` gives every parameter the sharding it has at home (cached per pair of layouts).
+
+    Layouts that differ only in micro-batches, or in an equivalent rule set, place parameters alike:
+    the call runs on the home parameters and no reallocation is recorded.
+    """
+    key = (slot.name, slot.home, layout)
+    if key not in self._same_placement:
+      leaves = jax.tree.leaves(slot.params)
+      targets = jax.tree.leaves(shardings_for(slot.params, layout))
+      self._same_placement[key] = len(leaves) == len(targets) and all(
+          isinstance(x, jax.Array) and x.sharding == t for x, t in zip(leaves, targets))
+    return self._same_placement[key]
 
   def move_batch(self, arrays: Mapping[str, Any], layout: Layout) -> dict[str, Any]:
     """Batch arrays moved to `layout`'s mesh with the batch axis over (data, fsdp)."""
