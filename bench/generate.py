@@ -1,20 +1,34 @@
 """Generation benchmark: tokens/s and the fraction of the decode HBM roofline, beside HF generate.
 
-    PYTHONPATH=$PWD python bench/generate.py --out results.json            # GPU
+    PYTHONPATH=$PWD python bench/generate.py --out results.json            # GPU, all cases
     PYTHONPATH=$PWD python bench/generate.py --small                        # CPU smoke run
     PYTHONPATH=$PWD python bench/generate.py --hf --out hf.json             # HF transformers side
+    PYTHONPATH=$PWD python bench/generate.py --only 7b:64:1 --breakdown --hf-json hf.json --out r.json
 
 Shapes (issue 4): LLaMA-1B and 7B shapes, bf16, batch 64 and 256, prompt 256, 256 new tokens
-forced (no EOS), greedy, tensor=1 (device 0) and tensor=4 (devices 0-3).
+forced (no EOS), greedy, tensor=1 (device 0) and tensor=4 (devices 0-3). `--only M:B:T` runs one
+case (and skips the bf16 consistency run).
 
 Decode roofline: one decode step must read every weight used per token (all layer matrices and the
 LM head; the embedding only for the looked-up rows) and the KV cache of the tokens that are in
 context, so the floor of a step is bytes / (HBM bandwidth x GPUs), HBM bandwidth measured here by a
 device copy (read + write). KV bytes use the *average* context over the run (prompt + half the new
 tokens), not the pre-allocated cache length: the stricter count. `roofline_fraction` = floor /
-measured decode step time, the decode step time being (generate time - prefill time) / steps.
-`tokens_per_s` = batch x new tokens / whole generate time (prefill included), the same quantity
-measured for HF.
+measured decode step time, the decode step time being (generate time - prefill time) / (new - 1),
+prefill timed alone as the sampler runs it. `tokens_per_s` = batch x new tokens / whole generate
+time (prefill included), the same quantity measured for HF.
+
+Each record times every `--decodes` mode (`SamplingConfig.decode`; default "layered", the
+library's loop, then "stacked", the earlier one, as the in-run baseline) under a key of its name;
+the record's main fields are the first mode's. Per mode, from the compiled HLO of this backend:
+`loop_moves` (copies and slice-only fusions of >= 1 MiB inside the decode loops: per-step bytes
+beyond the floor), and (tensor=1) `hlo_bytes_per_step`, XLA's bytes-accessed count of one decode
+step compiled alone at the average context, beside `ideal_bytes_per_step` (weights + that KV).
+XLA's count is its own model of each op's operands (on CPU it also counts the cache-prefix slices
+the CPU backend materialises before its reductions, about 3x the KV bytes), so compare modes
+rather than read it as traffic. `--breakdown` (tensor=1) times single "layered" steps reading the
+full cache and 16 slots: the short step is about the weight-read time, the difference the KV-read
+time. `--hlo-dir` keeps each compiled sampler's HLO text (gzip) for reading later.
 """
 
 from __future__ import annotations
@@ -47,9 +61,10 @@ def weight_bytes_per_step(cfg) -> int:
 
 
 def memory_needed(cfg, batch: int, slots: int) -> float:
-  """Bytes of bf16 weights + a full bf16 KV cache of `slots` slots (what must sit in HBM)."""
+  """Bytes of bf16 weights, the per-layer copy the "layered" loop slices before decoding, and a
+  full bf16 KV cache of `slots` slots (what must sit in HBM)."""
   from real_jax.models import param_count
-  return 2 * param_count(cfg) + batch * slots * kv_bytes_per_token(cfg)
+  return 2 * param_count(cfg) + weight_bytes_per_step(cfg) + batch * slots * kv_bytes_per_token(cfg)
 
 
 def too_big(cfg, batch: int, slots: int, tensor: int, hbm_bytes: float) -> str | None:
@@ -81,16 +96,19 @@ def _computations(txt: str) -> dict[str, list[str]]:
 
 
 def hlo_loop_moves(txt: str, min_bytes: int = 1 << 20) -> dict:
-  """Data movement inside the while-loop bodies of a compiled HLO text: copies and fusions that
-  only slice / copy / transpose (no arithmetic) with an output of at least `min_bytes`.
+  """Data movement inside the decode loops of a compiled HLO text: copies and fusions that only
+  slice / copy / transpose (no arithmetic) with an output of at least `min_bytes`.
 
   Each such op costs its output bytes twice (read + write) every iteration; in a decode loop they
   are bytes beyond the weights + KV-cache floor (for example a layer's weights sliced out of a
-  stacked array every step, or a copy of a cache buffer). Counts one loop body once.
+  stacked array every step, or a copy of a cache buffer). Decode loops are the while loops
+  without a known trip count (a scan over layers has one). Counts each loop body once.
+  Returns count, bytes, the largest few, and every op's element count (`elements`).
   """
   comps = _computations(txt)
   ops = {n: {m.group(4) for m in map(_INSTR.match, lines) if m} for n, lines in comps.items()}
-  bodies = set(re.findall(r"body=%([\w.\-]+)", txt))
+  bodies = {m.group(1) for m in re.finditer(r"while\(.*body=%([\w.\-]+).*$", txt, re.M)
+            if "known_trip_count" not in m.group(0)}
   found, seen = [], set()
 
   def visit(name):
@@ -111,14 +129,15 @@ def hlo_loop_moves(txt: str, min_bytes: int = 1 << 20) -> dict:
         continue
       move = op == "copy" or (op == "fusion" and called and ops.get(called[0], {"?"}) <= _MOVE_OPS)
       if move and dt in _DTYPE_BYTES:
-        n = _DTYPE_BYTES[dt] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
-        if n >= min_bytes:
-          found.append((n, f"{iname}: {dt}[{dims}] {op}"))
+        elements = int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+        if elements * _DTYPE_BYTES[dt] >= min_bytes:
+          found.append((elements * _DTYPE_BYTES[dt], elements, f"{iname}: {dt}[{dims}] {op}"))
 
-  for b in bodies:
+  for b in sorted(bodies):
     visit(b)
   found.sort(reverse=True)
-  return {"count": len(found), "bytes": int(sum(n for n, _ in found)), "largest": [s for _, s in found[:6]]}
+  return {"loops": len(bodies), "count": len(found), "bytes": int(sum(f[0] for f in found)),
+          "largest": [f[2] for f in found[:6]], "elements": [f[1] for f in found]}
 
 
 def _prefill_fn(graphdef, cfg, b, prompt, new, mode):
@@ -290,6 +309,7 @@ def run_jax(args, out: dict):
             compile_s = time.perf_counter() - t0
             txt = compiled.as_text()
             moves = hlo_loop_moves(txt)
+            moves.pop("elements")
             if args.hlo_dir:
               os.makedirs(args.hlo_dir, exist_ok=True)
               with gzip.open(os.path.join(args.hlo_dir, f"generate_{name}_b{b}_t{tensor}_{mode}.hlo.txt.gz"),

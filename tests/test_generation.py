@@ -192,26 +192,15 @@ def test_per_layer_cache_decode_equals_full_forward(model):
 
 def _loop_moves(model, cfg):
   """Data-movement ops (copies, slice-only fusions) in the compiled decode loops, by element count."""
-  import re
-
-  from bench.generate import _computations, _INSTR, _MOVE_OPS
+  from bench.generate import hlo_loop_moves
   from real_jax.generation import sampler
 
   graphdef, state = nnx.split(model)
   toks, mask = pad_prompts(PROMPTS[:3], bucket=8)
   txt = sampler(graphdef, state, toks.shape, cfg, Layout.on(0)).lower(
       state, jnp.asarray(toks), jnp.asarray(mask), jax.random.key(0)).compile().as_text()
-  comps = _computations(txt)
-  ops = {n: {m.group(4) for m in map(_INSTR.match, lines) if m} for n, lines in comps.items()}
-  bodies = [m.group(1) for m in re.finditer(r"while\(.*body=%([\w.\-]+)", txt)
-            if "known_trip_count" not in m.group(0)]  # decode loops (the prefill layer scan has one)
-  sizes = []
-  for body in bodies:
-    for m in map(_INSTR.match, comps[body]):
-      if m and (m.group(4) == "copy" or (m.group(4) == "fusion" and ops.get(
-          (re.findall(r"calls=%([\w.\-]+)", m.group(0)) or ["?"])[0], {"?"}) <= _MOVE_OPS)):
-        sizes.append(int(np.prod([int(d) for d in m.group(3).split(",") if d] or [1])))
-  return bodies, sizes
+  moves = hlo_loop_moves(txt, min_bytes=0)
+  return moves["loops"], moves["elements"]
 
 
 def test_decode_loop_slices_no_weights_and_copies_no_cache(model):
@@ -224,8 +213,8 @@ def test_decode_loop_slices_no_weights_and_copies_no_cache(model):
   cfg = SamplingConfig(max_new_tokens=m, greedy=True, decode_segments=2)
   cache_size = 3 * (8 + m - 1) * CFG.n_kv_heads * CFG.head_dim
   assert cache_size not in weight_sizes
-  bodies, sizes = _loop_moves(model, cfg)
-  assert len(bodies) == 2
+  loops, sizes = _loop_moves(model, cfg)
+  assert loops == 2
   assert not weight_sizes & set(sizes) and cache_size not in sizes, sizes
   _, stacked = _loop_moves(model, dataclasses.replace(cfg, decode="stacked"))
   assert weight_sizes & set(stacked), stacked
