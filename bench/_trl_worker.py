@@ -11,8 +11,8 @@ the JSON it writes (rank 0 only). The spec (written by vs_trl.py) names the expo
 Timing. Every timer synchronises the device before and after. The iteration time is the time between
 consecutive `on_step_end` callbacks (one optimizer step per iteration; the first iteration starts at
 `on_train_begin`). Phases inside an iteration:
-* generation: GRPO `GRPOTrainer._generate_single_turn` (HF `generate` plus EOS masking); PPO the
-  module-level `batch_generation` that `PPOTrainer.train` calls (HF `generate` with scores);
+* generation: GRPO `GRPOTrainer._generate` (prompt tokenisation, HF `generate`, EOS masking, decoding);
+  PPO the module-level `batch_generation` that `PPOTrainer.train` calls (HF `generate` with scores);
 * inference: GRPO `_get_per_token_logps_and_entropies` while gradients are off (reference log-probs)
   and `_calculate_rewards` (decode, re-tokenise, reward model); PPO `forward` (reference) and
   `get_reward` (value and reward models) while gradients are off;
@@ -136,7 +136,7 @@ def run_grpo(spec, gc: bool, cpu: bool, world: int, out_dir: str, timer: PhaseTi
                     generation_kwargs={"min_new_tokens": spec["response_len"]})  # no early EOS
   trainer = GRPOTrainer(model=spec["policy_dir"], reward_funcs=spec["reward_dir"], args=args, train_dataset=ds,
                         processing_class=tok, reward_processing_classes=tok, callbacks=[make_callback(timer)])
-  trainer._generate_single_turn = timer.wrap("generation", trainer._generate_single_turn)
+  trainer._generate = timer.wrap("generation", trainer._generate)
   trainer._calculate_rewards = timer.wrap("inference", trainer._calculate_rewards)
   trainer._get_per_token_logps_and_entropies = timer.wrap(
       "inference", trainer._get_per_token_logps_and_entropies, only_without_grad=True)

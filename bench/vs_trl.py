@@ -175,7 +175,9 @@ def export_models(spec: Spec) -> None:
 def real_jax_config(spec: Spec) -> dict:
   """The experiment dict (`real_jax.experiment.experiment_from_config` takes plain dicts)."""
   preset, overrides = spec.model_config()
-  model = lambda head, init, seed: dict(preset=preset, overrides=overrides, head=head, init=init, seed=seed)  # noqa: E731
+  def model(head, init, seed):
+    return dict(preset=preset, overrides=overrides, head=head, init=init, seed=seed)
+
   models = {"actor": model("lm", "random", 0), "ref": model("lm", "copy:actor", 0),
             "reward": model("scalar", "random", REWARD_SEED)}
   opt = dict(lr=spec.lr, warmup_steps=0, decay="constant", decay_steps=1, b2=0.999, clip_norm=1.0)
@@ -276,6 +278,9 @@ def run_real_jax(spec: Spec) -> dict:
     result["error"] = f"{type(e).__name__}: {str(e)[:400]}"
   result["wall_s"] = time.perf_counter() - t0
   result["warmup"] = spec.warmup
+  stats = [d.memory_stats() or {} for d in jax.local_devices()]
+  if any("peak_bytes_in_use" in m for m in stats):
+    result["peak_memory_bytes"] = max(m.get("peak_bytes_in_use", 0) for m in stats)
   return result
 
 
@@ -357,11 +362,12 @@ class Orchestrator:
     return self.args.budget - self.elapsed()
 
   def write(self) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(self.out)), exist_ok=True)
-    tmp = self.out + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(self.doc, f, indent=1, default=str)
-    os.replace(tmp, self.out)
+    paths = [self.out] + ([os.path.join(self.args.mirror, os.path.basename(self.out))] if self.args.mirror else [])
+    for path in paths:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      with open(path + ".tmp", "w") as f:
+        json.dump(self.doc, f, indent=1, default=str)
+      os.replace(path + ".tmp", path)
 
   def put(self, record: dict) -> None:
     key = lambda r: (r["algorithm"], r["model"], r["gpus"], r["trl_gradient_checkpointing"])  # noqa: E731
@@ -435,13 +441,10 @@ class Orchestrator:
               "--gradient-checkpointing", str(int(gc))]
     if gpus == 1:
       return [self.args.trl_python, *worker]
-    port = str(29500 + random.randrange(1000))
-    if self.args.smoke or self.card == "cpu":  # accelerate launches several CPU processes only through mpirun.
-      return [self.args.trl_python, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus), "--master_port",
-              port, *worker]
+    # DDP over `gpus` processes (on CPU, with ACCELERATE_USE_CPU=true in the environment, over gloo).
     return [self.args.trl_python, "-m", "accelerate.commands.launch", "--num_processes", str(gpus),
             "--num_machines", "1", "--multi_gpu", "--mixed_precision", "bf16", "--dynamo_backend", "no",
-            "--main_process_port", port, *worker]
+            "--main_process_port", str(29500 + random.randrange(1000)), *worker]
 
   def compare(self, algorithm: str, model: str, gpus: int) -> None:
     spec = self.spec(algorithm, model, gpus)
@@ -503,11 +506,13 @@ class Orchestrator:
       for algorithm in a.algorithms:
         for model in a.models:
           self.compare(algorithm, model, gpus)
+    nan = float("nan")
     for r in self.doc["records"]:
-      s = r.get("speedup")
-      print(f"  {r['algorithm']:4s} {r['model']:13s} {r['gpus']} GPU  GC {'on ' if r['trl_gradient_checkpointing'] else 'off'}"
-            f"  real_jax {r['real_jax_tokens_per_s'] or float('nan'):9.0f} tok/s  TRL {r['trl_tokens_per_s'] or float('nan'):9.0f}"
-            f" tok/s  speedup {s if s is not None else float('nan'):.2f}", flush=True)
+      gc = "on " if r["trl_gradient_checkpointing"] else "off"
+      rj, trl, s = (r[k] if r.get(k) is not None else nan for k in ("real_jax_tokens_per_s", "trl_tokens_per_s",
+                                                                    "speedup"))
+      print(f"  {r['algorithm']:4s} {r['model']:13s} {r['gpus']} GPU  TRL GC {gc}  real_jax {rj:9.0f} tok/s  "
+            f"TRL {trl:9.0f} tok/s  speedup {s:.2f}", flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -537,6 +542,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--site-dir", default=None, help="where the TRL wheels are installed (default WORKDIR/site)")
   ap.add_argument("--out", default=None)
   ap.add_argument("--fresh", action="store_true", help="drop the records of an existing --out file")
+  ap.add_argument("--mirror", default=None, help="also write the JSON into this folder (e.g. $OUT) each time")
   ap.add_argument("--worker", choices=["real_jax"], help=argparse.SUPPRESS)
   ap.add_argument("--spec", help=argparse.SUPPRESS)
   ap.add_argument("--worker-out", help=argparse.SUPPRESS)
