@@ -2,26 +2,39 @@
 
   PYTHONPATH=$PWD python bench/realloc.py --out bench/results/realloc-h100.json      # 4 GPUs
   PYTHONPATH=$PWD python bench/realloc.py --small --out /tmp/realloc-cpu.json        # 8 fake CPUs
+  PYTHONPATH=$PWD python bench/realloc.py --fit bench/results/realloc-h100.json      # refit, on CPU
 
 For each model (LLaMA-7B- and 1B-shaped bf16 parameter trees, 291 and 201 leaves; --small: tiny
 ones with as many leaves as 7B on 8 fake CPU devices) and each transition it measures:
 
 * reallocate_s - `reallocate(tree, targets)` until every output is ready: median of --reps after
                  one warm-up (the warm-up compiles and caches the plan); reallocate_dispatch_s is the
-                 time until the call returns (host work), same reps; reallocate_serial_s: the same
-                 with the pre-pipelining bucket schedule (`realloc._PIPELINE = False`), and
-                 reallocate_unbucketed_s with bucket_bytes=None (after one compiling call);
+                 time until the call returns (host work plus waits for earlier buckets), same reps;
+                 reallocate_serial_s: the same with the pre-pipelining bucket schedule
+                 (`realloc._PIPELINE = False`); reallocate_unbucketed_s with bucket_bytes=None (after
+                 one compiling call) and reallocate_unbucketed_dispatch_s its time until return: with
+                 nothing waited for, that is the host time of the call (GPUs run programs
+                 asynchronously; the CPU backend runs small programs inline, so on CPU it includes them);
+* reallocate_modes_s - {mode: seconds} for the planner modes of --modes ("pieces", "reshard") whose
+                 plan differs from "auto"'s, timed like reallocate_s (for the choice the profile makes);
 * device_put_s - naive `jax.device_put(tree, targets)`, timed ONCE (no warm-up: it is the slow
                  host-path baseline, 5-10 s for 7B; nothing in it compiles that a warm-up would hide);
 * raw_copy_s   - the raw copy bound: every distinct source shard moved once by one batched
                  `device_put` of single-device shards, each to a target device other than its own
                  (round-robin); median of reps after one warm-up;
-* predicted_s  - `realloc_cost` with the default `Hardware` profile (in the library at run time);
+* predicted_s  - `realloc_cost` with the default `Hardware` profile (in the library at run time),
+                 with the plan's counts (programs, transfers, arrays) and predicted host and device
+                 times, for --fit;
 * peak_bytes_per_device - `peak_bytes_in_use` per device right after the reallocations (a running
                  max over the process: it cannot be reset), with bytes_in_use before them.
 
 The JSON is rewritten after every record, so a run cut off keeps what it measured; --budget stops
 starting new transitions after that many seconds.
+
+--fit JSON refits the `Hardware` profile to a results file (no accelerator needed: plans are pure):
+host terms by least squares on the unbucketed calls' host times, then bandwidths and collective
+latency by coordinate descent on the log error of every measured variant; prints the fitted
+profile and predicted/measured per variant.
 """
 
 from __future__ import annotations
@@ -29,12 +42,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import statistics
 import sys
 import time
 
-if "--small" in sys.argv:
+if "--small" in sys.argv or "--fit" in sys.argv:
   os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -45,7 +59,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 
 from sharding import hardware as hw_mod  # noqa: E402
 from sharding.mesh import Layout  # noqa: E402
-from sharding._realloc_plan import LeafSpec, plan_tree  # noqa: E402
+from sharding._realloc_plan import LeafSpec, plan_tree, tree_seconds  # noqa: E402
 from sharding import realloc as realloc_mod  # noqa: E402
 from sharding.realloc import DEFAULT_BUCKET_BYTES, realloc_cost, reallocate  # noqa: E402
 from sharding.rules import PARAM_RULES, spec_for  # noqa: E402
@@ -106,6 +120,9 @@ def _fill(shape, sh):
   return _FILLS[shape, sh]
 
 
+_equal = jax.jit(lambda a, b: jnp.all(jnp.stack([jnp.array_equal(a[k], b[k]) for k in a])))
+
+
 def ready(tree):
   jax.block_until_ready(tree)
 
@@ -156,15 +173,21 @@ def raw_copy_fn(x, target_layout):
   return lambda: jax.device_put(xs, ds), info
 
 
-def plan_summary(src_sh, dst_sh, shapes, hw):
-  keys = list(shapes)
-  specs = tuple(LeafSpec(tuple(shapes[k][0]), "bfloat16", src_sh[k], dst_sh[k]) for k in keys)
-  tp = plan_tree(specs, hw, "auto", DEFAULT_BUCKET_BYTES)
+def _specs(src_sh, dst_sh, shapes):
+  return tuple(LeafSpec(tuple(shapes[k][0]), "bfloat16", src_sh[k], dst_sh[k]) for k in shapes)
+
+
+def plan_summary(src_sh, dst_sh, shapes, hw, mode="auto", bucket_bytes=DEFAULT_BUCKET_BYTES):
+  tp = plan_tree(_specs(src_sh, dst_sh, shapes), hw, mode, bucket_bytes)
   kinds = [kd for b in tp.buckets for kd in b.kinds.values()]
+  loads = [b.load for b in tp.buckets]
   return {"buckets": len(tp.buckets), "same_device_leaves": kinds.count("same"),
-          "general_leaves": kinds.count("general"),
+          "general_leaves": kinds.count("general"), "passthrough_leaves": kinds.count("passthrough"),
           "reshard_programs": sum(len(b.same) + len(b.reshard) for b in tp.buckets),
+          "classes": sum(len(b.classes) for b in tp.buckets),
           "transfers": sum(len(b.transfers) for b in tp.buckets),
+          "programs": sum(x.programs for x in loads), "assembled_arrays": sum(x.assembled_arrays for x in loads),
+          "program_arrays": sum(x.program_arrays for x in loads),
           "predicted_host_s": sum(b.host_s for b in tp.buckets),
           "predicted_device_serial_s": sum(b.device_s for b in tp.buckets),
           "predicted_link_s": sum(b.copy_s for b in tp.buckets),
@@ -172,7 +195,26 @@ def plan_summary(src_sh, dst_sh, shapes, hw):
                                 for b in tp.buckets for p in b.leaf_plans.values()})}
 
 
-def bench(model, name, src_layout, dst_layout, reps, hw):
+def _same_plan(src_sh, dst_sh, shapes, hw, mode):
+  specs = _specs(src_sh, dst_sh, shapes)
+  a, b = (plan_tree(specs, hw, m, DEFAULT_BUCKET_BYTES) for m in ("auto", mode))
+  return [(x.kinds, x.leaf_plans) for x in a.buckets] == [(x.kinds, x.leaf_plans) for x in b.buckets]
+
+
+def _timed(x, dst_sh, y, reps, **kw):
+  """(total seconds, dispatch seconds) per rep of reallocate(x, dst_sh, **kw), and the last output."""
+  ts, ds = [], []
+  for _ in range(reps):
+    delete(y, keep=x)
+    t0 = time.perf_counter()
+    y = reallocate(x, dst_sh, **kw)
+    ds.append(time.perf_counter() - t0)
+    ready(y)
+    ts.append(time.perf_counter() - t0)
+  return ts, ds, y
+
+
+def bench(model, name, src_layout, dst_layout, reps, hw, modes=()):
   shapes = param_shapes(model)
   src_sh, dst_sh = shardings(shapes, src_layout), shardings(shapes, dst_layout)
   nbytes = sum(int(np.prod(s)) * 2 for s, _ in shapes.values())
@@ -186,34 +228,37 @@ def bench(model, name, src_layout, dst_layout, reps, hw):
   y = reallocate(x, dst_sh)
   ready(y)
   warm_s = time.perf_counter() - t0
-  r_ts, r_disp = [], []
-  for _ in range(reps):
-    delete(y, keep=x)
-    t0 = time.perf_counter()
-    y = reallocate(x, dst_sh)
-    r_disp.append(time.perf_counter() - t0)
-    ready(y)
-    r_ts.append(time.perf_counter() - t0)
+  r_ts, r_disp, y = _timed(x, dst_sh, y, reps)
   use1, peak1 = mem()
   ok_sharding = all(y[k].sharding == dst_sh[k] for k in y)
-  # A/B on the same machine (after the peak reading): the previous serial bucket schedule, and
-  # no buckets at all (everything dispatched, nothing waited for: host vs device time).
+  # A/B on the same machine (after the peak reading): the previous serial bucket schedule, no
+  # buckets at all (nothing waited for: the dispatch time is the host time), the other planner modes.
   extra = {}
   for label, kw, serial in (("serial", {}, True), ("unbucketed", {"bucket_bytes": None}, False)):
     realloc_mod._PIPELINE = not serial
     try:
-      ts = []
-      for i in range(reps + (label == "unbucketed")):  # unbucketed: one more (first call compiles).
+      if label == "unbucketed":  # The first call compiles.
         delete(y, keep=x)
-        t0 = time.perf_counter()
         y = reallocate(x, dst_sh, **kw)
         ready(y)
-        ts.append(time.perf_counter() - t0)
-      ts = ts[1:] if label == "unbucketed" else ts
+      ts, ds, y = _timed(x, dst_sh, y, reps, **kw)
       extra[f"reallocate_{label}_s"] = statistics.median(ts)
       extra[f"reallocate_{label}_all_s"] = ts
+      if label == "unbucketed":
+        extra["reallocate_unbucketed_dispatch_s"] = statistics.median(ds)
     finally:
       realloc_mod._PIPELINE = True
+  extra["reallocate_modes_s"], extra["reallocate_modes_all_s"] = {}, {}
+  for mode in modes:  # Each checked against the output of the default mode (same shardings).
+    if _same_plan(src_sh, dst_sh, shapes, hw, mode):
+      continue
+    ym = reallocate(x, dst_sh, mode=mode)  # Compiles.
+    ready(ym)
+    ts, _, ym = _timed(x, dst_sh, ym, reps, mode=mode)
+    ok_sharding = ok_sharding and all(ym[k].sharding == dst_sh[k] for k in ym) and bool(_equal(ym, y))
+    extra["reallocate_modes_s"][mode] = statistics.median(ts)
+    extra["reallocate_modes_all_s"][mode] = ts
+    delete(ym, keep=x)
   delete(y, keep=x)
   y = reallocate(x, dst_sh)  # The value check below is on the default (pipelined) path.
   ready(y)
@@ -237,8 +282,7 @@ def bench(model, name, src_layout, dst_layout, reps, hw):
   d = jax.device_put(xs, dst_sh)
   ready(d)
   d_s = time.perf_counter() - t0
-  eq = jax.jit(lambda a, b: jnp.all(jnp.stack([jnp.array_equal(a[k], b[k]) for k in a])))(y, d)
-  values_equal = bool(eq) and ok_sharding
+  values_equal = bool(_equal(y, d)) and ok_sharding
   delete(d)
   delete(xs)
   delete(y, keep=x)
@@ -252,6 +296,8 @@ def bench(model, name, src_layout, dst_layout, reps, hw):
       "raw_copy_s": statistics.median(c_ts), "raw_copy_all_s": c_ts, **raw,
       **extra,
       "predicted_s": realloc_cost(src_sh, dst_sh, abstract, hw),
+      "predicted_unbucketed_s": realloc_cost(src_sh, dst_sh, abstract, hw, bucket_bytes=None),
+      "predicted_modes_s": {m: realloc_cost(src_sh, dst_sh, abstract, hw, mode=m) for m in extra["reallocate_modes_s"]},
       **plan_summary(src_sh, dst_sh, shapes, hw),
       "bytes_in_use_before_per_device": use0, "peak_bytes_before_per_device": peak0,
       "peak_bytes_per_device": peak1,
@@ -264,35 +310,120 @@ def bench(model, name, src_layout, dst_layout, reps, hw):
   return rec
 
 
+IMPLEMENTATION = "cell-classes"  # Results of other implementations (other plans) cannot be refitted here.
+HOST_FIELDS = ("dispatch_s", "transfer_latency_s", "leaf_assemble_s", "leaf_arg_s")
+HOST_COUNTS = ("programs", "transfers", "assembled_arrays", "program_arrays")
+DEVICE_FIELDS = ("d2d_bandwidth", "d2d_device_bandwidth", "intra_mesh_collective_bandwidth", "collective_latency_s")
+
+
+def _fit_rows(data, hw):
+  """Per timed variant of every record: (label, model, transition, bucket loads of the plan the run
+  executed, measured seconds, measured host seconds or None)."""
+  bucket_bytes = data.get("bucket_bytes", DEFAULT_BUCKET_BYTES)
+  layouts = {n: (s, t) for n, s, t in TRANSITIONS}
+  rows = []
+  for rec in data["records"]:
+    shapes = param_shapes(rec["model"])
+    src_layout, dst_layout = layouts[rec["transition"]]
+    specs = _specs(shardings(shapes, src_layout), shardings(shapes, dst_layout), shapes)
+    variants = [("auto", "auto", bucket_bytes, rec["reallocate_s"], None),
+                ("unbucketed", "auto", None, rec["reallocate_unbucketed_s"], rec["reallocate_unbucketed_dispatch_s"])]
+    variants += [(m, m, bucket_bytes, t, None) for m, t in rec.get("reallocate_modes_s", {}).items()]
+    for label, mode, bb, measured, host in variants:
+      loads = [b.load for b in plan_tree(specs, hw, mode, bb).buckets]
+      rows.append((label, rec["model"], rec["transition"], loads, measured, host))
+  return rows
+
+
+def fit(path):
+  """Refits the host and device terms of the run's profile to its measurements; prints the result."""
+  import dataclasses
+  from scipy.optimize import nnls
+  with open(path) as f:
+    data = json.load(f)
+  if data.get("implementation") != IMPLEMENTATION:
+    raise SystemExit(f"{path}: results of implementation {data.get('implementation')!r}, not {IMPLEMENTATION!r}: "
+                     f"its plans are not the ones priced here")
+  run_hw = hw_mod.Hardware.from_dict(data["hardware_default"])
+  rows = _fit_rows(data, run_hw)
+  hw = run_hw
+  # Host terms: the unbucketed calls wait for nothing, so their dispatch time is host time.
+  host_rows = [(loads, h) for *_, loads, _, h in rows if h is not None]
+  a = np.array([[sum(getattr(x, c) for x in loads) for c in HOST_COUNTS] for loads, _ in host_rows], float)
+  coef, _ = nnls(a, np.array([h for _, h in host_rows]))
+  hw = dataclasses.replace(hw, **dict(zip(HOST_FIELDS, coef.tolist())))
+
+  def loss(h):
+    return sum(math.log(tree_seconds(loads, h) / m) ** 2 for *_, loads, m, _ in rows)
+
+  steps = [2 ** (i / 4) for i in range(-8, 9)]
+  for _ in range(4):  # Coordinate descent over the device terms, in log steps.
+    for field in DEVICE_FIELDS:
+      base = getattr(hw, field) or 1e-6
+      cands = [dataclasses.replace(hw, **{field: base * f}) for f in steps]
+      hw = min(cands, key=loss)
+  print(f"{path}: {len(rows)} variants of {len(data['records'])} records; host terms from {len(host_rows)} "
+        f"unbucketed calls")
+  print(f"{'variant':11s} {'model':5s} {'transition':24s} {'measured':>9s} {'run profile':>12s} {'fitted':>9s}")
+  for label, model, transition, loads, m, _ in rows:
+    print(f"{label:11s} {model:5s} {transition:24s} {m * 1e3:8.1f}ms {tree_seconds(loads, run_hw) / m - 1:+11.0%} "
+          f"{tree_seconds(loads, hw) / m - 1:+8.0%}")
+  changed = []
+  layouts = {n: (s, t) for n, s, t in TRANSITIONS}
+  for rec in data["records"]:
+    shapes = param_shapes(rec["model"])
+    specs = _specs(shardings(shapes, layouts[rec["transition"]][0]), shardings(shapes, layouts[rec["transition"]][1]),
+                   shapes)
+    a_run, a_fit = (plan_tree(specs, h, "auto", data.get("bucket_bytes", DEFAULT_BUCKET_BYTES)) for h in (run_hw, hw))
+    if [(b.kinds, b.leaf_plans) for b in a_run.buckets] != [(b.kinds, b.leaf_plans) for b in a_fit.buckets]:
+      changed.append(f"{rec['model']} {rec['transition']}")
+  print("auto plans that change under the fitted profile:", ", ".join(changed) or "none")
+  print(json.dumps({f: getattr(hw, f) for f in HOST_FIELDS + DEVICE_FIELDS}, indent=1))
+
+
 def main():
   t_main = time.perf_counter()
   ap = argparse.ArgumentParser()
-  ap.add_argument("--out", required=True)
+  ap.add_argument("--out")
+  ap.add_argument("--fit", metavar="JSON", help="refit the Hardware profile to a results file and print it")
+  ap.add_argument("--modes", default="pieces,reshard", help="planner modes timed besides auto (comma list, or '')")
   ap.add_argument("--small", action="store_true", help="tiny model on 8 fake CPU devices (a smoke test)")
   ap.add_argument("--models", default=None)
   ap.add_argument("--reps", type=int, default=2)
   ap.add_argument("--budget", type=float, default=360.0, help="start no transition after this many seconds")
   args = ap.parse_args()
+  if args.fit:
+    return fit(args.fit)
+  if not args.out:
+    ap.error("--out is required (or --fit)")
+  modes = [m for m in args.modes.split(",") if m]
   models = args.models.split(",") if args.models else (["tiny"] if args.small else ["7b", "1b"])
   hw = hw_mod.DEFAULT
   dev = jax.devices()[0]
   out = {"card": dev.device_kind, "platform": dev.platform, "devices": jax.device_count(), "jax": jax.__version__,
          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-         "reps": args.reps, "bucket_bytes": DEFAULT_BUCKET_BYTES, "hardware_default": hw.to_dict(),
-         "complete": False, "records": []}
+         "implementation": IMPLEMENTATION, "reps": args.reps, "bucket_bytes": DEFAULT_BUCKET_BYTES,
+         "hardware_default": hw.to_dict(), "complete": False, "records": []}
+  if os.path.exists(args.out):  # Earlier runs stay in the file, oldest first.
+    with open(args.out) as f:
+      old = json.load(f)
+    runs = old.pop("previous_runs", [])
+    if "previous_run" in old:
+      runs.append(old.pop("previous_run"))
+    out["previous_runs"] = runs + [old]
   for model in models:
     for name, s, t in TRANSITIONS:
       if time.perf_counter() - t_main > args.budget:
         print(f"budget: skipping {model} {name}", flush=True)
         continue
-      rec = bench(model, name, s, t, args.reps, hw)
+      rec = bench(model, name, s, t, args.reps, hw, modes)
       out["records"].append(rec)
       with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
       print(json.dumps({k: rec[k] for k in ("model", "transition", "bytes", "reallocate_s", "reallocate_serial_s",
-                                            "reallocate_unbucketed_s", "reallocate_dispatch_s",
-                                            "device_put_s", "raw_copy_s", "predicted_s", "values_equal",
-                                            "wall_s")}), flush=True)
+                                            "reallocate_unbucketed_s", "reallocate_unbucketed_dispatch_s",
+                                            "reallocate_modes_s", "device_put_s", "raw_copy_s", "predicted_s",
+                                            "values_equal", "wall_s")}), flush=True)
   out["complete"] = len(out["records"]) == len(models) * len(TRANSITIONS)
   out["total_wall_s"] = time.perf_counter() - t_main
   with open(args.out, "w") as f:

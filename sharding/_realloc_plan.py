@@ -16,6 +16,7 @@ import itertools
 import math
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sharding.hardware import Hardware
@@ -265,7 +266,6 @@ class LeafSpec:
 
   @property
   def nbytes(self) -> int:
-    import numpy as np
     return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
 
@@ -326,6 +326,34 @@ class CellClass:
 
 
 @dataclasses.dataclass(frozen=True)
+class BucketLoad:
+  """What one bucket's execution moves and dispatches, whatever the hardware: the quantities that
+  `price` turns into seconds (so a profile can be refitted to measured runs without replanning)."""
+
+  collective_bytes: int  # bytes received per device by the bucket's reshards, summed over leaves
+  collectives: int       # arrays resharded by XLA collectives (one collective each)
+  packed: dict           # source device -> bytes its pack program writes
+  pairs: dict            # (source, target device) -> bytes copied
+  built: dict            # target device -> bytes its unpack program writes
+  programs: int          # jitted programs dispatched
+  transfers: int         # buffers copied between devices
+  assembled_arrays: int  # arrays assembled in Python from per-device buffers
+  program_arrays: int    # array arguments and outputs of jitted programs, plus one per leaf
+
+
+def price(load: BucketLoad, hw: Hardware) -> tuple[float, float, float]:
+  """(host, device, link) seconds of one bucket: host = dispatches, transfers and arrays; device =
+  collectives, then pack copies, the copies over the busiest link, unpack copies."""
+  host_s = (load.programs * hw.dispatch_s + load.transfers * hw.transfer_latency_s
+            + load.assembled_arrays * hw.leaf_assemble_s + load.program_arrays * hw.leaf_arg_s)
+  copy_s = link_seconds(load.pairs, hw)
+  device_s = (load.collective_bytes / hw.intra_mesh_collective_bandwidth + load.collectives * hw.collective_latency_s
+              + 2 * max([*load.packed.values(), 0]) / hw.hbm_bandwidth + copy_s
+              + 2 * max([*load.built.values(), 0]) / hw.hbm_bandwidth)
+  return host_s, device_s, copy_s
+
+
+@dataclasses.dataclass(frozen=True)
 class BucketPlan:
   """One bucket's programs. `kinds[k]` per leaf of `leaves`: "keep" (already placed: returned as is),
   "empty" (size 0), "same" (one jitted reshard on the shared device list), "passthrough" (every
@@ -347,10 +375,10 @@ class BucketPlan:
   cells: dict[int, LeafCells]
   classes: tuple[CellClass, ...]
   transfers: tuple[tuple[int, int], ...]
+  load: BucketLoad
   host_s: float      # predicted host time: dispatches, transfers, arrays
   device_s: float    # predicted device time: collectives, pack/unpack, copies over the busiest link
   copy_s: float = 0.0  # the part of device_s spent on the links (overlaps other buckets' compute)
-  counts: dict = dataclasses.field(default_factory=dict, compare=False)  # what host_s counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,11 +416,10 @@ def _classes(specs, cells: dict[int, LeafCells]) -> tuple[CellClass, ...]:
 
 
 def _plan_bucket(specs, idx, hw: Hardware, mode: str) -> BucketPlan:
-  import numpy as np
   kinds, leaf_plans, cells = {}, {}, {}
   same: dict = {}
   reshard: dict = {}
-  recv_same = 0.0
+  recv_same = 0
   n_collectives = 0
   n_passthrough = 0
   for k in idx:
@@ -423,15 +450,15 @@ def _plan_bucket(specs, idx, hw: Hardware, mode: str) -> BucketPlan:
   classes = _classes(specs, cells)
   transfers = []
   packed: dict = {}   # source device -> bytes it packs
-  pair: dict = {}     # (source, target) -> bytes copied
-  outputs: dict = {}  # source device -> buffers it packs
+  pairs: dict = {}    # (source, target) -> bytes copied
+  outputs = 0         # buffers the packs write
   for ci, cl in enumerate(classes):
     nbytes = cl.size * np.dtype(cl.dtype).itemsize
     for j, (src, dst) in enumerate(zip(cl.srcs, cl.mesh.devices.flat)):
       packed[src] = packed.get(src, 0) + nbytes
-      outputs[src] = outputs.get(src, 0) + 1
+      outputs += 1
       if src != dst:
-        pair[src, dst] = pair.get((src, dst), 0) + nbytes
+        pairs[src, dst] = pairs.get((src, dst), 0) + nbytes
         transfers.append((ci, j))
   transfers.sort(key=lambda t: _transfer_order(classes, t))
   built: dict = {}    # target device -> bytes its unpack writes
@@ -441,24 +468,17 @@ def _plan_bucket(specs, idx, hw: Hardware, mode: str) -> BucketPlan:
     for d in device_list(specs[k].dst):
       built[d] = built.get(d, 0) + nbytes
     pack_args += len({src for row in lc.sources for src, _ in row})
-  copy_s = link_seconds(pair, hw)
-  device_s = (recv_same / hw.intra_mesh_collective_bandwidth + n_collectives * hw.collective_latency_s
-              + 2 * max([*packed.values(), 0]) / hw.hbm_bandwidth + copy_s
-              + 2 * max([*built.values(), 0]) / hw.hbm_bandwidth)
-  unpack_meshes = {specs[k].dst.mesh for k in cells}
-  counts = {
-      "programs": len(same) + len(reshard) + len(packed) + len(unpack_meshes) + sum(kinds[k] == "empty" for k in idx),
-      "transfers": len(transfers),
-      "assembled_arrays": len(classes) + n_passthrough,
-      "program_arrays": (len(idx) + 2 * sum(len(ks) for ks in same.values())
-                         + 2 * sum(len(ks) for ks in reshard.values()) + pack_args + sum(outputs.values())
-                         + len(classes) + len(cells)),
-  }
-  host_s = (counts["programs"] * hw.dispatch_s + counts["transfers"] * hw.transfer_latency_s
-            + counts["assembled_arrays"] * hw.leaf_assemble_s + counts["program_arrays"] * hw.leaf_arg_s)
+  load = BucketLoad(
+      collective_bytes=recv_same, collectives=n_collectives, packed=packed, pairs=pairs, built=built,
+      programs=(len(same) + len(reshard) + len(packed) + len({specs[k].dst.mesh for k in cells})
+                + sum(kinds[k] == "empty" for k in idx)),
+      transfers=len(transfers), assembled_arrays=len(classes) + n_passthrough,
+      program_arrays=(len(idx) + 2 * sum(len(ks) for ks in same.values()) + 2 * sum(len(ks) for ks in reshard.values())
+                      + pack_args + outputs + len(classes) + len(cells)))
+  host_s, device_s, copy_s = price(load, hw)
   return BucketPlan(tuple(idx), kinds, leaf_plans, tuple((d, tuple(ks)) for d, ks in same.items()),
                     tuple((d, tuple(ks)) for d, ks in reshard.items()), cells, classes, tuple(transfers),
-                    host_s, device_s, copy_s, counts)
+                    load, host_s, device_s, copy_s)
 
 
 def _transfer_order(classes, t):
@@ -467,22 +487,25 @@ def _transfer_order(classes, t):
   return (src.process_index, src.id, dst.process_index, dst.id, ci)
 
 
+def tree_seconds(loads, hw: Hardware) -> float:
+  """Predicted seconds of a whole reallocation from its buckets' loads: max(host, device) + one
+  dispatch, host summed over buckets (host dispatch of one bucket overlaps the device work of the
+  previous one), device as the bucket pipeline: the links carry the buckets' copies back to back
+  while the compute streams pack and unpack the neighbours, and one bucket's min(copy, compute)
+  stays exposed."""
+  prices = [price(load, hw) for load in loads]
+  host = sum(h for h, _, _ in prices)
+  links = sum(c for _, _, c in prices)
+  compute = sum(d - c for _, d, c in prices)
+  exposed = max([min(c, d - c) for _, d, c in prices], default=0.0)
+  return max(host, max(links, compute) + exposed) + hw.dispatch_s
+
+
 @functools.lru_cache(maxsize=64)
 def plan_tree(specs: tuple[LeafSpec, ...], hw: Hardware, mode: str, bucket_bytes: int | None) -> TreePlan:
-  """Buckets and their programs for a whole tree; the prediction is max(host, device) + one dispatch,
-  host summed over buckets (host dispatch of one bucket overlaps the device work of the previous
-  one), device as the bucket pipeline: max(links, compute) summed over buckets plus one bucket's
-  exposed min(copy, compute)."""
+  """Buckets and their programs for a whole tree, priced by `tree_seconds` (0 when nothing moves)."""
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   buckets = tuple(_plan_bucket(specs, idx, hw, mode) for idx in bucket_indices(specs, bucket_bytes))
-  host = sum(b.host_s for b in buckets)
-  # Buckets are pipelined (realloc.py): the links carry the buckets' copies back to back while the
-  # compute streams pack and unpack the neighbours; one bucket's compute/copy stays exposed.
-  links = sum(b.copy_s for b in buckets)
-  compute = sum(b.device_s - b.copy_s for b in buckets)
-  exposed = max([min(b.copy_s, b.device_s - b.copy_s) for b in buckets], default=0.0)
-  device = max(links, compute) + exposed
   moves = any(k != "keep" for b in buckets for k in b.kinds.values())
-  seconds = (max(host, device) + hw.dispatch_s) if moves else 0.0
-  return TreePlan(buckets, seconds)
+  return TreePlan(buckets, tree_seconds([b.load for b in buckets], hw) if moves else 0.0)

@@ -104,6 +104,7 @@ from sharding._realloc_plan import BucketPlan, LeafPlan, LeafSpec, plan_leaf, pl
 
 DEFAULT_BUCKET_BYTES = 1 << 30
 _PIPELINE = True  # False: each bucket sent and received before the next (for A/B benchmarks only).
+_wait = jax.block_until_ready  # The memory bound's waits (a name of its own for tests).
 
 
 def _targets_like(tree, target_shardings):
@@ -415,7 +416,7 @@ def reallocate(tree: Any, target_shardings: Any, *, donate: bool = False,
   pending = None  # (program, state): the previous bucket, sent but not yet received.
   for prog in progs:
     if bucket_bytes is not None and prog.holds_intermediates and len(inflight) >= (1 if _PIPELINE else 2):
-      jax.block_until_ready(inflight.pop(0))  # Pipelined: bucket b-2 done, at most b-1 and b alive.
+      _wait(inflight.pop(0))  # Pipelined: bucket b-2 done, at most b-1 and b alive.
     # Software pipeline: this bucket's packs and transfers are dispatched BEFORE the previous
     # bucket's unpacks. A device that both sends and receives runs its programs in order on one
     # compute stream; with send(b+1) queued after recv(b) (which waits for bucket b's copies), the

@@ -86,6 +86,22 @@ def test_mixed_dtypes_scalars_empty_subtrees_uneven():
   assert ys["empty"] == {} and ys["none"] == []
 
 
+def test_cells_refine_pieces_that_differ_between_target_devices():
+  """3 -> 2 devices: target shards of 3 rows built from source shards of 2 rows are cut at different
+  offsets on the two target devices ({0, 2, 3} and {0, 1, 3}); the shared cell grid {0, 1, 2, 3}
+  keeps one unpack program for both, and the values are exact."""
+  from sharding import realloc as R
+  from sharding.mesh import mesh_over_devices
+  devs = jax.devices()
+  src = NamedSharding(mesh_over_devices(devs[:3], (1, 3, 1)), P("fsdp"))
+  dst = NamedSharding(mesh_over_devices(devs[5:7], (1, 2, 1)), P("fsdp"))
+  refs = {"a": _value((6, 4), np.float32, 0), "b": _value((6,), np.int32, 1)}
+  xs, _ = _move(refs, {"a": src, "b": src}, {"a": dst, "b": dst}, mode="pieces")
+  specs = tuple(R._spec(x, dst) for x in jax.tree.leaves(xs))
+  (prog,) = R._programs(specs, R._hw.DEFAULT, "pieces", R.DEFAULT_BUCKET_BYTES, 0)
+  assert [lc.grid for lc in prog.bp.cells.values()] == [(3, 1), (3,)] and len(prog.unpacks) == 1
+
+
 def test_single_target_for_all_leaves():
   refs = [_value((8, 8), np.float32, i) for i in range(3)]
   src = [L(0, fsdp=4).named("fsdp")] * 3
@@ -134,6 +150,21 @@ def test_realloc_cost():
   one = {"w": jax.ShapeDtypeStruct((640, 640), jnp.bfloat16)}
   src, dst = L(0, tensor=2).named(None, "tensor"), L(0, fsdp=4).named("fsdp")
   assert realloc_cost(src, dst, many, H100_SXM) > 2 * realloc_cost(src, dst, one, H100_SXM)
+
+
+def test_cost_is_a_function_of_the_plan_loads():
+  """realloc_cost prices the executed plan from hardware-free loads: repricing them with the planning
+  profile gives the same seconds, and slower links or more host cost per array give more."""
+  from sharding._realloc_plan import LeafSpec, plan_tree, tree_seconds
+  src, dst = L(0, tensor=2).named(None, "tensor"), L(0, fsdp=4).named("fsdp")
+  specs = tuple(LeafSpec((64, 32), "bfloat16", src, dst) for _ in range(20))
+  tp = plan_tree(specs, H100_SXM, "auto", 4 * 64 * 32 * 2)
+  loads = [b.load for b in tp.buckets]
+  assert len(loads) == 5 and tree_seconds(loads, H100_SXM) == pytest.approx(tp.seconds)
+  assert all(x.transfers and x.assembled_arrays == len(b.classes) for x, b in zip(loads, tp.buckets))
+  slow = Hardware.from_dict({**H100_SXM.to_dict(), "d2d_bandwidth": 1e6, "d2d_device_bandwidth": 1e6})
+  busy = Hardware.from_dict({**H100_SXM.to_dict(), "leaf_arg_s": 1e-3})
+  assert tree_seconds(loads, slow) > 10 * tp.seconds and tree_seconds(loads, busy) > 10 * tp.seconds
 
 
 def test_hardware_json_roundtrip_keeps_unknown_keys():
@@ -255,3 +286,17 @@ def test_buckets_are_pipelined_send_before_previous_recv(monkeypatch):
   assert all(b.copy_s > 0 for b in tp.buckets)
   pipelined = max(links, device - links) + max(min(b.copy_s, b.device_s - b.copy_s) for b in tp.buckets)
   assert links <= pipelined < device
+
+
+def test_only_buckets_with_intermediates_wait(monkeypatch):
+  """Buckets of same-device reshards hold no intermediates and are never waited for; buckets that
+  pack and copy wait for the one two before them (at most two in flight)."""
+  from sharding import realloc as R
+  waits = []
+  monkeypatch.setattr(R, "_wait", lambda x: waits.append(x) or jax.block_until_ready(x))
+  refs = {f"w{i}": _value((16, 8), np.float32, i) for i in range(6)}
+  src = {k: L(0, fsdp=4).named("fsdp") for k in refs}
+  _move(refs, src, L(0, tensor=4).named(None, "tensor"), bucket_bytes=16 * 8 * 4)
+  assert waits == []
+  _move(refs, src, L(4, tensor=4).named(None, "tensor"), bucket_bytes=16 * 8 * 4)
+  assert len(waits) == 6 - 2
