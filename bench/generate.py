@@ -153,8 +153,9 @@ def _prefill_fn(graphdef, cfg, b, prompt, new, mode):
     m = nnx.merge(graphdef, compute_params(state, cfg.dtype))
     if mode == "layered":
       cache = KVCache.zeros(cfg, b, prompt + new - 1, per_layer=True)
-      h, cache = m.hidden(toks, attention_mask_BT=mask, cache=cache,
-                          layer_params=layer_arrays(m.layers.arrays(), cfg.n_layers))
+      stacked = nnx.merge(graphdef, state).layers.arrays()
+      lps = [compute_params(lp, cfg.dtype) for lp in layer_arrays(stacked, cfg.n_layers)]
+      h, cache = m.hidden(toks, attention_mask_BT=mask, cache=cache, layer_params=lps)
     else:
       h, cache = m.hidden(toks, attention_mask_BT=mask, cache=KVCache.zeros(cfg, b, prompt + new))
     return m.project(h[:, -1:]), cache

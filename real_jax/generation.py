@@ -226,8 +226,10 @@ def _sample_fn(graphdef, cfg: SamplingConfig, layout: Layout):
       m = cfg.max_new_tokens
       mask_BP = mask_BP.astype(bool)
       if layered:
-        # Sliced once, outside every loop: the decode step never slices stacked weights.
-        lps = layer_arrays(model.layers.arrays(), mcfg.n_layers)
+        # Sliced once, outside every loop: the decode step never slices stacked weights. Sliced
+        # before the cast, so fp32 masters are cast straight into per-layer arrays.
+        stacked = nnx.merge(graphdef, state).layers.arrays()
+        lps = [compute_params(lp, mcfg.dtype) for lp in layer_arrays(stacked, mcfg.n_layers)]
         fwd = functools.partial(model.hidden, layer_params=lps)
         cache = KVCache.zeros(mcfg, b, p + m - 1, per_layer=True)  # token M-1 is never run
       else:
