@@ -450,10 +450,11 @@ def realloc_cost(src_shardings: Any, dst_shardings: Any, tree_shapes: Any,
 
   `tree_shapes` is a pytree of anything with `.shape` and `.dtype` (e.g. `jax.ShapeDtypeStruct`);
   the sharding trees match it (or are prefixes of it, or single NamedShardings). It prices the path
-  `reallocate` executes, bucket by bucket: host time (program dispatches, transfers, per-leaf
-  work) against device time (collective bytes received per device over the collective bandwidth,
-  pack/unpack copies over HBM, the busiest device pair's bytes over the d2d bandwidth), the
-  larger of the two, summed over buckets.
+  `reallocate` executes (`_realloc_plan.tree_seconds`): per bucket, host time (program dispatches,
+  copied buffers, Python-made arrays: one per cell class and pass-through leaf, program array
+  arguments and outputs) and device time (collective bytes received per device over the collective
+  bandwidth plus a latency per resharded array, pack/unpack copies over HBM, the busiest device
+  pair's bytes over the d2d bandwidth); host summed over buckets against the device pipeline.
   """
   hw = hardware or _hw.DEFAULT
   leaves, treedef = jax.tree.flatten(tree_shapes)
