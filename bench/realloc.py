@@ -3,6 +3,7 @@
   PYTHONPATH=$PWD python bench/realloc.py --out bench/results/realloc-h100.json      # 4 GPUs
   PYTHONPATH=$PWD python bench/realloc.py --small --out /tmp/realloc-cpu.json        # 8 fake CPUs
   PYTHONPATH=$PWD python bench/realloc.py --fit bench/results/realloc-h100.json      # refit, on CPU
+  PYTHONPATH=$PWD python bench/realloc.py --table bench/results/realloc-h100.json    # README table
 
 For each model (LLaMA-7B- and 1B-shaped bf16 parameter trees, 291 and 201 leaves; --small: tiny
 ones with as many leaves as 7B on 8 fake CPU devices) and each transition it measures:
@@ -31,10 +32,11 @@ ones with as many leaves as 7B on 8 fake CPU devices) and each transition it mea
 The JSON is rewritten after every record, so a run cut off keeps what it measured; --budget stops
 starting new transitions after that many seconds.
 
---fit JSON refits the `Hardware` profile to a results file (no accelerator needed: plans are pure):
-host terms by least squares on the unbucketed calls' host times, then bandwidths and collective
-latency by coordinate descent on the log error of every measured variant; prints the fitted
-profile and predicted/measured per variant.
+--fit JSON refits the `Hardware` profile to a results file (no accelerator needed: plans are pure
+and the loads of the plans the run executed are repriced): host terms start from non-negative
+least squares on the unbucketed calls' host times, then every term moves by coordinate descent on
+the log errors of every timed variant and of those host times; prints predicted/measured per
+variant under the run's and the fitted profile, the fitted terms, and which auto plans change.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ import statistics
 import sys
 import time
 
-if "--small" in sys.argv or "--fit" in sys.argv:
+if {"--small", "--fit", "--table"} & set(sys.argv):
   os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -59,7 +61,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 
 from sharding import hardware as hw_mod  # noqa: E402
 from sharding.mesh import Layout  # noqa: E402
-from sharding._realloc_plan import LeafSpec, plan_tree, tree_seconds  # noqa: E402
+from sharding._realloc_plan import LeafSpec, plan_tree, price, tree_seconds  # noqa: E402
 from sharding import realloc as realloc_mod  # noqa: E402
 from sharding.realloc import DEFAULT_BUCKET_BYTES, realloc_cost, reallocate  # noqa: E402
 from sharding.rules import PARAM_RULES, spec_for  # noqa: E402
@@ -351,23 +353,31 @@ def fit(path):
   host_rows = [(loads, h) for *_, loads, _, h in rows if h is not None]
   a = np.array([[sum(getattr(x, c) for x in loads) for c in HOST_COUNTS] for loads, _ in host_rows], float)
   coef, _ = nnls(a, np.array([h for _, h in host_rows]))
-  hw = dataclasses.replace(hw, **dict(zip(HOST_FIELDS, coef.tolist())))
+  # A term the host times cannot tell (0 in the fit) keeps the run's value.
+  hw = dataclasses.replace(hw, **{f: c or getattr(run_hw, f) for f, c in zip(HOST_FIELDS, coef.tolist())})
+
+  def host_s(loads, h):
+    return sum(price(x, h)[0] for x in loads)
 
   def loss(h):
-    return sum(math.log(tree_seconds(loads, h) / m) ** 2 for *_, loads, m, _ in rows)
+    total = sum(math.log(tree_seconds(loads, h) / m) ** 2 for *_, loads, m, _ in rows)
+    return total + sum(math.log(host_s(loads, h) / t) ** 2 for loads, t in host_rows)
 
   steps = [2 ** (i / 4) for i in range(-8, 9)]
-  for _ in range(4):  # Coordinate descent over the device terms, in log steps.
-    for field in DEVICE_FIELDS:
+  for _ in range(4):  # Coordinate descent over every term, in log steps, from the least-squares start.
+    for field in DEVICE_FIELDS + HOST_FIELDS:
       base = getattr(hw, field) or 1e-6
       cands = [dataclasses.replace(hw, **{field: base * f}) for f in steps]
       hw = min(cands, key=loss)
   print(f"{path}: {len(rows)} variants of {len(data['records'])} records; host terms from {len(host_rows)} "
         f"unbucketed calls")
   print(f"{'variant':11s} {'model':5s} {'transition':24s} {'measured':>9s} {'run profile':>12s} {'fitted':>9s}")
-  for label, model, transition, loads, m, _ in rows:
+  for label, model, transition, loads, m, h in rows:
     print(f"{label:11s} {model:5s} {transition:24s} {m * 1e3:8.1f}ms {tree_seconds(loads, run_hw) / m - 1:+11.0%} "
           f"{tree_seconds(loads, hw) / m - 1:+8.0%}")
+    if h is not None:
+      print(f"{'  host':11s} {model:5s} {transition:24s} {h * 1e3:8.1f}ms {host_s(loads, run_hw) / h - 1:+11.0%} "
+            f"{host_s(loads, hw) / h - 1:+8.0%}")
   changed = []
   layouts = {n: (s, t) for n, s, t in TRANSITIONS}
   for rec in data["records"]:
@@ -381,11 +391,30 @@ def fit(path):
   print(json.dumps({f: getattr(hw, f) for f in HOST_FIELDS + DEVICE_FIELDS}, indent=1))
 
 
+def table(path):
+  """The README table of a results file (times in ms, device_put in s)."""
+  with open(path) as f:
+    data = json.load(f)
+  print(f"{data['card']}, jax {data['jax']}, {data['date']}, implementation {data.get('implementation')}, "
+        f"{len(data['records'])} records, {data.get('total_wall_s', 0):.0f} s")
+  print("| model | transition | realloc | unbucketed (host) | modes | raw copy | raw/realloc | device_put | speedup "
+        "| predicted |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for r in data["records"]:
+    modes = ", ".join(f"{m} {t * 1e3:.1f}" for m, t in r.get("reallocate_modes_s", {}).items()) or "-"
+    print(f"| {r['model'].upper()} | {r['transition']} | {r['reallocate_s'] * 1e3:.1f} | "
+          f"{r['reallocate_unbucketed_s'] * 1e3:.1f} ({r.get('reallocate_unbucketed_dispatch_s', 0) * 1e3:.1f}) | "
+          f"{modes} | {r['raw_copy_s'] * 1e3:.1f} | {r['raw_copy_s'] / r['reallocate_s']:.2f} | "
+          f"{r['device_put_s']:.2f} | {r['device_put_s'] / r['reallocate_s']:.0f}x | "
+          f"{r['predicted_s'] * 1e3:.1f} ({r['predicted_s'] / r['reallocate_s'] - 1:+.0%}) |")
+
+
 def main():
   t_main = time.perf_counter()
   ap = argparse.ArgumentParser()
   ap.add_argument("--out")
   ap.add_argument("--fit", metavar="JSON", help="refit the Hardware profile to a results file and print it")
+  ap.add_argument("--table", metavar="JSON", help="print a results file as the README's markdown table")
   ap.add_argument("--modes", default="pieces,reshard", help="planner modes timed besides auto (comma list, or '')")
   ap.add_argument("--small", action="store_true", help="tiny model on 8 fake CPU devices (a smoke test)")
   ap.add_argument("--models", default=None)
@@ -394,6 +423,8 @@ def main():
   args = ap.parse_args()
   if args.fit:
     return fit(args.fit)
+  if args.table:
+    return table(args.table)
   if not args.out:
     ap.error("--out is required (or --fit)")
   modes = [m for m in args.modes.split(",") if m]
