@@ -25,13 +25,14 @@ Bandwidth conventions (all in bytes per second):
   (`jax.make_array_from_single_device_arrays`): one per cell class of a bucket, and one per
   pass-through leaf.
 
-The last four have defaults (older profile files lack them). `realloc_cost` sums, per bucket, the
-host time (dispatches, transfers, arrays) and the device time (collectives, pack and unpack copies
-in HBM, bytes over the busiest link) and takes the larger: host dispatch of one bucket overlaps
-the device work of the previous one.
+`d2d_device_bandwidth` and the last five have defaults (older profile files lack them).
+`realloc_cost` prices each bucket's host time (dispatches, transfers, arrays) and device time
+(collectives, pack and unpack copies in HBM, bytes over the busiest link) and takes the larger of
+the host total and the device pipeline: host dispatch of one bucket overlaps the device work of
+the previous one.
 
 `H100_SXM` is the default, from measurements on 4x H100 SXM (NVLink) with jax 0.11.2 (DESIGN.md
-section 4) and recalibrated by `bench/realloc.py` (see bench/README.md).
+section 4); `bench/realloc.py --fit` refits it to a benchmark run (see bench/README.md).
 """
 
 from __future__ import annotations
