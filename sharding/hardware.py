@@ -25,7 +25,7 @@ Bandwidth conventions (all in bytes per second):
   (`jax.make_array_from_single_device_arrays`): one per cell class of a bucket, and one per
   pass-through leaf.
 
-`d2d_device_bandwidth` and the last five have defaults (older profile files lack them).
+`d2d_device_bandwidth` and the last four have defaults (older profile files lack them).
 `realloc_cost` prices each bucket's host time (dispatches, transfers, arrays) and device time
 (collectives, pack and unpack copies in HBM, bytes over the busiest link) and takes the larger of
 the host total and the device pipeline: host dispatch of one bucket overlaps the device work of
