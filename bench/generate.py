@@ -14,7 +14,8 @@ LM head; the embedding only for the looked-up rows) and the KV cache of the toke
 context, so the floor of a step is bytes / (HBM bandwidth x GPUs), HBM bandwidth measured here by a
 device copy (read + write). KV bytes use the *average* context over the run (prompt + half the new
 tokens), not the pre-allocated cache length: the stricter count. `roofline_fraction` = floor /
-measured decode step time, the decode step time being (generate time - prefill time) / (new - 1),
+measured decode step time (`roofline_fraction_read_bw`: the same against a read-only pass, a sum
+over 2 GiB of bf16, `hbm_read_bytes_per_s`), the decode step time being (generate time - prefill time) / (new - 1),
 prefill timed alone as the sampler runs it. `tokens_per_s` = batch x new tokens / whole generate
 time (prefill included), the same quantity measured for HF.
 
@@ -235,6 +236,21 @@ def step_breakdown(graphdef, state, cfg, b, slots, reps: int) -> dict:
   return res
 
 
+def read_bandwidth(gib: float = 2.0) -> float:
+  """Bytes/s of a read-only pass (a sum over a bf16 array on device 0): decode mostly reads."""
+  import jax
+  import jax.numpy as jnp
+
+  from bench._common import timed
+  n = int(gib * 2**30) // 2
+  x = jax.device_put(jnp.ones((n // 4096, 4096), jnp.bfloat16), jax.devices()[0])
+  f = jax.jit(lambda a: jnp.sum(a, axis=0, dtype=jnp.float32))
+  jax.block_until_ready(f(x))
+  t, _ = timed(f, x, reps=10)
+  del x
+  return 2 * n / t
+
+
 def run_jax(args, out: dict):
   import jax
   import jax.numpy as jnp
@@ -247,11 +263,15 @@ def run_jax(args, out: dict):
 
   if args.small:
     models, batches, tensors, prompt, new = ["tiny"], [8], [1, 4], 16, 8
+    if args.only:
+      models, batches, tensors = args.models, args.batches, args.tensors
   else:
     models, batches, tensors, prompt, new = args.models, args.batches, args.tensors, 256, 256
   modes = args.decodes
   bw = hbm_bandwidth(gib=0.25 if args.small else 2.0)
   out["hbm_bytes_per_s"] = bw
+  bw_read = read_bandwidth(gib=0.25 if args.small else 2.0)
+  out["hbm_read_bytes_per_s"] = bw_read
   out["decode_modes"] = modes
   out["decode_segments"] = args.segments
   hf = {}
@@ -296,6 +316,7 @@ def run_jax(args, out: dict):
         avg_ctx = prompt + new / 2
         bytes_step = weight_bytes_per_step(cfg) + b * avg_ctx * kv_bytes_per_token(cfg)
         floor = bytes_step / (bw * tensor)
+        floor_read = bytes_step / (bw_read * tensor)
         rec.update({"roofline_step_ms": 1e3 * floor, "bytes_per_step": bytes_step})
         for mode in modes:
           if time.perf_counter() - T0 > args.budget_s:
@@ -326,7 +347,8 @@ def run_jax(args, out: dict):
             del pre
             step = (t - t_pre) / (new - 1)
             r = {"tokens_per_s": b * new / t, "time_s": t, "prefill_s": t_pre, "decode_step_ms": 1e3 * step,
-                 "roofline_fraction": floor / step, "compile_s": compile_s, "loop_moves": moves}
+                 "roofline_fraction": floor / step, "roofline_fraction_read_bw": floor_read / step,
+                 "compile_s": compile_s, "loop_moves": moves}
             if tensor == 1:
               try:
                 r.update(step_hlo(graphdef, state, cfg, b, prompt + new - (mode == "layered"), int(avg_ctx), mode))
@@ -341,7 +363,8 @@ def run_jax(args, out: dict):
         main = rec.get(modes[0], {})
         rec["tokens_per_s"] = main.get("tokens_per_s")
         rec["roofline_fraction"] = main.get("roofline_fraction")
-        for k in ("time_s", "prefill_s", "decode_step_ms", "compile_s", "hlo_bytes_per_step", "ideal_bytes_per_step"):
+        for k in ("time_s", "prefill_s", "decode_step_ms", "roofline_fraction_read_bw", "compile_s",
+                  "hlo_bytes_per_step", "ideal_bytes_per_step"):
           if k in main:
             rec[k] = main[k]
         if "error" in main:
