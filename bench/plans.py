@@ -55,7 +55,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE_SETTINGS = "tiny:8,tiny:16"
+SMOKE_SETTINGS = "tiny:8"
 
 if __name__ == "__main__" and "--smoke" in sys.argv:  # Before JAX starts: 8 fake CPU devices.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -422,12 +422,15 @@ def plan_record(c: Candidate) -> dict:
           "identical_to": [], "status": "pending", "measured_s": None}
 
 
-def attach(rec: dict, meas: dict) -> None:
-  """Puts a run's measurements into a plan record, with per-call measured vs predicted."""
+def attach(rec: dict, meas: dict, tokens: int) -> None:
+  """Puts a run's measurements into a plan record, with per-call measured vs predicted; `tokens`:
+  prompt + response tokens of an iteration (for tokens_per_s)."""
   parts = meas.pop("parts")
   rec.update(meas)
   rec["status"] = "ok"
-  rec["measured_over_predicted"] = rec["measured_s"] / rec["predicted_s"] if rec["predicted_s"] else None
+  pred = rec["predicted_s"]
+  rec["measured_over_predicted"] = rec["measured_s"] / pred if pred and math.isfinite(pred) else None
+  rec["tokens_per_s"] = tokens / rec["measured_s"]
   rec["calls"] = {}
   for name, pred in rec["predicted_calls_s"].items():
     m = parts.get(name, {})
@@ -486,11 +489,23 @@ def fit_profile(profile: Profile, settings: list[dict]) -> tuple[Profile, dict]:
   return dataclasses.replace(profile, calibration=cal, notes=profile.notes + note), fitted
 
 
+def _finite(x):
+  """JSON-safe: non-finite floats (an infeasible plan's inf) become None; NumPy scalars become floats."""
+  if isinstance(x, dict):
+    return {k: _finite(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_finite(v) for v in x]
+  if isinstance(x, (float, np.floating)):
+    return float(x) if math.isfinite(x) else None
+  return x
+
+
 def write_json(path: str, doc: dict) -> None:
+  """Writes `doc` atomically (a reader never sees half a file), strict JSON."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(doc, f, indent=1, default=float)
+    json.dump(_finite(doc), f, indent=1, allow_nan=False, default=float)
   os.replace(tmp, path)
 
 
@@ -500,6 +515,8 @@ def run_bench(settings: list[tuple[str, int]], *, out: str, profile: Profile, de
               search_s: float = 60.0, seed: int = 0, log=print, t_start: float | None = None) -> dict:
   """Plans and runs every setting; rewrites `out` after every plan run; returns the document."""
   t_start = time.perf_counter() if t_start is None else t_start
+  if iters < 1 or warmup < 0:
+    raise ValueError(f"--iters {iters} must be >= 1 and --warmup {warmup} >= 0")
   n = devices or jax.device_count()
   if n > jax.device_count():
     raise ValueError(f"--devices {n}: this machine has {jax.device_count()} devices")
@@ -535,20 +552,24 @@ def run_bench(settings: list[tuple[str, int]], *, out: str, profile: Profile, de
       if key in local:  # Same plan in this setting: copy the measurement.
         src = local[key]
         for k in ("measured_s", "iteration_s", "warmup_s", "first_iteration_s", "build_s", "calls", "reallocs",
-                  "timeline", "metrics", "finite", "memory", "status", "error"):
+                  "timeline", "metrics", "finite", "memory", "status", "error", "tokens_per_s"):
           if k in src:
             rec[k] = src[k]
         rec["measured_in"] = src["name"]
-        if rec["measured_s"]:
+        if rec["measured_s"] and math.isfinite(rec["predicted_s"]):
           rec["measured_over_predicted"] = rec["measured_s"] / rec["predicted_s"]
         continue
       local[key] = rec
       if time.perf_counter() - t_start > budget:
         rec["status"] = "skipped (budget)"
         continue
+      if not c.sim.feasible:  # E.g. an extra colocated strategy that the simulator says runs out of memory.
+        rec["status"] = f"skipped (predicted infeasible: {c.sim.reason})"
+        continue
       t0 = time.perf_counter()
       try:
-        attach(rec, run_plan(exp, c.plan, pool, warmup=warmup, iters=iters, log=log))
+        attach(rec, run_plan(exp, c.plan, pool, warmup=warmup, iters=iters, log=log),
+               exp.data.batch_size * (exp.data.max_prompt_len + gen))
       except Exception as e:  # noqa: BLE001  (an OOM or a failing layout is a result; the next plan runs)
         rec["status"] = "error"
         rec["error"] = f"{type(e).__name__}: {str(e)[:800]}"

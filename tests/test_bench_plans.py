@@ -54,7 +54,7 @@ def test_run_bench_tiny(tmp_path):
   """The core function end to end on 2 of the 8 CPU devices: plan, run every plan, JSON after each."""
   out = tmp_path / "plans.json"
   doc = bp.run_bench([("tiny", 4)], out=str(out), profile=Profile.load("h100_sxm"), devices=2, warmup=1, iters=1,
-                     batch=8, prompt=8, search_steps=2000, log=lambda m: None)
+                     batch=8, prompt=8, search_steps=500, log=lambda m: None)
   saved = json.loads(out.read_text())
   assert saved["settings"][0]["name"] == doc["settings"][0]["name"] == "tiny:4"
   for key in ("card", "jax", "date", "devices_used", "settings"):
@@ -69,7 +69,8 @@ def test_run_bench_tiny(tmp_path):
     assert isinstance(p["plan"], str) and "actor_gen=" in p["plan"]
     for key in ("measured_s", "predicted_s", "predicted_1iter_s", "first_iteration_s"):
       assert math.isfinite(p[key]) and p[key] > 0, (p["name"], key, p[key])
-    assert len(p["iteration_s"]) == 1 and p["finite"]
+    assert len(p["iteration_s"]) == 1 and p["finite"] and p["tokens_per_s"] > 0
+    assert p["metrics"]["response_len"] == 4 and p["metrics"]["no_eos_frac"] == 1.0  # Forced full length.
     assert set(p["calls"]) == {"actor_gen", "reward_inf", "ref_inf", "critic_inf", "actor_train", "critic_train"}
     for name, c in p["calls"].items():
       assert c["predicted_s"] > 0 and c["measured_s"] >= 0 and c["measured_wall_s"] >= c["measured_s"], (name, c)
@@ -78,3 +79,21 @@ def test_run_bench_tiny(tmp_path):
   assert len(distinct) >= 2  # The tiny search splits the models over the 2 devices: the pool moves them.
   s = setting["summary"]
   assert s["searched_measured_s"] > 0 and s["speedup_measured"] > 0 and "best_heuristic" in s
+
+
+def test_fit_profile_geometric_mean_per_kind():
+  base = Profile.load("h100_sxm")
+  base = base.__class__(**{**base.to_dict(), "calibration": {"generate": {"time": 1.5, "flops": 1.1}}})
+  plan = {"status": "ok", "calls": {"actor_gen": {"measured_over_predicted": 2.0},
+                                    "ref_inf": {"measured_over_predicted": 4.0},
+                                    "critic_inf": {"measured_over_predicted": 1.0},
+                                    "actor_train": {"measured_over_predicted": None}}}
+  copied = {"status": "ok", "measured_in": "searched", "calls": {"actor_gen": {"measured_over_predicted": 100.0}}}
+  fitted_profile, fitted = bp.fit_profile(base, [{"plans": [plan, copied]}])
+  assert fitted["generate"]["factor"] == pytest.approx(2.0) and fitted["generate"]["calls"] == 1
+  assert fitted["inference"]["factor"] == pytest.approx(2.0) and fitted["inference"]["calls"] == 2
+  assert "train_step" not in fitted
+  assert fitted_profile.factor("generate", "time") == pytest.approx(3.0)  # On top of the profile's own 1.5.
+  assert fitted_profile.factor("generate", "flops") == pytest.approx(1.1)
+  assert fitted_profile.factor("inference", "time") == pytest.approx(2.0)
+  assert Profile.from_dict(fitted_profile.to_dict()) == fitted_profile
