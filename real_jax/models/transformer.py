@@ -310,10 +310,10 @@ def _layer(cfg: ModelConfig, inv_freq, x_BTD, p, positions_BT, mask_BTS, kv_in, 
     else:
       o = attention(q, keys, values, mask_BTS, cfg.attention_impl)
     kv_out = (k_all, v_all)
-  if kv_out is None:
-    x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o, c("wo"))
-  else:  # With a cache: contract (N, H) in storage order, so no backend transposes wo per step.
+  if kv_in is not None and kv_in[2] is None:  # Contract (N, H) in storage order: no backend transposes wo.
     x_BTD = x_BTD + jax.lax.dot_general(o, c("wo"), (((2, 3), (0, 1)), ((), ())))
+  else:
+    x_BTD = x_BTD + jnp.einsum("BTNH,NHD->BTD", o, c("wo"))
   x_BTD = constrain(x_BTD, ("batch", "seq", "embed"))
   h_BTD = rms_norm(x_BTD, p["mlp_norm"], cfg.rms_eps)
   gate = jnp.einsum("BTD,DF->BTF", h_BTD, c("w_gate"))
@@ -407,6 +407,8 @@ class Transformer(nnx.Module):
       if len(lps) != cfg.n_layers or len(cache.k) != cfg.n_layers or len(cache.v) != cfg.n_layers:
         raise ValueError(f"Transformer.hidden: {cfg.n_layers} layers, but {len(lps)} layer_params and "
                          f"{len(cache.k)}/{len(cache.v)} cache k/v buffers")
+      if kv_len is not None and not 0 < kv_len <= cache.valid.shape[1]:
+        raise ValueError(f"Transformer.hidden: kv_len={kv_len} outside the cache's 1..{cache.valid.shape[1]} slots")
       old_mask_BS = None
       if t == 1:  # Decode: earlier slots the token sees (its own slot joins in decode_attention).
         s_idx = jnp.arange(cache.valid.shape[1], dtype=jnp.int32)[None, :]
