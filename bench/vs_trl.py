@@ -466,7 +466,7 @@ class Orchestrator:
       rj = json.load(open(out)) if os.path.exists(out) else {"error": f"exit {code} after {dt:.0f}s, no result"}
     else:
       rj = {"error": "not run: the --budget was spent"}
-    for gc in self.args.trl_gc:
+    for gc in map(bool, self.args.trl_gc):
       trl = None
       if self.left() > 0:
         out = os.path.join(self.args.workdir, f"trl-{tag}-gc{int(gc)}.json")
