@@ -512,8 +512,12 @@ def write_json(path: str, doc: dict) -> None:
 def run_bench(settings: list[tuple[str, int]], *, out: str, profile: Profile, devices: int | None = None,
               warmup: int = 1, iters: int = 3, budget: float = math.inf, batch: int | None = None,
               prompt: int | None = None, colocated: str = "best", search_steps: int = 20000,
-              search_s: float = 60.0, seed: int = 0, log=print, t_start: float | None = None) -> dict:
-  """Plans and runs every setting; rewrites `out` after every plan run; returns the document."""
+              search_s: float = 60.0, seed: int = 0, log=print, t_start: float | None = None,
+              merge: dict | None = None) -> dict:
+  """Plans and runs every setting; rewrites `out` after every plan run; returns the document.
+
+  merge: an earlier results document whose settings (other than those run now) are kept, first.
+  """
   t_start = time.perf_counter() if t_start is None else t_start
   if iters < 1 or warmup < 0:
     raise ValueError(f"--iters {iters} must be >= 1 and --warmup {warmup} >= 0")
@@ -526,13 +530,17 @@ def run_bench(settings: list[tuple[str, int]], *, out: str, profile: Profile, de
                   "budget_s": budget if math.isfinite(budget) else None, "colocated": colocated,
                   "search_steps": search_steps, "seed": seed},
          "settings": []}
+  names = {f"{m}:{g}" for m, g in settings}
+  doc["settings"] = [st for st in (merge or {}).get("settings", []) if st.get("name") not in names]
+  run_info = {k: doc[k] for k in ("card", "device_kind", "jax", "date", "profile")}
   for models, gen in settings:
     exp = make_experiment(models, gen, batch=batch, prompt=prompt)
     cfgs = {r: exp.models[r].model_config() for r in exp.models}
     setting = {"name": f"{models}:{gen}", "models": {r: exp.models[r].preset for r in exp.models},
                "params": {r: param_count(cfgs[r], exp.models[r].head) for r in exp.models},
                "batch": exp.data.batch_size, "prompt_len": exp.data.max_prompt_len, "gen_len": gen,
-               "ppo_epochs": exp.ppo.ppo_epochs, "mini_batches": exp.ppo.mini_batches, "devices": n, "plans": []}
+               "ppo_epochs": exp.ppo.ppo_epochs, "mini_batches": exp.ppo.mini_batches, "devices": n,
+               "run": run_info, "plans": []}
     doc["settings"].append(setting)
     if time.perf_counter() - t_start > budget:
       setting["status"] = "skipped (budget)"
@@ -608,6 +616,8 @@ def main(argv=None) -> int:
   ap.add_argument("--cache-dir", default=os.path.join(REPO, ".jax_cache"),
                   help="persistent JAX compilation cache ('' disables)")
   ap.add_argument("--fit-profile", default=None, help="write the profile with fitted per-kind time factors here")
+  ap.add_argument("--merge", default=None,
+                  help="an earlier results JSON: its other settings are kept in --out (one file for several calls)")
   args = ap.parse_args(argv)
   if args.smoke:
     if args.settings == ap.get_default("settings"):
@@ -625,18 +635,25 @@ def main(argv=None) -> int:
                                  f"plans-{header()['card']}{'-smoke' if args.smoke else ''}.json")
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}, profile {profile.name}; "
         f"writing {out}", flush=True)
+  merge = None
+  if args.merge:
+    with open(args.merge) as f:
+      merge = json.load(f)
   doc = run_bench(settings, out=out, profile=profile, devices=args.devices or None, warmup=args.warmup,
                   iters=args.iters, budget=args.budget, batch=args.batch, prompt=args.prompt,
                   colocated=args.colocated, search_steps=args.search_steps, search_s=args.search_s, seed=args.seed,
-                  log=lambda m: print(m, flush=True), t_start=t_start)
+                  log=lambda m: print(m, flush=True), t_start=t_start, merge=merge)
   for st in doc["settings"]:
+    if st["name"] not in {f"{m}:{g}" for m, g in settings}:
+      continue  # Merged from an earlier file.
     print(f"{st['name']}: {json.dumps(st.get('summary', {}), default=float)}")
     for p in st["plans"]:
       ms = p.get("measured_s")
       print(f"  {p['name']:<20} {p['status']:<8} measured {ms if ms is None else round(ms, 4)}  predicted "
             f"{p['predicted_s']:.4f}  identical_to {p['identical_to']}")
   if args.fit_profile:
-    fitted_profile, fitted = fit_profile(profile, doc["settings"])
+    fitted_profile, fitted = fit_profile(profile, [st for st in doc["settings"]
+                                                   if st["name"] in {f"{m}:{g}" for m, g in settings}])
     write_json(args.fit_profile, fitted_profile.to_dict())
     print(f"fitted time factors {json.dumps(fitted)} -> {args.fit_profile}")
   print(f"done in {time.perf_counter() - t_start:.0f} s; wrote {out}", flush=True)

@@ -53,13 +53,15 @@ def test_busy_times_subtracts_waiting():
 def test_run_bench_tiny(tmp_path):
   """The core function end to end on 2 of the 8 CPU devices: plan, run every plan, JSON after each."""
   out = tmp_path / "plans.json"
+  earlier = {"settings": [{"name": "7b:1024", "plans": []}, {"name": "tiny:4", "plans": ["stale"]}]}
   doc = bp.run_bench([("tiny", 4)], out=str(out), profile=Profile.load("h100_sxm"), devices=2, warmup=1, iters=1,
-                     batch=8, prompt=8, search_steps=500, log=lambda m: None)
+                     batch=8, prompt=8, search_steps=500, log=lambda m: None, merge=earlier)
   saved = json.loads(out.read_text())
-  assert saved["settings"][0]["name"] == doc["settings"][0]["name"] == "tiny:4"
+  assert [s["name"] for s in saved["settings"]] == [s["name"] for s in doc["settings"]] == ["7b:1024", "tiny:4"]
   for key in ("card", "jax", "date", "devices_used", "settings"):
     assert key in saved, key
-  (setting,) = saved["settings"]
+  setting = saved["settings"][1]
+  assert setting["run"]["jax"] == saved["jax"] and setting["plans"] != ["stale"]
   assert (setting["batch"], setting["prompt_len"], setting["gen_len"]) == (8, 8, 4)
   names = [p["name"] for p in setting["plans"]]
   assert names[0] == "searched" and any(n.startswith("colocated-") for n in names), names
