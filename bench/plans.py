@@ -1,7 +1,7 @@
 """Searched plan vs heuristic plans, measured: PPO iterations through the runtime's engine (issue 7 item 7).
 
-  PYTHONPATH=$PWD python bench/plans.py --settings 1.3b:1024,1.3b:512,1.3b:128 --budget 420 \
-      --out bench/results/plans-h100.json                                     # 4 GPUs
+  PYTHONPATH=$PWD python bench/plans.py --settings 1.3b:1024,1.3b:512,1.3b:128 --iters 2 --budget 400 \
+      --profile search/profiles/h100_sxm_bench.json --out bench/results/plans-h100.json   # 4 GPUs
   PYTHONPATH=$PWD python bench/plans.py --smoke                              # 4 of 8 fake CPU devices
 
 For each setting (models, generation length; `configs/ppo_bench.py` describes them):
@@ -14,8 +14,8 @@ For each setting (models, generation length; `configs/ppo_bench.py` describes th
    colocated strategies), build the models in the plan's home layouts and run real PPO iterations
    through `real_jax.runtime.Engine` with `PPOProgram` (the engine and program `run()` builds), on
    random prompts of exactly `prompt` tokens, sampling with no EOS (every response is `gen` tokens),
-   random-init models and a random reward model: `--warmup` iterations (compiles), then `--iters`
-   timed ones;
+   models with pseudo-random weights (`synthetic_params`) including the reward model: `--warmup`
+   iterations (compiles), then `--iters` timed ones;
 3. record: `measured_s` = median wall time of a timed iteration (prompts put on the devices,
    `Engine.run_iteration`, which returns when every call's outputs are ready, and the program's
    host-side metrics, as in `run()`), `predicted_s` = the simulator's iteration time (makespan / 3 of
@@ -35,7 +35,8 @@ the measurement and names the other in `identical_to`. The JSON (`--out`) is rew
 plan run; `--budget` (seconds since start) stops starting new plan runs (they are recorded as
 skipped). `--fit-profile PATH` writes the profile with per-kind `time` calibration factors fitted
 to the measured calls (geometric mean of measured / predicted per call kind, on top of the
-profile's own factors), for planning a later run with `--profile PATH`.
+profile's own factors), for planning a later run with `--profile PATH`. `--merge EARLIER.json` keeps
+the earlier file's other settings in `--out` (one results file over several GPU calls).
 
 Compiled programs persist in `--cache-dir` (default `.jax_cache/` in the repository, ignored by
 git), so a second run on the same machine does not recompile.
@@ -636,9 +637,11 @@ def main(argv=None) -> int:
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}, profile {profile.name}; "
         f"writing {out}", flush=True)
   merge = None
-  if args.merge:
+  if args.merge and os.path.exists(args.merge):
     with open(args.merge) as f:
       merge = json.load(f)
+  elif args.merge:
+    print(f"--merge {args.merge}: no such file; writing this run's settings only", flush=True)
   doc = run_bench(settings, out=out, profile=profile, devices=args.devices or None, warmup=args.warmup,
                   iters=args.iters, budget=args.budget, batch=args.batch, prompt=args.prompt,
                   colocated=args.colocated, search_steps=args.search_steps, search_s=args.search_s, seed=args.seed,
