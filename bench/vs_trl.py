@@ -409,8 +409,12 @@ class Orchestrator:
       env["JAX_PLATFORMS"] = "cpu"
       env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={gpus}").strip()
       env["CUDA_VISIBLE_DEVICES"] = ""
-    else:
-      env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
+    else:  # The first `gpus` of the GPUs this process may use (so sweeps can share a host GPU by GPU).
+      visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+      ids = visible or [str(i) for i in range(gpus)]
+      if len(ids) < gpus:
+        raise ValueError(f"--gpus {gpus}: CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} names {len(ids)}")
+      env["CUDA_VISIBLE_DEVICES"] = ",".join(ids[:gpus])
     return env
 
   def trl_site(self, kind: str) -> str:
