@@ -31,10 +31,6 @@ MODELS = {
 }
 
 
-def _parse(arg):
-  return dict(item.split("=") for item in filter(None, (arg or "").split(",")))
-
-
 def experiment_dict(models="1.3b", gen=512, *, batch=None, prompt=None, plan="colocated"):
   """The experiment of one bench setting as a plain dict."""
   if models not in MODELS:
@@ -79,11 +75,8 @@ def experiment_dict(models="1.3b", gen=512, *, batch=None, prompt=None, plan="co
 def get_config(arg=None):
   import ml_collections
 
-  args = _parse(arg)
-  unknown = set(args) - {"models", "gen", "batch", "prompt", "plan"}
-  if unknown:
-    raise ValueError(f"configs/ppo_bench.py: unknown preset keys {sorted(unknown)}; "
-                     "expected models, gen, batch, prompt, plan")
-  return ml_collections.ConfigDict(experiment_dict(args.get("models", "1.3b"), int(args.get("gen", 512)),
-                                                   batch=args.get("batch"), prompt=args.get("prompt"),
-                                                   plan=args.get("plan", "colocated")))
+  from real_jax import config_lib as cl
+
+  args = cl.parse_arg(arg, models=("1.3b", "7b", "tiny"), gen=int, batch=int, prompt=int, plan=str)
+  return ml_collections.ConfigDict(experiment_dict(args["models"], args["gen"] or 512, batch=args["batch"],
+                                                   prompt=args["prompt"], plan=args["plan"] or "colocated"))

@@ -21,20 +21,23 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
+from typing import Any
 
 # The tiny LLaMA-shaped model of the `*_tiny` configs and the tests: 2 layers, d_model 64, GQA 4 / 2 heads.
 TINY = dict(vocab_size=64, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=128, max_seq_len=64)
 
 
-def parse_arg(arg: str | None, **choices: Sequence[str]) -> dict[str, str]:
-  """The config argument `key=value,...` (after `config.py:`) as a dict, first choice as each default.
+def parse_arg(arg: str | None, **choices: Sequence[str] | Callable[[str], Any]) -> dict[str, Any]:
+  """The config argument `key=value,...` (after `config.py:`) as a dict.
 
-  `choices` names every accepted key with its allowed values; an unknown key, a value not allowed or
-  an item without `=` raises ValueError naming it, so a typo such as `plna=split` is not silently ignored.
+  `choices` names every accepted key with either its allowed values (a sequence of strings, the first
+  being the default) or a type such as `int` that converts a free value (default None). An unknown key,
+  a value not allowed or not convertible, or an item without `=` raises ValueError naming it, so a typo
+  such as `plna=split` is not silently ignored.
   """
-  out = {k: v[0] for k, v in choices.items()}
+  out = {k: None if callable(v) else v[0] for k, v in choices.items()}
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
     key, value = key.strip(), value.strip()
@@ -42,8 +45,15 @@ def parse_arg(arg: str | None, **choices: Sequence[str]) -> dict[str, str]:
       raise ValueError(f"config argument {item!r}: expected key=value (keys: {', '.join(choices) or 'none'})")
     if key not in choices:
       raise ValueError(f"config argument {key}={value}: unknown key; known: {', '.join(choices) or 'none'}")
-    if value not in choices[key]:
-      raise ValueError(f"config argument {key}={value}: expected one of {', '.join(choices[key])}")
+    allowed = choices[key]
+    if callable(allowed):
+      try:
+        out[key] = allowed(value)
+      except ValueError as e:
+        raise ValueError(f"config argument {key}={value}: not a valid {getattr(allowed, '__name__', allowed)}") from e
+      continue
+    if value not in allowed:
+      raise ValueError(f"config argument {key}={value}: expected one of {', '.join(allowed)}")
     out[key] = value
   return out
 

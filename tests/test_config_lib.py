@@ -51,3 +51,10 @@ def test_every_config_file_loads_by_path_and_rejects_bad_arguments(path):
 def test_load_sibling_names_a_missing_file():
   with pytest.raises(FileNotFoundError, match="no config .*nope.py"):
     cl.load_sibling(os.path.join(ROOT, "configs", "ppo_tiny.py"), "nope")
+
+
+def test_parse_arg_typed_values():
+  got = cl.parse_arg("gen=1024", models=("1.3b", "7b"), gen=int, batch=int)
+  assert got == {"models": "1.3b", "gen": 1024, "batch": None}
+  with pytest.raises(ValueError, match="gen=lots: not a valid int"):
+    cl.parse_arg("gen=lots", gen=int)
