@@ -301,10 +301,14 @@ def card_name() -> tuple[str, str]:
                           text=True, timeout=30, check=True).stdout.splitlines()[0].strip()
   except (OSError, subprocess.SubprocessError, IndexError):
     return "cpu", "cpu"
+  return short_card(name), name
+
+
+def short_card(name: str) -> str:
   for c in ("h100", "h200", "a100", "b200"):
     if c in name.lower():
-      return c, name
-  return name.lower().replace(" ", "_"), name
+      return c
+  return name.lower().replace(" ", "_")
 
 
 def timed_mean(result: dict | None) -> dict | None:
@@ -341,19 +345,28 @@ def make_spec(a, algorithm: str, model: str, gpus: int) -> Spec:
               tokenizer_dir=tok_dir, prompts_path=path, workdir=a.workdir)
 
 
+def common_fields(spec: Spec) -> dict:
+  """The record fields that describe the comparison itself (sizes and iteration counts)."""
+  return {"algorithm": spec.algorithm, "model": spec.model, "gpus": spec.gpus, "prompts_per_iteration": spec.prompts,
+          "group_size": spec.group_size, "rows_per_iteration": spec.rows, "prompt_len": spec.prompt_len,
+          "response_len": spec.response_len, "tokens_per_iteration": spec.tokens_per_iteration,
+          "warmup_iterations": spec.warmup, "timed_iterations": spec.iterations, "micro_rows": spec.micro_rows}
+
+
 class Orchestrator:
-  def __init__(self, args):
+  def __init__(self, args, card: tuple[str, str] | None = None, date: str | None = None):
     self.args = args
     self.t0 = time.perf_counter()
-    self.card, self.card_full = ("cpu", "cpu") if args.smoke else card_name()
+    self.card, self.card_full = card or (("cpu", "cpu") if args.smoke else card_name())
     self.out = args.out or os.path.join(REPO, "bench", "results", f"vs_trl-{self.card}.json")
-    self.doc = {"card": self.card, "device_kind": self.card_full, "date": datetime.date.today().isoformat(),
-                "records": []}
+    self.doc = {"card": self.card, "device_kind": self.card_full, "date": date or datetime.date.today().isoformat(),
+                "jax": None, "records": []}
     if os.path.exists(self.out) and not args.fresh:
       with open(self.out) as f:
-        self.doc["records"] = json.load(f).get("records", [])
+        old = json.load(f)
+      self.doc["records"] = old.get("records", [])
+      self.doc["jax"] = old.get("jax")
     self.logs = os.path.join(args.workdir, "logs")
-    os.makedirs(self.logs, exist_ok=True)
 
   def elapsed(self) -> float:
     return time.perf_counter() - self.t0
@@ -372,12 +385,14 @@ class Orchestrator:
   def put(self, record: dict) -> None:
     key = lambda r: (r["algorithm"], r["model"], r["gpus"], r["trl_gradient_checkpointing"])  # noqa: E731
     self.doc["records"] = [r for r in self.doc["records"] if key(r) != key(record)] + [record]
+    self.doc["jax"] = record["real_jax"].get("jax") or self.doc.get("jax")
     self.write()
 
   # -- subprocesses --
 
   def launch(self, name: str, cmd: list[str], env: dict) -> tuple[int, float]:
     """Runs cmd (own process group, killed at budget + grace); returns (exit code, seconds)."""
+    os.makedirs(self.logs, exist_ok=True)
     log = os.path.join(self.logs, f"{name}.log")
     limit = max(10.0, self.left() + self.args.grace)
     t = time.perf_counter()
@@ -456,10 +471,7 @@ class Orchestrator:
     spec_path = os.path.join(self.args.workdir, f"spec-{tag}.json")
     with open(spec_path, "w") as f:
       json.dump(dataclasses.asdict(spec), f, indent=1)
-    common = {"algorithm": algorithm, "model": model, "gpus": gpus, "prompts_per_iteration": spec.prompts,
-              "group_size": spec.group_size, "rows_per_iteration": spec.rows, "prompt_len": spec.prompt_len,
-              "response_len": spec.response_len, "tokens_per_iteration": spec.tokens_per_iteration,
-              "warmup_iterations": spec.warmup, "timed_iterations": spec.iterations, "micro_rows": spec.micro_rows}
+    common = common_fields(spec)
     rj = None
     if self.left() > 0:
       out = os.path.join(self.args.workdir, f"real_jax-{tag}.json")
@@ -510,6 +522,9 @@ class Orchestrator:
       for algorithm in a.algorithms:
         for model in a.models:
           self.compare(algorithm, model, gpus)
+    self.summary()
+
+  def summary(self) -> None:
     nan = float("nan")
     for r in self.doc["records"]:
       gc = "on " if r["trl_gradient_checkpointing"] else "off"
@@ -517,6 +532,49 @@ class Orchestrator:
                                                                     "speedup"))
       print(f"  {r['algorithm']:4s} {r['model']:13s} {r['gpus']} GPU  TRL GC {gc}  real_jax {rj:9.0f} tok/s  "
             f"TRL {trl:9.0f} tok/s  speedup {s:.2f}", flush=True)
+
+
+def _worker_result(directory: str, name: str) -> dict:
+  """A worker's JSON from an earlier run's workdir, or an "error" saying why there is none."""
+  path = os.path.join(directory, f"{name}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  if os.path.exists(os.path.join(directory, "logs", f"{name}.log")):
+    return {"error": f"failed: no {name}.json (see logs/{name}.log)"}
+  return {"error": f"not run: no {name}.json and no log"}
+
+
+def assemble(a) -> str:
+  """Rebuilds records from the worker files that earlier runs left in their workdirs (`spec-<tag>.json`,
+  `real_jax-<tag>.json`, `trl-<tag>-gc<g>.json`, `logs/`), e.g. when the orchestrator's own JSON was
+  lost, with the same record code as a run: one record per spec and `--trl-gc` setting, merged into
+  `--out` by key like a run. card and date come from the worker files (device name, file time)."""
+  found = []
+  for directory in a.assemble:
+    for spec_path in sorted(glob.glob(os.path.join(directory, "spec-*.json"))):
+      with open(spec_path) as f:
+        spec = Spec(**{k: v for k, v in json.load(f).items() if k != "rows"})
+      tag = os.path.basename(spec_path)[len("spec-"):-len(".json")]
+      rj = _worker_result(directory, f"real_jax-{tag}")
+      trls = {gc: _worker_result(directory, f"trl-{tag}-gc{int(gc)}") for gc in map(bool, a.trl_gc)}
+      found.append((spec, rj, trls, max(os.path.getmtime(p) for p in glob.glob(os.path.join(directory, "*.json")))))
+  if not found:
+    raise SystemExit(f"vs_trl --assemble: no spec-*.json in {' '.join(a.assemble)}")
+  devices = {r["device"] for _, rj, trls, _ in found for r in (rj, *trls.values()) if r.get("device")}
+  if len(devices) != 1:
+    raise SystemExit(f"vs_trl --assemble: the worker files name {len(devices)} devices: {sorted(devices)}")
+  full = devices.pop()
+  date = datetime.datetime.fromtimestamp(max(t for *_, t in found), datetime.timezone.utc).date().isoformat()
+  orch = Orchestrator(a, card=(short_card(full), full), date=date)
+  for spec, rj, trls, _ in found:
+    for gc, trl in trls.items():
+      rec = orch.record(common_fields(spec), rj, trl, gc, spec)
+      if a.note:
+        rec["note"] = a.note
+      orch.put(rec)
+  orch.summary()
+  return orch.out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -547,6 +605,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--out", default=None)
   ap.add_argument("--fresh", action="store_true", help="drop the records of an existing --out file")
   ap.add_argument("--mirror", default=None, help="also write the JSON into this folder (e.g. $OUT) each time")
+  ap.add_argument("--assemble", nargs="+", metavar="DIR", default=None,
+                  help="no runs: build the records from the worker files of earlier runs' workdirs")
+  ap.add_argument("--note", default=None, help="with --assemble: a note stored in each record built")
   ap.add_argument("--worker", choices=["real_jax"], help=argparse.SUPPRESS)
   ap.add_argument("--spec", help=argparse.SUPPRESS)
   ap.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -567,6 +628,9 @@ def main(argv=None):
   if a.worker:
     with open(a.spec) as f:
       return real_jax_worker(Spec(**{k: v for k, v in json.load(f).items() if k != "rows"}), a.worker_out)
+  if a.assemble:
+    print(f"[vs_trl] wrote {assemble(a)}")
+    return
   os.makedirs(a.workdir, exist_ok=True)
   Orchestrator(a).run()
 

@@ -1,5 +1,6 @@
 """bench/vs_trl.py without TRL: the real_jax half at toy sizes, the exported weights, the record schema."""
 
+import dataclasses
 import json
 import os
 
@@ -78,3 +79,27 @@ def test_records_merge_by_key_and_keep_the_schema(tmp_path):
   assert {"card", "date", "records"} <= set(doc)
   assert [(r["trl_gradient_checkpointing"], r["speedup"]) for r in doc["records"]] == [(True, 5.0), (False, None)]
   assert doc["records"][1]["trl_tokens_per_s"] is None and doc["records"][1]["trl"]["error"].startswith("not run")
+
+
+def test_assemble_rebuilds_records_from_worker_files(tmp_path):
+  run = tmp_path / "run"
+  a = vs_trl.parse_args(["--smoke", "--workdir", str(run)])
+  spec = vs_trl.make_spec(a, "grpo", "tiny-4l", gpus=1)
+  tag = "grpo-tiny-4l-1gpu"
+  (run / f"spec-{tag}.json").write_text(json.dumps(dataclasses.asdict(spec)))
+  its = lambda t: [{"iteration_s": 9.0, "generation_s": 5.0}, {"iteration_s": t, "generation_s": t / 2}]  # noqa: E731
+  dev = "NVIDIA H100 80GB HBM3"
+  (run / f"real_jax-{tag}.json").write_text(json.dumps({"system": "real_jax", "jax": "0.x", "device": dev,
+                                                        "warmup": 1, "iterations": its(1.0)}))
+  (run / f"trl-{tag}-gc1.json").write_text(json.dumps({"system": "trl", "device": dev, "warmup": 1,
+                                                       "iterations": its(4.0)}))
+  (run / "logs").mkdir(exist_ok=True)
+  (run / "logs" / f"trl-{tag}-gc0.log").write_text("Traceback ...\n")  # Ran, left no JSON.
+  out = tmp_path / "vs_trl-h100.json"
+  vs_trl.main(["--assemble", str(run), "--out", str(out), "--note", "shared host"])
+  doc = json.loads(out.read_text())
+  assert (doc["card"], doc["device_kind"], doc["jax"]) == ("h100", dev, "0.x") and len(doc["date"]) == 10
+  recs = {r["trl_gradient_checkpointing"]: r for r in doc["records"]}
+  assert recs[True]["speedup"] == 4.0 and recs[True]["note"] == "shared host"
+  assert recs[True]["real_jax_tokens_per_s"] == spec.tokens_per_iteration / 1.0
+  assert recs[False]["trl_tokens_per_s"] is None and recs[False]["trl"]["error"].startswith("failed")
