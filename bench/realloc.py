@@ -397,12 +397,14 @@ def table(path):
     data = json.load(f)
   print(f"{data['card']}, jax {data['jax']}, {data['date']}, implementation {data.get('implementation')}, "
         f"{len(data['records'])} records, {data.get('total_wall_s', 0):.0f} s")
-  print("| model | transition | realloc | unbucketed (host) | modes | raw copy | raw/realloc | device_put | speedup "
-        "| predicted |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
+  print("| model | transition | realloc (dispatch) | serial | unbucketed (host) | modes | raw copy | raw/realloc "
+        "| device_put | speedup | predicted |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for r in data["records"]:
     modes = ", ".join(f"{m} {t * 1e3:.1f}" for m, t in r.get("reallocate_modes_s", {}).items()) or "-"
-    print(f"| {r['model'].upper()} | {r['transition']} | {r['reallocate_s'] * 1e3:.1f} | "
+    serial = f"{r['reallocate_serial_s'] * 1e3:.1f}" if "reallocate_serial_s" in r else "-"
+    print(f"| {r['model'].upper()} | {r['transition']} | {r['reallocate_s'] * 1e3:.1f} "
+          f"({r.get('reallocate_dispatch_s', 0) * 1e3:.1f}) | {serial} | "
           f"{r['reallocate_unbucketed_s'] * 1e3:.1f} ({r.get('reallocate_unbucketed_dispatch_s', 0) * 1e3:.1f}) | "
           f"{modes} | {r['raw_copy_s'] * 1e3:.1f} | {r['raw_copy_s'] / r['reallocate_s']:.2f} | "
           f"{r['device_put_s']:.2f} | {r['device_put_s'] / r['reallocate_s']:.0f}x | "
