@@ -114,7 +114,12 @@ class Hardware:
 # * host: dispatch_s 40 us per program and transfer_latency_s 20 us per copied buffer (earlier
 #   partial run: 804 single-shard copies took 18 ms where their bytes needed 6); leaf_arg_s 3 us per
 #   program array and leaf_assemble_s 30 us per Python-assembled array (CPU measurements of this
-#   implementation, bench/README.md): to be refitted on GPUs (`bench/realloc.py --fit`).
+#   implementation, bench/README.md).
+# Not refitted: `bench/realloc.py --fit` on the cell-classes run (4x H100, 2026-11-26 14:48, 7 records)
+# gives d2d_bandwidth 48 GB/s, d2d_device_bandwidth 151 GB/s and transfer_latency_s 95 us, which the
+# raw copies of the same run contradict (272 GB/s out of each source device; 804 transfers in 30 ms),
+# and terms that swing up to 45x when one record is left out: the model lacks the run's ~11 ms host
+# time per call and the pack/unpack device time, and the fit hides them in these terms (bench/README.md).
 H100_SXM = Hardware(
     name="h100_sxm",
     devices_per_host=8,
