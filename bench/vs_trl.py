@@ -3,6 +3,7 @@ r"""real_jax against TRL on the same GPUs: GRPO and PPO iteration time by phase,
     PYTHONPATH=$PWD python bench/vs_trl.py --gpus 1 --budget 450          # 1 GPU (device 0)
     PYTHONPATH=$PWD python bench/vs_trl.py --gpus 4 --budget 450          # 4 GPUs (TRL: accelerate launch, DDP)
     PYTHONPATH=$PWD .venv/bin/python bench/vs_trl.py --smoke --trl-python .venv_trl/bin/python   # CPU
+    PYTHONPATH=$PWD .venv/bin/python bench/vs_trl.py --assemble /tmp/vs_trl --out F  # records from worker files
 
 Both systems start from the same random-init LLaMA-shaped weights: real_jax creates them (`create_model`
 with fixed seeds) and exports them with `save_pretrained` (fp32) for TRL. Models: "tiny-4l" (4 layers,
