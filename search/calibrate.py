@@ -256,7 +256,8 @@ def _terms(profile: Profile, rec: dict) -> dict[str, float]:
   cost = Estimator(profile, mode="analytic", cache_dir="").cost(spec, layout)
   parts = cost.parts(profile, spec.shape.n_layers)
   return {"flops": cost.flops / profile.matmul_flops, "bytes": cost.hbm_bytes / profile.hbm_bandwidth,
-          "comm": parts["comm"], "step_units": cost.steps * spec.shape.n_layers}
+          "comm": parts["comm"], "step_units": cost.steps * spec.shape.n_layers,
+          "latency_s": cost.latency_s(profile)}  # Per-collective latency: fixed, not fitted, outside `time`.
 
 
 def _params(profile: Profile, recs: Sequence[dict], terms: Sequence[dict]) -> list[_Param]:
@@ -290,7 +291,7 @@ def _predict_terms(params: list[_Param], u: np.ndarray, recs: Sequence[dict], te
     scale = val.get(("time", k), float(cal.get("time", 1.0)))
     compute = t["flops"] + val.get(("bytes_time", k), 1.0) * t["bytes"]
     comm = t["comm"] * val.get(("comm_time", k), 1.0)
-    out.append(scale * (over + compute + comm + t["step_units"] * step))
+    out.append(scale * (over + compute + comm + t["step_units"] * step) + t.get("latency_s", 0.0))
   return np.asarray(out)
 
 

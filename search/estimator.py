@@ -18,7 +18,9 @@ Two tiers (search/README.md has the method and its measured error):
 
 Seconds from counts: `overhead + max(flops / matmul_flops, bytes / hbm_bandwidth) + intra-host comm /
 intra_mesh_collective_bandwidth + inter-host comm / inter_host_bandwidth` (+ a per-layer step overhead for
-each decode step). `python -m search.profile --calibrate` (`search.calibrate`) fits, per call kind, how
+each decode step) + collectives x `collective_latency_s` (executed collectives, counted per call: HLO
+executions in the compiled tier, per layer / micro-batch / decode step in the analytic one; a wall-clock
+cost kept outside the fitted factors). `python -m search.profile --calibrate` (`search.calibrate`) fits, per call kind, how
 these terms add up on the machine: `time` x (overhead + flops time + bytes_time x HBM time + comm_time x
 comm time + steps), with `call_overhead_s`, `bytes_time`, `comm_time`, `time` per kind and
 `step_overhead_s` (`CallCost.parts`).
@@ -124,6 +126,8 @@ class CallCost:
   tier: str = "analytic"
   steps: int = 0          # decode steps (for the per-step overhead)
   kind: str = ""          # the call kind, for its calibration (see `parts`)
+  colls_intra: float = 0.0  # collectives executed per call inside a host (for the per-collective latency)
+  colls_inter: float = 0.0  # collectives executed per call across hosts
 
   def parts(self, profile: Profile, n_layers: int = 0) -> dict[str, float]:
     """The seconds before the kind's `time` factor, by term: overhead, compute, comm and steps.
@@ -131,14 +135,23 @@ class CallCost:
     overhead: the kind's fitted `call_overhead_s`, else the profile's; compute: max(flops time, HBM
     time), or, once the kind has a fitted `bytes_time`, flops time + bytes_time x HBM time (matmuls
     and memory-bound kernels do not overlap); comm: link seconds times the kind's `comm_time` (the
-    exposed share, fitted); steps: decode steps x layers x `step_overhead_s`.
+    exposed share, fitted); steps: decode steps x layers x `step_overhead_s`; latency: executed
+    collectives x the profile's `collective_latency_s` (intra / inter host), a measured wall-clock cost, so
+    divided here by the kind's `time` factor that the callers multiply every part by (it adds exactly
+    count x latency to the call's seconds, not scaled by `time` or `comm_time`).
     """
     cal = profile.calibration.get(self.kind, {})
     flops_s, bytes_s = self.flops / profile.matmul_flops, self.hbm_bytes / profile.hbm_bandwidth
     compute = flops_s + float(cal["bytes_time"]) * bytes_s if "bytes_time" in cal else max(flops_s, bytes_s)
     comm = self.comm_intra / profile.intra_mesh_collective_bandwidth + self.comm_inter / profile.inter_host_bandwidth
+    time = float(cal.get("time", 1.0)) or 1.0
     return {"overhead": float(cal.get("call_overhead_s", profile.call_overhead_s)), "compute": compute,
-            "comm": comm * float(cal.get("comm_time", 1.0)), "steps": self.steps * n_layers * profile.step_overhead_s}
+            "comm": comm * float(cal.get("comm_time", 1.0)), "steps": self.steps * n_layers * profile.step_overhead_s,
+            "latency": self.latency_s(profile) / time}
+
+  def latency_s(self, profile: Profile) -> float:
+    """Wall-clock seconds of the per-collective latency: executed collectives x latency per link."""
+    return self.colls_intra * profile.collective_latency_s + self.colls_inter * profile.inter_latency_s
 
   def seconds(self, profile: Profile, n_layers: int = 0) -> float:
     """One run of the call, before the kind's `time` factor (`Estimator.seconds` applies it)."""
@@ -158,10 +171,11 @@ def _counts(lowered, layout: Layout, devices_per_host: int) -> dict[str, float]:
   ma = compiled.memory_analysis()
   colls = hlo.collectives(compiled.as_text(), layout.device_mesh.size)
   intra, inter = hlo.comm_bytes(colls, devices_per_host, layout.device_mesh.start)
+  n_intra, n_inter = hlo.comm_counts(colls, devices_per_host, layout.device_mesh.start)
   args = float(ma.argument_size_in_bytes)
   temp = float(ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes)
   return {"flops": float(ca.get("flops", 0.0)), "bytes": float(ca.get("bytes accessed", 0.0)), "intra": intra,
-          "inter": inter, "args": args, "temp": max(temp, 0.0)}
+          "inter": inter, "args": args, "temp": max(temp, 0.0), "n_intra": n_intra, "n_inter": n_inter}
 
 
 def layer_loop_correction(spec: CallSpec, layout: Layout) -> tuple[float, float]:
@@ -188,6 +202,7 @@ def compiled_cost(spec: CallSpec, layout: Layout, devices_per_host: int) -> Call
   flat = _counts(parts["flat"], layout, devices_per_host) if "flat" in parts else main
   dflops, dbytes = layer_loop_correction(spec, layout)
   flops, hbm_bytes, intra, inter = flat["flops"] + dflops, flat["bytes"] + dbytes, main["intra"], main["inter"]
+  n_intra, n_inter = main["n_intra"], main["n_inter"]
   steps = 0
   if spec.kind == "generate" and "decode" in parts:
     dec = _counts(parts["decode"], layout, devices_per_host)
@@ -196,7 +211,10 @@ def compiled_cost(spec: CallSpec, layout: Layout, devices_per_host: int) -> Call
     hbm_bytes += (steps - 1) * dec["bytes"]
     intra += (steps - 1) * dec["intra"]
     inter += (steps - 1) * dec["inter"]
-  return CallCost(flops, hbm_bytes, intra, inter, main["args"], main["temp"], "compiled", steps, spec.kind)
+    n_intra += (steps - 1) * dec["n_intra"]
+    n_inter += (steps - 1) * dec["n_inter"]
+  return CallCost(flops, hbm_bytes, intra, inter, main["args"], main["temp"], "compiled", steps, spec.kind,
+                  n_intra, n_inter)
 
 
 # -- analytic tier -----------------------------------------------------------------------------
@@ -218,6 +236,12 @@ def analytic_counts(spec: CallSpec, layout: Layout) -> CallCost:
   head_width = m.vocab_size if spec.head == "lm" else 1
   args = p * pb / (f * t) + (p * 8 / (f * t) if spec.kind == "train_step" else 0.0)
 
+  # Collectives per pass over the layers (one micro-batch, forward or backward, or one decode step): 2
+  # tensor-parallel all-reduces per layer (attention out, MLP out); one FSDP all-gather (reduce-scatter
+  # for gradients) per layer plus one for the embeddings / head (XLA's combiner merges a layer's leaves).
+  tp_colls = 2 * m.n_layers if t > 1 else 0
+  fsdp_colls = m.n_layers + 1 if f > 1 else 0
+
   def forward(rows, length, mbs):
     """(flops, bytes, intra-mesh wire bytes, temp) of a forward over rows x length in mbs micro-batches."""
     tok = rows * length
@@ -232,6 +256,7 @@ def analytic_counts(spec: CallSpec, layout: Layout) -> CallCost:
   steps = 0
   if spec.kind == "inference":
     flops, byts, comm, temp = forward(spec.batch, spec.seq_len, k)
+    colls = k * (tp_colls + fsdp_colls)
   elif spec.kind == "train_step":
     ff, fb, fc, ft = forward(spec.batch, spec.seq_len, k)
     mult = 4.0 if m.remat == "full" else 3.0
@@ -240,6 +265,9 @@ def analytic_counts(spec: CallSpec, layout: Layout) -> CallCost:
     comm = 2 * fc + k * p * 4 / t * _ring(f) * f / max(f, 1) + 2 * _ring(d) * p * 4 / (f * t)
     act_saved = b_loc / k * spec.seq_len * m.d_model * cb * m.n_layers * (2 if m.remat == "full" else 14)
     temp = ft + act_saved + p * 4 / (f * t)
+    # Forward + backward: tensor all-reduces and FSDP gathers twice, gradient reduce-scatter once, per
+    # micro-batch; the data-parallel gradient all-reduce once per step (per layer + embeddings / head).
+    colls = k * (2 * tp_colls + 3 * fsdp_colls) + (m.n_layers + 1 if d > 1 else 0)
   else:
     s = spec.prompt_len + spec.new_tokens
     pf, pbyt, pc, pt = forward(spec.batch, spec.prompt_len, 1)
@@ -252,8 +280,9 @@ def analytic_counts(spec: CallSpec, layout: Layout) -> CallCost:
     flops, byts, comm = pf + steps * step_flops, pbyt + steps * step_bytes, pc + steps * step_comm
     kv = b_loc * s * m.n_layers * 2 * m.n_kv_heads * m.head_dim * cb / t_kv
     temp = kv + pt
+    colls = (1 + steps) * (tp_colls + fsdp_colls)  # The prefill, then every decode step.
   intra, inter = comm, 0.0
-  return CallCost(flops, byts, intra, inter, args, temp, "analytic", steps, spec.kind)
+  return CallCost(flops, byts, intra, inter, args, temp, "analytic", steps, spec.kind, float(colls), 0.0)
 
 
 def split_comm(cost: CallCost, layout: Layout, devices_per_host: int) -> CallCost:
@@ -264,7 +293,8 @@ def split_comm(cost: CallCost, layout: Layout, devices_per_host: int) -> CallCos
   """
   if layout.device_mesh.size <= devices_per_host:
     return cost
-  return dataclasses.replace(cost, comm_intra=0.0, comm_inter=cost.comm_intra + cost.comm_inter)
+  return dataclasses.replace(cost, comm_intra=0.0, comm_inter=cost.comm_intra + cost.comm_inter,
+                             colls_intra=0.0, colls_inter=cost.colls_intra + cost.colls_inter)
 
 
 # -- estimator ---------------------------------------------------------------------------------
@@ -293,7 +323,8 @@ class Estimator:
 
   def _path(self, spec: CallSpec, layout: Layout, tier: str) -> str:
     import jax
-    text = json.dumps([tier, spec.cache_key(), layout.device_mesh.start, layout.device_mesh.size,
+    # "colls": entries written before CallCost counted collectives (colls_*) are not reused.
+    text = json.dumps([tier, "colls", spec.cache_key(), layout.device_mesh.start, layout.device_mesh.size,
                        str(layout.strategy), layout.rules, jax.__version__, self.profile.devices_per_host])
     return os.path.join(self.cache_dir, hashlib.sha256(text.encode()).hexdigest()[:32] + ".json")
 

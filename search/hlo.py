@@ -174,6 +174,20 @@ def collectives(hlo_text: str, num_devices: int | None = None) -> list[Collectiv
   return out
 
 
+def comm_counts(colls: list[Collective], devices_per_host: int, offset: int = 0) -> tuple[float, float]:
+  """(intra-host, inter-host) executions of collectives that move data (group of 2 or more, or a
+  collective-permute), over all executions: what a per-collective latency is charged on."""
+  intra = inter = 0.0
+  for c in colls:
+    if c.group_size <= 1 and c.kind != "collective-permute":
+      continue
+    if c.spans_hosts(devices_per_host, offset):
+      inter += c.count
+    else:
+      intra += c.count
+  return intra, inter
+
+
 def comm_bytes(colls: list[Collective], devices_per_host: int, offset: int = 0) -> tuple[float, float]:
   """(intra-host, inter-host) wire bytes per device over all executions of all collectives."""
   intra = inter = 0.0

@@ -8,6 +8,13 @@ reallocation cost model reads the same file). Fields beyond Hardware's:
 * `call_overhead_s`: fixed cost of dispatching one jitted call (a kind's fitted value overrides it).
 * `step_overhead_s`: fixed cost of one decode step per layer (kernel launches; decode is latency bound).
 * `host_bandwidth`: device <-> host memory, bytes/s (frozen models resting in host memory).
+* `collective_latency_s`: fixed wall-clock cost of one collective inside a host, added per executed
+  collective on top of its bytes / bandwidth (outside the fitted `time` / `comm_time` factors). Default
+  10 us: on 4x H100 SXM (NVLink, jax 0.11.2) tensor=2 generation of a 1.3B model issued 49k (24.6k)
+  all-reduces per call at 1024 (512) new tokens and measured 0.46 s (0.29 s) slower than priced, i.e.
+  9-12 us each (bench/README.md, plans, diagnosis 2).
+* `inter_host_collective_latency_s`: the same for a collective whose group spans hosts; None (default,
+  not measured) = `collective_latency_s`.
 * `calibration`: per call kind, multiplicative factors of the analytic estimator tier
   (`flops`, `bytes`, `comm`, `memory`) fitted against compiled estimates (`estimator.fit_calibration`),
   and the time terms fitted against timed runs: `time` (all of the call's seconds), `comm_time`
@@ -39,6 +46,8 @@ from typing import Any
 from sharding.hardware import Hardware
 
 PROFILE_DIR = os.path.join(os.path.dirname(__file__), "profiles")
+# Per-collective wall-clock latency inside a host (module docstring): 4x H100, 1.3B tensor=2 decode.
+COLLECTIVE_LATENCY_S = 10e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +64,8 @@ class Profile:
   step_overhead_s: float = 0.0
   transfer_latency_s: float = 20e-6
   host_bandwidth: float = 20e9
+  collective_latency_s: float = COLLECTIVE_LATENCY_S
+  inter_host_collective_latency_s: float | None = None
   calibration: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
   notes: str = dataclasses.field(default="", compare=False)
   calibration_report: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
@@ -63,6 +74,12 @@ class Profile:
   def hardware(self) -> Hardware:
     return Hardware(self.name, self.devices_per_host, self.d2d_bandwidth, self.inter_host_bandwidth,
                     self.hbm_bandwidth, self.intra_mesh_collective_bandwidth, self.transfer_latency_s)
+
+  @property
+  def inter_latency_s(self) -> float:
+    """Per-collective latency across hosts (`collective_latency_s` unless set)."""
+    v = self.inter_host_collective_latency_s
+    return self.collective_latency_s if v is None else float(v)
 
   def factor(self, kind: str, what: str) -> float:
     return float(self.calibration.get(kind, {}).get(what, 1.0))
