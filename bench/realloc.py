@@ -66,14 +66,25 @@ from sharding import realloc as realloc_mod  # noqa: E402
 from sharding.realloc import DEFAULT_BUCKET_BYTES, realloc_cost, reallocate  # noqa: E402
 from sharding.rules import PARAM_RULES, spec_for  # noqa: E402
 
-MODELS = {  # vocab, embed D, mlp F, layers L (LLaMA-2 7B: 6.74e9 params; TinyLlama-1.1B-shaped).
+MODELS = {  # per_layer trees: vocab, embed D, mlp F, layers L (LLaMA-2 7B: 6.74e9 params; TinyLlama-1.1B-shaped).
     "7b": (32000, 4096, 11008, 32),
     "1b": (32000, 2048, 5632, 22),
     "tiny": (512, 64, 128, 32),
 }
+# stacked trees: real_jax's own Transformer (`real_jax.models.abstract_model`), layers stacked along a
+# leading axis, bf16 parameters: the preset ("7b" = LLaMA-2 7B, "1b" = LLaMA-3.2-1B, tied embeddings)
+# with field overrides.
+STACKED = {"7b": ("7b", {}), "1b": ("1b", {}), "tiny": ("tiny", {"n_layers": 32, "vocab_size": 512})}
+TREES = ("stacked", "per_layer")
 
 
-def param_shapes(model):
+def param_shapes(model, tree="per_layer"):
+  """{name: (shape, logical axes)} of the model's parameter tree, names in the order `jax.tree.flatten`
+  walks them (sorted), so bucket order here is reallocate's."""
+  if tree == "stacked":
+    return stacked_param_shapes(model)
+  if tree != "per_layer":
+    raise ValueError(f"tree must be one of {TREES}, got {tree!r}")
   v, d, f, n = MODELS[model]
   out = {"embed": ((v, d), ("vocab", "embed")), "final_norm": ((d,), ("embed",)),
          "lm_head": ((d, v), ("embed", "vocab"))}
@@ -84,6 +95,25 @@ def param_shapes(model):
                 p + "wv": ((d, d), ("embed", "kv_heads")), p + "wo": ((d, d), ("heads", "embed")),
                 p + "w1": ((d, f), ("embed", "mlp")), p + "w3": ((d, f), ("embed", "mlp")),
                 p + "w2": ((f, d), ("mlp", "embed"))})
+  return {k: out[k] for k in sorted(out)}
+
+
+def stacked_param_shapes(model):
+  """real_jax's Transformer parameters (nnx state of `abstract_model`, bf16), as reallocate sees them
+  (`real_jax.runtime.engine.reallocate_state` flattens the state the same way)."""
+  from flax import nnx
+  from real_jax.models.config import get_config
+  from real_jax.models.transformer import abstract_model
+  from sharding.rules import logical_axes_of
+  preset, overrides = STACKED[model]
+  cfg = get_config(preset, param_dtype="bfloat16", **overrides)
+  state = nnx.state(abstract_model(cfg))
+  out = {}
+  for path, v in jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    val = v.get_value() if hasattr(v, "get_value") else v.value
+    assert val.dtype == jnp.bfloat16, (path, val.dtype)
+    out[".".join(str(getattr(k, "key", k)) for k in path)] = (tuple(val.shape), logical_axes_of(v))
+  assert list(out) == sorted(out), list(out)
   return out
 
 
@@ -92,12 +122,19 @@ def shardings(shapes, layout):
   return {k: NamedSharding(layout.mesh, spec_for(ax, s, layout, rules, what=k)) for k, (s, ax) in shapes.items()}
 
 
-TRANSITIONS = [  # name, source layout, target layout
-    ("fsdp4->tensor4", Layout.on(0, fsdp=4), Layout.on(0, tensor=4)),
-    ("fsdp4->tensor2(2 of 4)", Layout.on(0, fsdp=4), Layout.on(0, tensor=2)),
-    ("tensor2(2 of 4)->fsdp4", Layout.on(0, tensor=2), Layout.on(0, fsdp=4)),
-    ("data2xtensor2->fsdp4", Layout.on(0, data=2, tensor=2), Layout.on(0, fsdp=4)),
-]
+TRANSITIONS_BY_DEVICES = {  # devices -> [(name, source layout, target layout)]
+    4: [("fsdp4->tensor4", Layout.on(0, fsdp=4), Layout.on(0, tensor=4)),
+        ("fsdp4->tensor2(2 of 4)", Layout.on(0, fsdp=4), Layout.on(0, tensor=2)),
+        ("tensor2(2 of 4)->fsdp4", Layout.on(0, tensor=2), Layout.on(0, fsdp=4)),
+        ("data2xtensor2->fsdp4", Layout.on(0, data=2, tensor=2), Layout.on(0, fsdp=4))],
+    # The 2-GPU analogues: same devices (all-to-all), N -> fewer, fewer -> N, replicated -> sharded.
+    2: [("fsdp2->tensor2", Layout.on(0, fsdp=2), Layout.on(0, tensor=2)),
+        ("fsdp2->single(1 of 2)", Layout.on(0, fsdp=2), Layout.on(0)),
+        ("single(1 of 2)->fsdp2", Layout.on(0), Layout.on(0, fsdp=2)),
+        ("data2->fsdp2", Layout.on(0, data=2), Layout.on(0, fsdp=2))],
+}
+TRANSITIONS = TRANSITIONS_BY_DEVICES[4]
+LAYOUTS = {n: (s, t) for ts in TRANSITIONS_BY_DEVICES.values() for n, s, t in ts}
 
 
 def make_source(shapes, shs):
@@ -216,8 +253,8 @@ def _timed(x, dst_sh, y, reps, **kw):
   return ts, ds, y
 
 
-def bench(model, name, src_layout, dst_layout, reps, hw, modes=()):
-  shapes = param_shapes(model)
+def bench(model, name, src_layout, dst_layout, reps, hw, modes=(), tree="stacked"):
+  shapes = param_shapes(model, tree)
   src_sh, dst_sh = shardings(shapes, src_layout), shardings(shapes, dst_layout)
   nbytes = sum(int(np.prod(s)) * 2 for s, _ in shapes.values())
   abstract = {k: jax.ShapeDtypeStruct(s, jnp.bfloat16) for k, (s, _) in shapes.items()}
@@ -225,7 +262,7 @@ def bench(model, name, src_layout, dst_layout, reps, hw, modes=()):
   x = make_source(shapes, src_sh)
   ready(x)
   use0, peak0 = mem()
-  # reallocate: warm-up (compiles, plans) + reps; keep the last output for the value check.
+  # reallocate (default schedule): warm-up (compiles, plans) + reps; keep the last output for the value check.
   t0 = time.perf_counter()
   y = reallocate(x, dst_sh)
   ready(y)
@@ -233,23 +270,19 @@ def bench(model, name, src_layout, dst_layout, reps, hw, modes=()):
   r_ts, r_disp, y = _timed(x, dst_sh, y, reps)
   use1, peak1 = mem()
   ok_sharding = all(y[k].sharding == dst_sh[k] for k in y)
-  # A/B on the same machine (after the peak reading): the previous serial bucket schedule, no
-  # buckets at all (nothing waited for: the dispatch time is the host time), the other planner modes.
+  # A/B on the same machine (after the peak reading): the other bucket schedule, no buckets at all
+  # (nothing waited for: the dispatch time is the host time), the other planner modes.
   extra = {}
-  for label, kw, serial in (("serial", {}, True), ("unbucketed", {"bucket_bytes": None}, False)):
-    realloc_mod._PIPELINE = not serial
-    try:
-      if label == "unbucketed":  # The first call compiles.
-        delete(y, keep=x)
-        y = reallocate(x, dst_sh, **kw)
-        ready(y)
-      ts, ds, y = _timed(x, dst_sh, y, reps, **kw)
-      extra[f"reallocate_{label}_s"] = statistics.median(ts)
-      extra[f"reallocate_{label}_all_s"] = ts
-      if label == "unbucketed":
-        extra["reallocate_unbucketed_dispatch_s"] = statistics.median(ds)
-    finally:
-      realloc_mod._PIPELINE = True
+  other = next(s for s in realloc_mod.SCHEDULES if s != realloc_mod.DEFAULT_SCHEDULE)
+  for label, kw in ((other, {"schedule": other}), ("unbucketed", {"bucket_bytes": None})):
+    if label == "unbucketed":  # The first call compiles.
+      delete(y, keep=x)
+      y = reallocate(x, dst_sh, **kw)
+      ready(y)
+    ts, ds, y = _timed(x, dst_sh, y, reps, **kw)
+    extra[f"reallocate_{label}_s"] = statistics.median(ts)
+    extra[f"reallocate_{label}_all_s"] = ts
+    extra[f"reallocate_{label}_dispatch_s"] = statistics.median(ds)
   extra["reallocate_modes_s"], extra["reallocate_modes_all_s"] = {}, {}
   for mode in modes:  # Each checked against the output of the default mode (same shardings).
     if _same_plan(src_sh, dst_sh, shapes, hw, mode):
@@ -262,7 +295,7 @@ def bench(model, name, src_layout, dst_layout, reps, hw, modes=()):
     extra["reallocate_modes_all_s"][mode] = ts
     delete(ym, keep=x)
   delete(y, keep=x)
-  y = reallocate(x, dst_sh)  # The value check below is on the default (pipelined) path.
+  y = reallocate(x, dst_sh)  # The value check below is on the default path.
   ready(y)
   ok_sharding = ok_sharding and all(y[k].sharding == dst_sh[k] for k in y)
   # Raw copy bound.
@@ -290,7 +323,8 @@ def bench(model, name, src_layout, dst_layout, reps, hw, modes=()):
   delete(y, keep=x)
   delete(x)
   rec = {
-      "model": model, "transition": name, "source": str(src_layout), "target": str(dst_layout),
+      "model": model, "tree": tree, "schedule": realloc_mod.DEFAULT_SCHEDULE, "transition": name,
+      "source": str(src_layout), "target": str(dst_layout),
       "leaves": len(shapes), "bytes": nbytes,
       "reallocate_s": statistics.median(r_ts), "reallocate_all_s": r_ts,
       "reallocate_dispatch_s": statistics.median(r_disp), "reallocate_first_call_s": warm_s,
@@ -322,10 +356,10 @@ def _fit_rows(data, hw):
   """Per timed variant of every record: (label, model, transition, bucket loads of the plan the run
   executed, measured seconds, measured host seconds or None)."""
   bucket_bytes = data.get("bucket_bytes", DEFAULT_BUCKET_BYTES)
-  layouts = {n: (s, t) for n, s, t in TRANSITIONS}
+  layouts = LAYOUTS
   rows = []
   for rec in data["records"]:
-    shapes = param_shapes(rec["model"])
+    shapes = param_shapes(rec["model"], rec.get("tree", "per_layer"))
     src_layout, dst_layout = layouts[rec["transition"]]
     specs = _specs(shardings(shapes, src_layout), shardings(shapes, dst_layout), shapes)
     variants = [("auto", "auto", bucket_bytes, rec["reallocate_s"], None),
@@ -379,9 +413,9 @@ def fit(path):
       print(f"{'  host':11s} {model:5s} {transition:24s} {h * 1e3:8.1f}ms {host_s(loads, run_hw) / h - 1:+11.0%} "
             f"{host_s(loads, hw) / h - 1:+8.0%}")
   changed = []
-  layouts = {n: (s, t) for n, s, t in TRANSITIONS}
+  layouts = LAYOUTS
   for rec in data["records"]:
-    shapes = param_shapes(rec["model"])
+    shapes = param_shapes(rec["model"], rec.get("tree", "per_layer"))
     specs = _specs(shardings(shapes, layouts[rec["transition"]][0]), shardings(shapes, layouts[rec["transition"]][1]),
                    shapes)
     a_run, a_fit = (plan_tree(specs, h, "auto", data.get("bucket_bytes", DEFAULT_BUCKET_BYTES)) for h in (run_hw, hw))
@@ -420,6 +454,10 @@ def main():
   ap.add_argument("--modes", default="pieces,reshard", help="planner modes timed besides auto (comma list, or '')")
   ap.add_argument("--small", action="store_true", help="tiny model on 8 fake CPU devices (a smoke test)")
   ap.add_argument("--models", default=None)
+  ap.add_argument("--tree", default="stacked",
+                  help="parameter trees, comma list of stacked (real_jax's Transformer, default) and per_layer")
+  ap.add_argument("--devices", type=int, default=None, choices=sorted(TRANSITIONS_BY_DEVICES),
+                  help="transition set (default 4; 2: the 2-GPU analogues)")
   ap.add_argument("--reps", type=int, default=2)
   ap.add_argument("--budget", type=float, default=360.0, help="start no transition after this many seconds")
   args = ap.parse_args()
@@ -430,12 +468,20 @@ def main():
   if not args.out:
     ap.error("--out is required (or --fit)")
   modes = [m for m in args.modes.split(",") if m]
+  trees = [t for t in args.tree.split(",") if t]
+  if not trees or set(trees) - set(TREES):
+    ap.error(f"--tree: comma list of {TREES}")
   models = args.models.split(",") if args.models else (["tiny"] if args.small else ["7b", "1b"])
+  n_dev = args.devices or 4
+  if jax.device_count() < n_dev:
+    ap.error(f"--devices {n_dev}: only {jax.device_count()} devices")
+  transitions = TRANSITIONS_BY_DEVICES[n_dev]
   hw = hw_mod.DEFAULT
   dev = jax.devices()[0]
   out = {"card": dev.device_kind, "platform": dev.platform, "devices": jax.device_count(), "jax": jax.__version__,
          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
          "implementation": IMPLEMENTATION, "reps": args.reps, "bucket_bytes": DEFAULT_BUCKET_BYTES,
+         "schedule": realloc_mod.DEFAULT_SCHEDULE, "transition_devices": n_dev, "trees": trees,
          "hardware_default": hw.to_dict(), "complete": False, "records": []}
   if os.path.exists(args.out):  # Earlier runs stay in the file, oldest first.
     with open(args.out) as f:
@@ -444,20 +490,22 @@ def main():
     if "previous_run" in old:
       runs.append(old.pop("previous_run"))
     out["previous_runs"] = runs + [old]
-  for model in models:
-    for name, s, t in TRANSITIONS:
-      if time.perf_counter() - t_main > args.budget:
-        print(f"budget: skipping {model} {name}", flush=True)
-        continue
-      rec = bench(model, name, s, t, args.reps, hw, modes)
-      out["records"].append(rec)
-      with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
-      print(json.dumps({k: rec[k] for k in ("model", "transition", "bytes", "reallocate_s", "reallocate_serial_s",
-                                            "reallocate_unbucketed_s", "reallocate_unbucketed_dispatch_s",
-                                            "reallocate_modes_s", "device_put_s", "raw_copy_s", "predicted_s",
-                                            "values_equal", "wall_s")}), flush=True)
-  out["complete"] = len(out["records"]) == len(models) * len(TRANSITIONS)
+  for tree in trees:
+    for model in models:
+      for name, s, t in transitions:
+        if time.perf_counter() - t_main > args.budget:
+          print(f"budget: skipping {tree} {model} {name}", flush=True)
+          continue
+        rec = bench(model, name, s, t, args.reps, hw, modes, tree)
+        out["records"].append(rec)
+        with open(args.out, "w") as f:
+          json.dump(out, f, indent=1)
+        print(json.dumps({k: rec.get(k) for k in (
+            "tree", "model", "transition", "bytes", "leaves", "reallocate_s", "reallocate_dispatch_s",
+            "reallocate_pipelined_s", "reallocate_unbucketed_s", "reallocate_unbucketed_dispatch_s",
+            "reallocate_modes_s", "device_put_s", "raw_copy_s", "raw_copy_ratio", "predicted_s", "values_equal",
+            "wall_s")}), flush=True)
+  out["complete"] = len(out["records"]) == len(trees) * len(models) * len(transitions)
   out["total_wall_s"] = time.perf_counter() - t_main
   with open(args.out, "w") as f:
     json.dump(out, f, indent=1)

@@ -58,18 +58,19 @@ different holder when possible; same-device reshards (I equals the target) move 
 the collective.
 
 Memory: leaves go in buckets of at most `bucket_bytes` (a single larger leaf is its own bucket).
-Buckets are software-pipelined: bucket b's reshard, packs and transfers are dispatched before
-bucket b-1's unpacks, so the copies of consecutive buckets run back to back on the links while
-packing and unpacking overlap them (on one compute stream per device, an unpack of b-1 that waits
-for its copies would otherwise hold back the pack of b). Before a bucket with intermediates
-(reshard outputs, packed and received buffers) is dispatched, the one two before it is waited
-for, so at most two buckets' intermediates (each <= bucket_bytes, times the replication of I) are
-alive per device beyond the source and the result. Buckets of same-device reshards only hold
-XLA's temporaries while they run and are never waited for. `bucket_bytes=None` dispatches
-everything without waiting. `donate=True` deletes each source leaf right after its last use is
-dispatched (a cross-device `device_put(donate=True)` would not free it); a leaf whose buffers the
-result reuses (a pass-through target shard that is literally a source shard) is left for the
-garbage collector.
+Schedule (`schedule=`): "serial" (the default) dispatches bucket b's reshard, packs, transfers and
+unpack before bucket b+1's; "pipelined" dispatches bucket b's reshard, packs and transfers before
+bucket b-1's unpacks, so that the copies of consecutive buckets could run back to back on the
+links (on one compute stream per device, an unpack of b-1 that waits for its copies holds back the
+pack of b). On 4x H100 the pipelined schedule was 1-17% slower than the serial one on every record
+(bench/README.md), so it is opt-in. Before a bucket with intermediates (reshard outputs, packed and
+received buffers) is dispatched, the one two before it is waited for, so at most two buckets'
+intermediates (each <= bucket_bytes, times the replication of I) are alive per device beyond the
+source and the result. Buckets of same-device reshards only hold XLA's temporaries while they run
+and are never waited for. `bucket_bytes=None` dispatches everything without waiting. `donate=True`
+deletes each source leaf right after its last use is dispatched (a cross-device
+`device_put(donate=True)` would not free it); a leaf whose buffers the result reuses (a
+pass-through target shard that is literally a source shard) is left for the garbage collector.
 
 Multi-process: cross-process class buffers move with `device_put` between single-device shardings on
 both processes (JAX's DCN transfer; on CPU it needs `jax_force_dcn_cross_host_transfers` and
@@ -103,7 +104,8 @@ from sharding import hardware as _hw
 from sharding._realloc_plan import BucketPlan, LeafPlan, LeafSpec, plan_leaf, plan_tree
 
 DEFAULT_BUCKET_BYTES = 1 << 30
-_PIPELINE = True  # False: each bucket sent and received before the next (for A/B benchmarks only).
+SCHEDULES = ("serial", "pipelined")
+DEFAULT_SCHEDULE = "serial"  # 4x H100: the pipelined schedule was 1-17% slower on all 7 records (bench/README.md).
 _wait = jax.block_until_ready  # The memory bound's waits (a name of its own for tests).
 
 
@@ -391,7 +393,7 @@ def _cached_programs(leaves, targets, hw, mode, bucket_bytes):
 
 def reallocate(tree: Any, target_shardings: Any, *, donate: bool = False,
                bucket_bytes: int | None = DEFAULT_BUCKET_BYTES, hardware: _hw.Hardware | None = None,
-               mode: str = "auto") -> Any:
+               mode: str = "auto", schedule: str = DEFAULT_SCHEDULE) -> Any:
   """Moves every array of `tree` to its target NamedSharding, device to device.
 
   Args:
@@ -404,10 +406,15 @@ def reallocate(tree: Any, target_shardings: Any, *, donate: bool = False,
     hardware: the profile the planner prices candidate plans with (default `hardware.DEFAULT`).
     mode: "auto" (same-device fast path, else the cheapest plan), or force "reshard" or "pieces"
       plans for every leaf (see module docstring).
+    schedule: "serial" (default: each bucket sent and unpacked before the next is sent) or
+      "pipelined" (bucket b sent before bucket b-1 is unpacked); see the module docstring.
 
   Returns:
     A pytree like `tree` whose leaves have exactly the target shardings and bitwise the same values.
   """
+  if schedule not in SCHEDULES:
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+  pipelined = schedule == "pipelined"
   hw = hardware or _hw.DEFAULT
   leaves, treedef, targets = _targets_like(tree, target_shardings)
   progs = _cached_programs(leaves, targets, hw, mode, bucket_bytes)
@@ -415,14 +422,14 @@ def reallocate(tree: Any, target_shardings: Any, *, donate: bool = False,
   inflight: list[list] = []  # Results of the buckets with intermediates, not yet waited for.
   pending = None  # (program, state): the previous bucket, sent but not yet received.
   for prog in progs:
-    if bucket_bytes is not None and prog.holds_intermediates and len(inflight) >= (1 if _PIPELINE else 2):
-      _wait(inflight.pop(0))  # Pipelined: bucket b-2 done, at most b-1 and b alive.
+    if bucket_bytes is not None and prog.holds_intermediates and len(inflight) >= (1 if pipelined else 2):
+      _wait(inflight.pop(0))  # Bucket b-2 done: at most b-1 and b alive.
     # Software pipeline: this bucket's packs and transfers are dispatched BEFORE the previous
     # bucket's unpacks. A device that both sends and receives runs its programs in order on one
     # compute stream; with send(b+1) queued after recv(b) (which waits for bucket b's copies), the
     # copies of b+1 could not start before the copies of b had finished and been unpacked.
     state = prog.send(leaves, out)
-    if not _PIPELINE:  # The previous schedule: send(b), recv(b), waiting for bucket b-2.
+    if not pipelined:  # Serial: send(b), recv(b), waiting for bucket b-2.
       done = prog.recv(state, leaves, targets, out, donate)
       if prog.holds_intermediates:
         inflight.append(done)

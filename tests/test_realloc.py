@@ -261,10 +261,12 @@ def test_batched_programs_and_cached_plans(monkeypatch):
     assert R._programs.cache_info() == before and len(made) == (0 if same else 4)
 
 
-def test_buckets_are_pipelined_send_before_previous_recv(monkeypatch):
-  """2 -> 4 devices (tensor2 -> fsdp4, the few-sources case) in many small buckets: bucket b's
-  packs and transfers are dispatched before bucket b-1's unpacks; values, shardings, donation and
-  the transfer guard hold; the pipelined prediction lies between the link time and the serial sum."""
+@pytest.mark.parametrize("schedule", ["pipelined", "serial", None])
+def test_bucket_schedules(monkeypatch, schedule):
+  """2 -> 4 devices (tensor2 -> fsdp4, the few-sources case) in many small buckets. "pipelined":
+  bucket b's packs and transfers are dispatched before bucket b-1's unpacks; "serial" (the default,
+  None here): each bucket is sent and received before the next. Values, shardings, donation and
+  the transfer guard hold either way."""
   from sharding import realloc as R
   calls = []
   send, recv = R._BucketProgram.send, R._BucketProgram.recv
@@ -272,12 +274,24 @@ def test_buckets_are_pipelined_send_before_previous_recv(monkeypatch):
   monkeypatch.setattr(R._BucketProgram, "recv", lambda self, *a: (calls.append(("recv", id(self))), recv(self, *a))[1])
   src, dst = L(0, tensor=2).named(None, "tensor"), L(0, fsdp=4).named("fsdp")
   refs = {f"w{i}": _value((16, 8), np.float32, i) for i in range(6)}
-  xs, _ = _move(refs, {k: src for k in refs}, dst, bucket_bytes=2 * 16 * 8 * 4, donate=True)
+  kw = {} if schedule is None else {"schedule": schedule}
+  xs, _ = _move(refs, {k: src for k in refs}, dst, bucket_bytes=2 * 16 * 8 * 4, donate=True, **kw)
   assert all(x.is_deleted() for x in xs.values())
   progs = [p for kind, p in calls if kind == "send"]
   assert len(progs) == 3
-  assert [k for k, _ in calls] == ["send", "send", "recv", "send", "recv", "recv"]
+  if schedule == "pipelined":
+    assert [k for k, _ in calls] == ["send", "send", "recv", "send", "recv", "recv"]
+  else:
+    assert R.DEFAULT_SCHEDULE == "serial"
+    assert [k for k, _ in calls] == ["send", "recv"] * 3
   assert [p for k, p in calls if k == "recv"] == progs
+  with pytest.raises(ValueError, match="schedule"):
+    reallocate(xs, dst, schedule="eager")
+
+
+def test_pipelined_prediction_between_links_and_serial_sum():
+  """The pipelined price of many small buckets lies between the link time and the serial sum."""
+  src, dst = L(0, tensor=2).named(None, "tensor"), L(0, fsdp=4).named("fsdp")
   from sharding._realloc_plan import LeafSpec, plan_tree
   specs = tuple(LeafSpec((16, 8), "float32", src, dst) for _ in range(6))
   tp = plan_tree(specs, H100_SXM, "auto", 2 * 16 * 8 * 4)
