@@ -34,6 +34,14 @@ def main():
   ap.add_argument("--remat", default="dots")
   ap.add_argument("--budget-s", type=float, default=1e9, help="start no new case after this many seconds")
   ap.add_argument("--gen-json", default=None, help="generate results to merge into the output")
+  ap.add_argument("--layouts", nargs="+", default=["fsdp=4", "data=2,fsdp=2"],
+                  help="layouts as axis=size lists, e.g. fsdp=4, data=2,fsdp=2, or single (one device)")
+  ap.add_argument("--seq", type=int, default=1024)
+  ap.add_argument("--micro", type=int, nargs="+", default=[1], help="micro-batch counts, one case each")
+  ap.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "xla", "cudnn"],
+                  help="ModelConfig.attention_impl (auto: None), one case each")
+  ap.add_argument("--logits-chunk", type=int, nargs="+", default=[0],
+                  help="ModelConfig.logits_chunk values (0: auto), one case each")
   args = ap.parse_args()
   if args.small:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -65,58 +73,74 @@ def main():
     models, seq, batch = ["tiny"], 32, 8
     layouts = {"fsdp=4": Layout.on(0, fsdp=4), "data=2,fsdp=2": Layout.on(0, data=2, fsdp=2)}
   else:
-    models, seq, batch = args.models, 1024, args.batch
-    layouts = {"fsdp=4": Layout.on(0, fsdp=4), "data=2,fsdp=2": Layout.on(0, data=2, fsdp=2)}
+    models, seq, batch = args.models, args.seq, args.batch
+    layouts = {name: Layout.on(0, **_axes(name)) for name in args.layouts}
   opt = OptimizerConfig(lr=1e-5, warmup_steps=10, decay_steps=1000)
   t_start = time.perf_counter()
-  for name in models:
-    for lname, layout in layouts.items():
-      for remat in ([args.remat, "full"] if args.remat != "full" else ["full"]):
-        rec = {"model": name, "layout": lname, "seq": seq, "batch": batch, "remat": remat, "precision": "bf16/fp32-master"}
-        st = None
-        if time.perf_counter() - t_start > args.budget_s:
-          rec.update({"tokens_per_s": None, "mfu_measured_peak": None, "mfu_datasheet": None,
-                      "error": "not run: this run's time budget was spent"})
-          out["train"].append(rec)
-          break
-        try:
-          cfg = get_config(name, dtype="bfloat16", param_dtype="float32", remat=remat)
-          model = create_model(cfg, layout, seed=0)
-          graphdef = nnx.graphdef(model)
-          st = init_train_state(model, opt, layout)
-          del model
-          rng = np.random.default_rng(0)
-          b = {"tokens": jnp.asarray(rng.integers(0, cfg.vocab_size, size=(batch, seq)), jnp.int32),
-               "mask": jnp.ones((batch, seq), bool)}
-          step = make_train_step(graphdef, next_token_loss, opt, layout, params=st.params, batch_example=b)
-          t0 = time.perf_counter()
-          st, met = step(st, b)
-          jax.block_until_ready(met)
-          rec["compile_s"] = time.perf_counter() - t0
-          times = []
-          for _ in range(args.steps):
-            t, (st, met) = timed(step, st, b)
-            times.append(t)
-          t = float(np.median(times))
-          n = param_count(cfg)
-          tok = batch * seq
-          flops = 6 * n * tok
-          ndev = layout.strategy.size
-          rec.update({"params": n, "step_s": t, "tokens_per_s": tok / t, "loss": float(met["loss"]),
-                      "mfu_measured_peak": flops / t / (ndev * peak), "mfu_datasheet": flops / t / (ndev * datasheet)})
-          out["train"].append(rec)
-          write(args.out, out)
-          break
-        except Exception as e:  # noqa: BLE001
-          traceback.print_exc()
-          rec.update({"tokens_per_s": None, "mfu_measured_peak": None, "mfu_datasheet": None,
-                      "error": f"{type(e).__name__}: {str(e)[:300]}"})
-          out["train"].append(rec)
-          write(args.out, out)
-        finally:
-          del st
-          gc.collect()
+  cases = [(name, lname, layout, k, attn, chunk) for name in models for lname, layout in layouts.items()
+           for k in args.micro for attn in args.attention for chunk in args.logits_chunk]
+  for name, lname, layout, k, attn, chunk in cases:
+    for remat in ([args.remat, "full"] if args.remat not in ("full", "none") else [args.remat]):
+      rec = {"model": name, "layout": lname, "seq": seq, "batch": batch, "remat": remat, "precision": "bf16/fp32-master",
+             "micro_batches": k, "attention_impl": attn, "logits_chunk": chunk}
+      st = None
+      if time.perf_counter() - t_start > args.budget_s:
+        rec.update({"tokens_per_s": None, "mfu_measured_peak": None, "mfu_datasheet": None,
+                    "error": "not run: this run's time budget was spent"})
+        out["train"].append(rec)
+        break
+      try:
+        cfg = get_config(name, dtype="bfloat16", param_dtype="float32", remat=remat, logits_chunk=chunk,
+                         attention_impl=None if attn == "auto" else attn)
+        model = create_model(cfg, layout, seed=0)
+        graphdef = nnx.graphdef(model)
+        st = init_train_state(model, opt, layout)
+        del model
+        rng = np.random.default_rng(0)
+        b = {"tokens": jnp.asarray(rng.integers(0, cfg.vocab_size, size=(batch, seq)), jnp.int32),
+             "mask": jnp.ones((batch, seq), bool)}
+        step = make_train_step(graphdef, next_token_loss, opt, layout, micro_batches=k, params=st.params,
+                               batch_example=b)
+        t0 = time.perf_counter()
+        st, met = step(st, b)
+        jax.block_until_ready(met)
+        rec["compile_s"] = time.perf_counter() - t0
+        times = []
+        for _ in range(args.steps):
+          t, (st, met) = timed(step, st, b)
+          times.append(t)
+        t = float(np.median(times))
+        n = param_count(cfg)
+        tok = batch * seq
+        flops = 6 * n * tok
+        ndev = layout.strategy.size
+        rec.update({"params": n, "step_s": t, "tokens_per_s": tok / t, "loss": float(met["loss"]),
+                    "mfu_measured_peak": flops / t / (ndev * peak), "mfu_datasheet": flops / t / (ndev * datasheet)})
+        print(f"[train] {name} {lname} k={k} attention={attn} chunk={chunk} remat={remat}: {t * 1e3:.1f} ms/step, "
+              f"MFU {rec['mfu_measured_peak']:.3f} (measured peak)", flush=True)
+        out["train"].append(rec)
+        write(args.out, out)
+        break
+      except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        rec.update({"tokens_per_s": None, "mfu_measured_peak": None, "mfu_datasheet": None,
+                    "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        out["train"].append(rec)
+        write(args.out, out)
+      finally:
+        del st
+        gc.collect()
   write(args.out, out)
+
+
+def _axes(name: str) -> dict:
+  """"fsdp=4" / "data=2,fsdp=2" -> Layout.on keyword sizes; "single" -> one device."""
+  if name == "single":
+    return {}
+  try:
+    return {k: int(v) for k, v in (part.split("=") for part in name.split(","))}
+  except ValueError:
+    raise SystemExit(f"bench/train.py: layout {name!r} is not 'single' or axis=size[,axis=size]") from None
 
 
 if __name__ == "__main__":

@@ -585,8 +585,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
   ap.add_argument("--budget", type=float, default=450.0, help="seconds after which no system run starts")
   ap.add_argument("--grace", type=float, default=100.0, help="a run still going at budget + grace is killed")
-  ap.add_argument("--trl-gc", type=int, nargs="+", default=[1, 0], choices=[0, 1],
-                  help="TRL gradient checkpointing settings, in run order")
+  ap.add_argument("--trl-gc", type=int, nargs="*", default=[1, 0], choices=[0, 1],
+                  help="TRL gradient checkpointing settings, in run order (none: real_jax alone; its worker "
+                       "JSON stays in --workdir, no record is written)")
   ap.add_argument("--grpo-prompts", type=int, default=64)
   ap.add_argument("--group-size", type=int, default=4)
   ap.add_argument("--ppo-prompts", type=int, default=64)

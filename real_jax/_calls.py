@@ -47,6 +47,8 @@ def shape_key(tree: Any) -> Any:
 def sharding_hook(layout: Layout) -> Callable[[jax.Array, tuple], jax.Array]:
   def constrain(x, names):
     return jax.lax.with_sharding_constraint(x, activation_sharding(layout, tuple(names), tuple(x.shape)))
+  st = layout.strategy
+  constrain.shards = {"batch": st.data * st.fsdp, "vocab": st.tensor}  # For `transformer.axis_shards`.
   return constrain
 
 

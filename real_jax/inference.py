@@ -54,7 +54,8 @@ def _logprob_fn(graphdef, layout, temperature, k):
     with activation_constraints(sharding_hook(layout)):
       cfg = nnx.merge(graphdef, state).cfg
       st = compute_params(state, cfg.dtype)
-      return _micro(lambda t, m: token_logprobs(_forward(graphdef, st, t, m), t, temperature), k, tokens, mask)
+      model = nnx.merge(graphdef, st)
+      return _micro(lambda t, m: model.token_logprobs(t, m, temperature=temperature), k, tokens, mask)
   return run
 
 

@@ -175,9 +175,7 @@ def next_token_loss(model, batch: dict) -> tuple[jax.Array, dict]:
   mean over rows, so micro-batch accumulation reproduces the full-batch gradient exactly.
   """
   tokens, mask = batch["tokens"], batch["mask"].astype(bool)
-  logits = model(tokens, attention_mask_BT=mask, train=True)
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  nll = -model.token_logprobs(tokens, mask, train=True)[:, :-1]
   m = mask[:, 1:].astype(jnp.float32)
   per_row = jnp.sum(nll * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
   loss = jnp.mean(per_row)

@@ -43,8 +43,13 @@ class ModelConfig:
     param_dtype: storage dtype of parameters (fp32 master weights for mixed precision).
     remat: rematerialisation of each layer in training: "none", "full" or "dots"
       (save matmul outputs, recompute the rest).
-    attention_impl: None (let JAX choose; cuDNN flash attention on GPU where it applies),
-      "xla" or "cudnn".
+    attention_impl: None (cuDNN flash attention for bf16 on GPU, XLA otherwise or where cuDNN
+      does not apply), "xla" or "cudnn".
+    logits_chunk: sequence positions per chunk when log-probs are computed from the LM head
+      (`Transformer.token_logprobs`, used by inference and every policy loss): the [B, T, V]
+      float32 logits are never whole in memory, only [B, chunk, V] at a time, recomputed in the
+      backward pass. 0 (auto): chunks of at most 2^29 logits per device (2 GiB in float32), one
+      chunk when the whole [B, T, V] is smaller.
   """
 
   vocab_size: int = 256
@@ -65,6 +70,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: str = "none"
   attention_impl: str | None = None
+  logits_chunk: int = 0
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
@@ -79,6 +85,8 @@ class ModelConfig:
       raise ValueError(f"ModelConfig.family={self.family!r}: expected 'llama', 'qwen2' or 'mistral'")
     if self.remat not in ("none", "full", "dots"):
       raise ValueError(f"ModelConfig.remat={self.remat!r}: expected 'none', 'full' or 'dots'")
+    if not isinstance(self.logits_chunk, int) or isinstance(self.logits_chunk, bool) or self.logits_chunk < 0:
+      raise ValueError(f"ModelConfig.logits_chunk must be an int >= 0 (0: auto), got {self.logits_chunk!r}")
     if self.attention_impl not in (None, "xla", "cudnn"):
       raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r}: expected None, 'xla' or 'cudnn'")
     for name in ("dtype", "param_dtype"):

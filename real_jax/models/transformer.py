@@ -55,6 +55,12 @@ def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
   return x if fn is None else fn(x, names)
 
 
+def axis_shards(name: str) -> int:
+  """How many ways the active constraint function splits logical axis `name` (1 outside one, or
+  when the function does not say: `fn.shards`, a dict, set by `_calls.sharding_hook`)."""
+  return int(getattr(_CONSTRAIN.get(), "shards", {}).get(name, 1))
+
+
 # ---------------------------------------------------------------------------------------------
 # Building blocks (pure functions on arrays).
 
@@ -98,13 +104,17 @@ def apply_rope(x_BTnH: Array, positions_BT: Array, inv_freq: Array) -> Array:
 def attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, impl: str | None) -> Array:
   """Grouped-query attention through `jax.nn.dot_product_attention` (cuDNN on GPU where it applies)."""
   mask = mask_BTS[:, None, :, :]
-  if impl is None:
-    # cuDNN's fused kernel needs fp16/bf16; fall back to XLA when it does not apply.
-    impl = "xla" if q_BTNH.dtype == jnp.float32 or jax.default_backend() != "gpu" else None
+  auto = impl is None
+  if auto:
+    # cuDNN's fused kernel (bf16/fp16 on GPU), named explicitly: left to `implementation=None`, JAX
+    # 0.11 runs the XLA path, which on one H100 made a Qwen2.5-0.5B train step 1.3x slower and ran
+    # out of memory at 32 rows x 512 tokens (bench/results/train-qwen-h100.json). XLA where cuDNN
+    # does not apply.
+    impl = "xla" if q_BTNH.dtype == jnp.float32 or jax.default_backend() != "gpu" else "cudnn"
   try:
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, implementation=impl)
   except (NotImplementedError, ValueError, RuntimeError):
-    if impl == "cudnn":
+    if not auto or impl == "xla":
       raise
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, implementation="xla")
 
@@ -329,6 +339,117 @@ def layer_arrays(stacked: dict[str, Array], n_layers: int) -> list[dict[str, Arr
   return [{name: a[i] for name, a in stacked.items()} for i in range(n_layers)]
 
 
+# Auto chunk (ModelConfig.logits_chunk = 0): at most this many float32 logits per device per chunk
+# (2 GiB). Big chunks matter: each chunk's backward adds a [D, V] float32 weight gradient, so the
+# chunk must hold thousands of tokens for that to stay small beside the chunk's matmuls.
+AUTO_CHUNK_LOGITS = 1 << 29
+
+
+def logits_chunk_size(cfg_chunk: int, b: int, t: int, v: int) -> int:
+  """Positions per chunk for `chunked_logprobs`: `cfg_chunk` if set (capped at t); else t when the
+  per-device rows x t x vocab fits AUTO_CHUNK_LOGITS, otherwise the largest chunk that fits, a
+  divisor of t when one is at least half of that (no padding)."""
+  if cfg_chunk:
+    return min(cfg_chunk, t)
+  rows = max(1, b // axis_shards("batch"))
+  vocab = max(1, v // axis_shards("vocab"))
+  limit = max(1, AUTO_CHUNK_LOGITS // (rows * vocab))
+  if limit >= t:
+    return t
+  best = max(c for c in range(1, limit + 1) if t % c == 0)
+  return best if 2 * best >= limit else limit
+
+
+def _chunk_logits(h_BCD: Array, w_DV: Array, inv_temp: float) -> Array:
+  logits = jnp.einsum("BCD,DV->BCV", h_BCD, w_DV, preferred_element_type=jnp.float32)
+  return constrain(logits, ("batch", "seq", "vocab")) * inv_temp
+
+
+def _target_hit(targets_BC: Array, v: int) -> Array:
+  # A mask, not a gather: with the vocabulary split over devices it is a local sum + all-reduce.
+  return jnp.arange(v, dtype=jnp.int32) == targets_BC[..., None]
+
+
+def _logprob_chunk(h_BCD: Array, w_DV: Array, targets_BC: Array, inv_temp: float, entropy: bool):
+  """(log p(targets), entropy or zeros, logsumexp), each [B, C], of one chunk."""
+  x = _chunk_logits(h_BCD, w_DV, inv_temp)
+  lse = jax.nn.logsumexp(x, axis=-1)
+  picked = jnp.sum(jnp.where(_target_hit(targets_BC, x.shape[-1]), x, 0.0), axis=-1)
+  ent = lse - jnp.sum(jnp.exp(x - lse[..., None]) * x, axis=-1) if entropy else jnp.zeros_like(lse)
+  return picked - lse, ent, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _scan_logprobs(h_NBCD, w_DV, tg_NBC, inv_temp, entropy):
+  return _scan_logprobs_fwd(h_NBCD, w_DV, tg_NBC, inv_temp, entropy)[0]
+
+
+def _scan_logprobs_fwd(h_NBCD, w_DV, tg_NBC, inv_temp, entropy):
+  def body(_, xs):
+    return None, _logprob_chunk(xs[0], w_DV, xs[1], inv_temp, entropy)
+
+  _, (lp, ent, lse) = jax.lax.scan(body, None, (h_NBCD, tg_NBC))
+  return (lp, ent), (h_NBCD, w_DV, tg_NBC, ent, lse)
+
+
+def _scan_logprobs_bwd(inv_temp, entropy, res, g):
+  """Recomputes each chunk's logits; d logits = g_lp (onehot - p) - g_ent p (x - E_p[x]), both times
+  1 / temperature. The [D, V] weight gradient is summed over chunks in float32."""
+  h_NBCD, w_DV, tg_NBC, ent_NBC, lse_NBC = res
+  g_lp, g_ent = g
+
+  def body(dw_DV, xs):
+    h_BCD, tg_BC, ent_BC, lse_BC, glp_BC, gent_BC = xs
+    x = _chunk_logits(h_BCD, w_DV, inv_temp)
+    p = jnp.exp(x - lse_BC[..., None])
+    dx = glp_BC[..., None] * (_target_hit(tg_BC, x.shape[-1]).astype(jnp.float32) - p)
+    if entropy:
+      dx = dx - gent_BC[..., None] * p * (x - (lse_BC - ent_BC)[..., None])
+    dlogits = (dx * inv_temp).astype(w_DV.dtype)
+    dh = jnp.einsum("BCV,DV->BCD", dlogits, w_DV, preferred_element_type=jnp.float32).astype(h_BCD.dtype)
+    dw_DV = dw_DV + jnp.einsum("BCD,BCV->DV", h_BCD, dlogits, preferred_element_type=jnp.float32)
+    return dw_DV, dh
+
+  dw0 = jnp.zeros(w_DV.shape, jnp.float32)
+  dw, dh = jax.lax.scan(body, dw0, (h_NBCD, tg_NBC, ent_NBC, lse_NBC, g_lp, g_ent))
+  return dh, dw.astype(w_DV.dtype), None
+
+
+_scan_logprobs.defvjp(_scan_logprobs_fwd, _scan_logprobs_bwd)
+
+
+def chunked_logprobs(h_BTD: Array, w_DV: Array, targets_BT: Array, temperature: float = 1.0, *, chunk: int = 0,
+                     entropy: bool = False) -> tuple[Array, Array | None]:
+  """(log p(targets), entropy or None), both [B, T] float32, from hidden states and the LM head.
+
+  logits = h @ w (float32 accumulation) / temperature; log p = logits[target] - logsumexp(logits).
+  The sequence is cut into chunks of `logits_chunk_size(chunk, ...)` positions (the last one padded)
+  run by `lax.scan`, with a custom backward pass that recomputes each chunk's logits: memory holds
+  one chunk's [B, C, V] logits, never [B, T, V], and the weight gradient is accumulated over chunks
+  in float32 (not in the weight's dtype, which would round it at every chunk). With one chunk it is
+  the plain computation, differentiated by JAX.
+  """
+  b, t, _ = h_BTD.shape
+  v = w_DV.shape[1]
+  inv_temp = 1.0 / float(temperature)
+  c = logits_chunk_size(chunk, b, t, v)
+  if c >= t:
+    lp, ent, _ = _logprob_chunk(h_BTD, w_DV, targets_BT, inv_temp, entropy)
+    return lp, (ent if entropy else None)
+  n = -(-t // c)
+  pad = n * c - t
+  h = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0))) if pad else h_BTD
+  tg = jnp.pad(targets_BT, ((0, 0), (0, pad))) if pad else targets_BT
+  h_NBCD = jnp.swapaxes(h.reshape(b, n, c, h.shape[-1]), 0, 1)
+  tg_NBC = jnp.swapaxes(tg.reshape(b, n, c), 0, 1)
+  lp_NBC, ent_NBC = _scan_logprobs(h_NBCD, w_DV, tg_NBC, inv_temp, bool(entropy))
+
+  def unchunk(x_NBC):
+    return jnp.swapaxes(x_NBC, 0, 1).reshape(b, n * c)[:, :t]
+
+  return unchunk(lp_NBC), (unchunk(ent_NBC) if entropy else None)
+
+
 _REMAT_POLICIES = {
     "full": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -447,13 +568,42 @@ class Transformer(nnx.Module):
     h_BTD = rms_norm(x_BTD, self.final_norm.get_value(), cfg.rms_eps)
     return h_BTD, new_cache
 
-  def project(self, h_BTD: Array) -> Array:
-    """Head on top of hidden states: logits [B, T, V] or values [B, T], float32."""
-    if self.head == "scalar":
-      return jnp.einsum("BTD,D->BT", h_BTD, self.score.get_value().astype(h_BTD.dtype)).astype(jnp.float32)
+  def lm_head_weight(self, dtype) -> Array:
+    """[D, V] LM-head matrix (the transposed embedding when tied) in `dtype`."""
     w_DV = self.embed.get_value().T if self.cfg.tie_embeddings else self.lm_head.get_value()
-    logits = jnp.einsum("BTD,DV->BTV", h_BTD, w_DV.astype(h_BTD.dtype))
-    return constrain(logits, ("batch", "seq", "vocab")).astype(jnp.float32)
+    return w_DV.astype(dtype)
+
+  def project(self, h_BTD: Array) -> Array:
+    """Head on top of hidden states: logits [B, T, V] or values [B, T], float32.
+
+    The matmul accumulates and returns float32 (`preferred_element_type`), whatever the compute
+    dtype: logits are never rounded to bf16 before a softmax.
+    """
+    if self.head == "scalar":
+      return jnp.einsum("BTD,D->BT", h_BTD, self.score.get_value().astype(h_BTD.dtype),
+                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum("BTD,DV->BTV", h_BTD, self.lm_head_weight(h_BTD.dtype), preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "seq", "vocab"))
+
+  def token_logprobs(self, tokens_BT: Array, attention_mask_BT: Array | None = None, *, temperature: float = 1.0,
+                     train: bool = False, entropy: bool = False) -> Array | tuple[Array, Array]:
+    """Shifted per-token log-probs [B, T] float32 of `tokens_BT` (and the entropy [B, T] with `entropy`).
+
+    `logp[:, t] = log softmax(logits[:, t] / temperature)[tokens[:, t + 1]]` for t < T - 1; the last
+    column is 0 (the `inference` / `generation` alignment). `entropy[:, t]` is the entropy of that
+    same distribution (last column 0). The same numbers as `log_softmax(project(hidden))`, computed
+    over chunks of `cfg.logits_chunk` positions (`chunked_logprobs`) so the [B, T, V] logits are
+    never whole in memory.
+    """
+    if self.head != "lm":
+      raise ValueError("Transformer.token_logprobs needs an lm-head model (this one has a scalar head)")
+    h_BTD, _ = self.hidden(tokens_BT, attention_mask_BT=attention_mask_BT, train=train)
+    targets_BT = jnp.pad(tokens_BT[:, 1:].astype(jnp.int32), ((0, 0), (0, 1)))
+    lp, ent = chunked_logprobs(h_BTD, self.lm_head_weight(h_BTD.dtype), targets_BT, temperature,
+                               chunk=self.cfg.logits_chunk, entropy=entropy)
+    last = jnp.arange(tokens_BT.shape[1]) < tokens_BT.shape[1] - 1
+    lp = jnp.where(last, lp, 0.0)
+    return (lp, jnp.where(last, ent, 0.0)) if entropy else lp
 
   def forward(self, tokens_BT, positions_BT=None, attention_mask_BT=None, cache=None, *, train=False,
               scan_layers=True, layer_params=None, kv_len=None):

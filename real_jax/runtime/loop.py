@@ -209,9 +209,7 @@ def _sft_warmup(exp: Experiment, model, layout: Layout, tok, log) -> Any:
 def _sft_loss(model, batch):
   """Next-token loss on completion tokens only (loss_mask), attending to every real token."""
   tokens, mask = batch["tokens"], batch["mask"].astype(bool)
-  logits = model(tokens, attention_mask_BT=mask, train=True)
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  nll = -model.token_logprobs(tokens, mask, train=True)[:, :-1]
   m = batch["loss_mask"][:, 1:].astype(jnp.float32)
   per_row = jnp.sum(nll * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
   return jnp.mean(per_row), {}

@@ -30,8 +30,7 @@ def _shifted(loss_mask):
 
 
 def _seq_logprobs(model, tokens, mask, loss_mask):
-  logits = model(tokens, attention_mask_BT=mask, train=True)
-  lp = inference.token_logprobs(logits, tokens)
+  lp = model.token_logprobs(tokens, mask, train=True)
   return jnp.sum(lp * _shifted(loss_mask), axis=1)
 
 
@@ -45,8 +44,8 @@ def _dpo_loss(config: DPOConfig, model, batch):
 
 
 def _sft_loss(model, batch):
-  logits = model(batch["tokens"], attention_mask_BT=batch["mask"], train=True)
-  return sft_loss(inference.token_logprobs(logits, batch["tokens"]), _shifted(batch["loss_mask"]))
+  lp = model.token_logprobs(batch["tokens"], batch["mask"], train=True)
+  return sft_loss(lp, _shifted(batch["loss_mask"]))
 
 
 def _rm_loss(model, batch):

@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from real_jax import inference
 from real_jax.algorithms import (GRPOConfig, aggregation_weight, ReMaxConfig, RLOOConfig, get_kl, grpo_advantages, grpo_loss,
                                  reinforce_loss, remax_advantages, rloo_advantages)
 from real_jax.dataflow import Call, Graph
@@ -35,8 +34,7 @@ TRAIN_KEYS = ("tokens", "attn_mask", "logprobs", "logprob_mask", "ref_logprobs",
 
 
 def _grpo_loss(config: GRPOConfig, temperature: float, model, batch):
-  logits = model(batch["tokens"], attention_mask_BT=batch["attn_mask"], train=True)
-  logp = inference.token_logprobs(logits, batch["tokens"], temperature)
+  logp = model.token_logprobs(batch["tokens"], batch["attn_mask"], temperature=temperature, train=True)
   ref = batch["ref_logprobs"] if config.beta > 0 else None
   mask = batch["logprob_mask"].astype(jnp.float32)
   loss, aux = grpo_loss(logp, batch["logprobs"], ref, batch["advantages"], mask, config=config)
@@ -44,8 +42,7 @@ def _grpo_loss(config: GRPOConfig, temperature: float, model, batch):
 
 
 def _reinforce_loss(loss_agg: str, temperature: float, model, batch):
-  logits = model(batch["tokens"], attention_mask_BT=batch["attn_mask"], train=True)
-  logp = inference.token_logprobs(logits, batch["tokens"], temperature)
+  logp = model.token_logprobs(batch["tokens"], batch["attn_mask"], temperature=temperature, train=True)
   mask = batch["logprob_mask"].astype(jnp.float32)
   loss, aux = reinforce_loss(logp, batch["advantages"], mask, loss_agg=loss_agg)
   return loss, {**aux, LOSS_WEIGHT: aggregation_weight(mask, loss_agg)}

@@ -18,8 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from real_jax import inference
-from real_jax.algorithms import (PPOConfig, aggregation_weight, entropy_from_logits, ppo_actor_loss, ppo_advantages,
+from real_jax.algorithms import (PPOConfig, aggregation_weight, ppo_actor_loss, ppo_advantages,
                                  ppo_critic_loss)
 from real_jax.dataflow import Call, Graph
 from real_jax.runtime.program import ROLLOUT_KEYS, G, I, Program, T, bind, host
@@ -46,13 +45,10 @@ def ppo_graph(rows: int) -> Graph:
 
 
 def _actor_loss(config: PPOConfig, temperature: float, model, batch):
-  logits = model(batch["tokens"], attention_mask_BT=batch["attn_mask"], train=True)
-  logp = inference.token_logprobs(logits, batch["tokens"], temperature)
+  out = model.token_logprobs(batch["tokens"], batch["attn_mask"], temperature=temperature, train=True,
+                             entropy=config.entropy_coef > 0)
+  logp, entropy = out if config.entropy_coef > 0 else (out, None)
   mask = batch["logprob_mask"].astype(jnp.float32)
-  entropy = None
-  if config.entropy_coef > 0:
-    ent = entropy_from_logits(logits[:, :-1] / temperature)
-    entropy = jnp.pad(ent, ((0, 0), (0, 1)))
   loss, aux = ppo_actor_loss(logp, batch["logprobs"], batch["ref_logprobs"], batch["advantages"], mask,
                              batch["kl_coef"][0], config=config, entropy=entropy)
   return loss, {**aux, LOSS_WEIGHT: aggregation_weight(mask, config.loss_agg)}
