@@ -347,82 +347,105 @@ def bench(model, name, src_layout, dst_layout, reps, hw, modes=(), tree="stacked
 
 
 IMPLEMENTATION = "cell-classes"  # Results of other implementations (other plans) cannot be refitted here.
-HOST_FIELDS = ("dispatch_s", "transfer_latency_s", "leaf_assemble_s", "leaf_arg_s")
-HOST_COUNTS = ("programs", "transfers", "assembled_arrays", "program_arrays")
-DEVICE_FIELDS = ("d2d_bandwidth", "d2d_device_bandwidth", "intra_mesh_collective_bandwidth", "collective_latency_s")
+HOST_FIT = ("call_s", "dispatch_s")  # The host terms --fit estimates; every other term has its own source.
+
+
+def _measured(rec):
+  """{variant: (mode, bucketed, schedule, measured seconds)} of a record (older files: the default
+  schedule was pipelined and the other one was recorded as reallocate_serial_s)."""
+  default = rec.get("schedule", "pipelined")
+  other = "serial" if default == "pipelined" else "pipelined"
+  out = {default: ("auto", True, default, rec["reallocate_s"])}
+  if f"reallocate_{other}_s" in rec:
+    out[other] = ("auto", True, other, rec[f"reallocate_{other}_s"])
+  out["unbucketed"] = ("auto", False, default, rec["reallocate_unbucketed_s"])
+  for m, t in rec.get("reallocate_modes_s", {}).items():
+    out[m] = (m, True, default, t)
+  return out
 
 
 def _fit_rows(data, hw):
-  """Per timed variant of every record: (label, model, transition, bucket loads of the plan the run
-  executed, measured seconds, measured host seconds or None)."""
-  bucket_bytes = data.get("bucket_bytes", DEFAULT_BUCKET_BYTES)
-  layouts = LAYOUTS
+  """Per record: (record, {variant: (bucket loads, schedule, measured)}, host rows [(loads, host seconds)]).
+  Host rows: the unbucketed call's time until return (nothing waited for), and the default call's
+  when none of its buckets is waited for (same-device reshards only)."""
+  bb = data.get("bucket_bytes", DEFAULT_BUCKET_BYTES)
   rows = []
   for rec in data["records"]:
     shapes = param_shapes(rec["model"], rec.get("tree", "per_layer"))
-    src_layout, dst_layout = layouts[rec["transition"]]
+    src_layout, dst_layout = LAYOUTS[rec["transition"]]
     specs = _specs(shardings(shapes, src_layout), shardings(shapes, dst_layout), shapes)
-    variants = [("auto", "auto", bucket_bytes, rec["reallocate_s"], None),
-                ("unbucketed", "auto", None, rec["reallocate_unbucketed_s"], rec["reallocate_unbucketed_dispatch_s"])]
-    variants += [(m, m, bucket_bytes, t, None) for m, t in rec.get("reallocate_modes_s", {}).items()]
-    for label, mode, bb, measured, host in variants:
-      loads = [b.load for b in plan_tree(specs, hw, mode, bb).buckets]
-      rows.append((label, rec["model"], rec["transition"], loads, measured, host))
+    variants = {}
+    for label, (mode, bucketed, schedule, measured) in _measured(rec).items():
+      tp = plan_tree(specs, hw, mode, bb if bucketed else None)
+      variants[label] = ([b.load for b in tp.buckets], schedule, measured)
+    host = [(variants["unbucketed"][0], rec["reallocate_unbucketed_dispatch_s"])]
+    auto = plan_tree(specs, hw, "auto", bb)
+    if not any(b.holds_intermediates for b in _holds(auto)):
+      host.append(([b.load for b in auto.buckets], rec["reallocate_dispatch_s"]))
+    rows.append((rec, variants, host))
   return rows
 
 
-def fit(path):
-  """Refits the host and device terms of the run's profile to its measurements; prints the result."""
+class _Holds:
+  def __init__(self, b):
+    self.holds_intermediates = any(kd in ("general", "passthrough") for kd in b.kinds.values())
+
+
+def _holds(tp):
+  return [_Holds(b) for b in tp.buckets]
+
+
+def fit_host(host_rows, hw):
+  """call_s and dispatch_s by non-negative least squares on measured host times, the other host
+  terms (transfers, arrays) held at `hw`'s values."""
   import dataclasses
   from scipy.optimize import nnls
+  a, y = [], []
+  for loads, h in host_rows:
+    fixed = sum(price(x, dataclasses.replace(hw, dispatch_s=0.0))[0] for x in loads)
+    a.append([1.0, sum(x.programs for x in loads)])
+    y.append(h - fixed)
+  coef, _ = nnls(np.array(a), np.array(y))
+  return dataclasses.replace(hw, call_s=float(coef[0]), dispatch_s=float(coef[1]))
+
+
+def fit(path):
+  """Prices every timed variant of a results file with the library's profile (`hardware.DEFAULT`:
+  link, HBM and collective terms from their stated sources) after fitting only the host terms
+  call_s and dispatch_s to the run's host times; prints predicted/measured per variant in sample
+  and leave-one-record-out (the held-out record's host times are not in its fit)."""
   with open(path) as f:
     data = json.load(f)
   if data.get("implementation") != IMPLEMENTATION:
     raise SystemExit(f"{path}: results of implementation {data.get('implementation')!r}, not {IMPLEMENTATION!r}: "
                      f"its plans are not the ones priced here")
-  run_hw = hw_mod.Hardware.from_dict(data["hardware_default"])
-  rows = _fit_rows(data, run_hw)
-  hw = run_hw
-  # Host terms: the unbucketed calls wait for nothing, so their dispatch time is host time.
-  host_rows = [(loads, h) for *_, loads, _, h in rows if h is not None]
-  a = np.array([[sum(getattr(x, c) for x in loads) for c in HOST_COUNTS] for loads, _ in host_rows], float)
-  coef, _ = nnls(a, np.array([h for _, h in host_rows]))
-  # A term the host times cannot tell (0 in the fit) keeps the run's value.
-  hw = dataclasses.replace(hw, **{f: c or getattr(run_hw, f) for f, c in zip(HOST_FIELDS, coef.tolist())})
-
-  def host_s(loads, h):
-    return sum(price(x, h)[0] for x in loads)
-
-  def loss(h):
-    total = sum(math.log(tree_seconds(loads, h) / m) ** 2 for *_, loads, m, _ in rows)
-    return total + sum(math.log(host_s(loads, h) / t) ** 2 for loads, t in host_rows)
-
-  steps = [2 ** (i / 4) for i in range(-8, 9)]
-  for _ in range(4):  # Coordinate descent over every term, in log steps, from the least-squares start.
-    for field in DEVICE_FIELDS + HOST_FIELDS:
-      base = getattr(hw, field) or 1e-6
-      cands = [dataclasses.replace(hw, **{field: base * f}) for f in steps]
-      hw = min(cands, key=loss)
-  print(f"{path}: {len(rows)} variants of {len(data['records'])} records; host terms from {len(host_rows)} "
-        f"unbucketed calls")
-  print(f"{'variant':11s} {'model':5s} {'transition':24s} {'measured':>9s} {'run profile':>12s} {'fitted':>9s}")
-  for label, model, transition, loads, m, h in rows:
-    print(f"{label:11s} {model:5s} {transition:24s} {m * 1e3:8.1f}ms {tree_seconds(loads, run_hw) / m - 1:+11.0%} "
-          f"{tree_seconds(loads, hw) / m - 1:+8.0%}")
-    if h is not None:
-      print(f"{'  host':11s} {model:5s} {transition:24s} {h * 1e3:8.1f}ms {host_s(loads, run_hw) / h - 1:+11.0%} "
-            f"{host_s(loads, hw) / h - 1:+8.0%}")
-  changed = []
-  layouts = LAYOUTS
-  for rec in data["records"]:
-    shapes = param_shapes(rec["model"], rec.get("tree", "per_layer"))
-    specs = _specs(shardings(shapes, layouts[rec["transition"]][0]), shardings(shapes, layouts[rec["transition"]][1]),
-                   shapes)
-    a_run, a_fit = (plan_tree(specs, h, "auto", data.get("bucket_bytes", DEFAULT_BUCKET_BYTES)) for h in (run_hw, hw))
-    if [(b.kinds, b.leaf_plans) for b in a_run.buckets] != [(b.kinds, b.leaf_plans) for b in a_fit.buckets]:
-      changed.append(f"{rec['model']} {rec['transition']}")
-  print("auto plans that change under the fitted profile:", ", ".join(changed) or "none")
-  print(json.dumps({f: getattr(hw, f) for f in HOST_FIELDS + DEVICE_FIELDS}, indent=1))
+  base = hw_mod.DEFAULT
+  rows = _fit_rows(data, base)
+  hw_all = fit_host([h for *_, host in rows for h in host], base)
+  print(f"{path}: {len(rows)} records; profile {base.name} with call_s and dispatch_s fitted to "
+        f"{sum(len(h) for *_, h in rows)} host times")
+  print(f"in sample: call_s {hw_all.call_s * 1e3:.2f} ms, dispatch_s {hw_all.dispatch_s * 1e6:.0f} us "
+        f"(library: {base.call_s * 1e3:.2f} ms, {base.dispatch_s * 1e6:.0f} us)")
+  print(f"{'model':5s} {'tree':9s} {'transition':24s} {'variant':10s} {'measured':>9s} {'library':>8s} "
+        f"{'in-sample':>9s} {'leave-out':>9s}   (predicted/measured - 1)")
+  summary = {}
+  for i, (rec, variants, host) in enumerate(rows):
+    hw_loo = fit_host([h for j, (*_, hs) in enumerate(rows) if j != i for h in hs], base)
+    for label, (loads, schedule, m) in variants.items():
+      errs = [tree_seconds(loads, h, schedule) / m - 1 for h in (base, hw_all, hw_loo)]
+      summary.setdefault(label, []).append(errs)
+      print(f"{rec['model']:5s} {rec.get('tree', 'per_layer'):9s} {rec['transition']:24s} {label:10s} "
+            f"{m * 1e3:7.1f}ms {errs[0]:+8.0%} {errs[1]:+9.0%} {errs[2]:+9.0%}")
+    for loads, h in host:
+      errs = [(h_.call_s + sum(price(x, h_)[0] for x in loads)) / h - 1 for h_ in (base, hw_all, hw_loo)]
+      print(f"{'':5s} {'':9s} {'':24s} {'host':10s} {h * 1e3:7.1f}ms {errs[0]:+8.0%} {errs[1]:+9.0%} "
+            f"{errs[2]:+9.0%}")
+    print(f"{'':41s} leave-out fit: call_s {hw_loo.call_s * 1e3:.2f} ms, dispatch_s {hw_loo.dispatch_s * 1e6:.0f} us")
+  for label, errs in summary.items():
+    for k, name in enumerate(("library", "in-sample", "leave-out")):
+      e = [x[k] for x in errs]
+      print(f"{label:10s} {name:9s}: within 25% on {sum(abs(x) <= 0.25 for x in e)} of {len(e)} "
+            f"({min(e):+.0%} to {max(e):+.0%})")
 
 
 def table(path):

@@ -343,7 +343,9 @@ class BucketLoad:
 
 def price(load: BucketLoad, hw: Hardware) -> tuple[float, float, float]:
   """(host, device, link) seconds of one bucket: host = dispatches, transfers and arrays; device =
-  collectives, then pack copies, the copies over the busiest link, unpack copies."""
+  collectives, then the pack pass over HBM (read + write of every packed byte on the busiest
+  source device), the copies over the busiest link, the unpack pass (every built byte on the
+  busiest target device). The call's fixed host time (`hw.call_s`) is added once per tree."""
   host_s = (load.programs * hw.dispatch_s + load.transfers * hw.transfer_latency_s
             + load.assembled_arrays * hw.leaf_assemble_s + load.program_arrays * hw.leaf_arg_s)
   copy_s = link_seconds(load.pairs, hw)
@@ -487,14 +489,23 @@ def _transfer_order(classes, t):
   return (src.process_index, src.id, dst.process_index, dst.id, ci)
 
 
-def tree_seconds(loads, hw: Hardware) -> float:
+SCHEDULES = ("serial", "pipelined")
+
+
+def tree_seconds(loads, hw: Hardware, schedule: str = "serial") -> float:
   """Predicted seconds of a whole reallocation from its buckets' loads: max(host, device) + one
-  dispatch, host summed over buckets (host dispatch of one bucket overlaps the device work of the
-  previous one), device as the bucket pipeline: the links carry the buckets' copies back to back
-  while the compute streams pack and unpack the neighbours, and one bucket's min(copy, compute)
-  stays exposed."""
+  dispatch. Host: the call's fixed time (`call_s`) plus every bucket's dispatches, transfers and
+  arrays (host dispatch overlaps the device work of earlier buckets). Device, "serial" schedule:
+  the buckets' collective, pack, copy and unpack one after the other (a device that both sends
+  and receives runs bucket b+1's pack after bucket b's unpack, which waits for b's copies);
+  "pipelined": the links carry the buckets' copies back to back while the compute streams pack and
+  unpack the neighbours, and one bucket's min(copy, compute) stays exposed."""
+  if schedule not in SCHEDULES:
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
   prices = [price(load, hw) for load in loads]
-  host = sum(h for h, _, _ in prices)
+  host = hw.call_s + sum(h for h, _, _ in prices)
+  if schedule == "serial":
+    return max(host, sum(d for _, d, _ in prices)) + hw.dispatch_s
   links = sum(c for _, _, c in prices)
   compute = sum(d - c for _, d, c in prices)
   exposed = max([min(c, d - c) for _, d, c in prices], default=0.0)
@@ -502,10 +513,12 @@ def tree_seconds(loads, hw: Hardware) -> float:
 
 
 @functools.lru_cache(maxsize=64)
-def plan_tree(specs: tuple[LeafSpec, ...], hw: Hardware, mode: str, bucket_bytes: int | None) -> TreePlan:
-  """Buckets and their programs for a whole tree, priced by `tree_seconds` (0 when nothing moves)."""
+def plan_tree(specs: tuple[LeafSpec, ...], hw: Hardware, mode: str, bucket_bytes: int | None,
+              schedule: str = "serial") -> TreePlan:
+  """Buckets and their programs for a whole tree, priced by `tree_seconds` under `schedule` (0 when
+  nothing moves)."""
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   buckets = tuple(_plan_bucket(specs, idx, hw, mode) for idx in bucket_indices(specs, bucket_bytes))
   moves = any(k != "keep" for b in buckets for k in b.kinds.values())
-  return TreePlan(buckets, tree_seconds([b.load for b in buckets], hw) if moves else 0.0)
+  return TreePlan(buckets, tree_seconds([b.load for b in buckets], hw, schedule) if moves else 0.0)

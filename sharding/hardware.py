@@ -24,8 +24,11 @@ Bandwidth conventions (all in bytes per second):
 * `leaf_assemble_s` - host cost of one array assembled in Python from per-device buffers
   (`jax.make_array_from_single_device_arrays`): one per cell class of a bucket, and one per
   pass-through leaf.
+* `call_s` - fixed host cost of one `reallocate` call, whatever its plan (seen on 4x H100: ~11 ms
+  per call until return with nothing waited for, for 1 to 5 programs).
 
-`d2d_device_bandwidth` and the last four have defaults (older profile files lack them).
+`d2d_device_bandwidth` and the last five have defaults (older profile files lack them; `call_s`
+defaults to 0).
 `realloc_cost` prices each bucket's host time (dispatches, transfers, arrays) and device time
 (collectives, pack and unpack copies in HBM, bytes over the busiest link) and takes the larger of
 the host total and the device pipeline: host dispatch of one bucket overlaps the device work of
@@ -58,6 +61,7 @@ class Hardware:
   collective_latency_s: float = 40e-6
   leaf_arg_s: float = 3e-6
   leaf_assemble_s: float = 30e-6
+  call_s: float = 0.0
   extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
   def __post_init__(self):
@@ -66,7 +70,7 @@ class Hardware:
     for f in ("d2d_bandwidth", "d2d_device_bandwidth", "inter_host_bandwidth", "hbm_bandwidth", "intra_mesh_collective_bandwidth"):
       if not getattr(self, f) > 0:
         raise ValueError(f"Hardware.{f} must be > 0, got {getattr(self, f)!r}")
-    for f in ("transfer_latency_s", "dispatch_s", "collective_latency_s", "leaf_arg_s", "leaf_assemble_s"):
+    for f in ("transfer_latency_s", "dispatch_s", "collective_latency_s", "leaf_arg_s", "leaf_assemble_s", "call_s"):
       if getattr(self, f) < 0:
         raise ValueError(f"Hardware {self.name}: {f} must be >= 0, got {getattr(self, f)!r}")
     if self.devices_per_host < 1:
@@ -103,36 +107,42 @@ class Hardware:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-# 4x H100 SXM 80GB, NVLink 4, one host, jax 0.11.2. From bench/results/realloc-h100.json (runs of
-# 2026-11-26, the implementation before cell classes, which made one Python array per leaf):
+# 4x H100 SXM 80GB, NVLink 4, one host, jax 0.11.2. Sources, all runs of 2026-11-26:
+# * d2d_bandwidth and d2d_device_bandwidth 272 GB/s: the raw copies of the cell-classes run
+#   (bench/results/realloc-h100.json, 14:48): 7B tensor2 (2 of 4) -> fsdp4 moved 6.74 GB out of each
+#   of its 2 source GPUs in 24.8 ms (272 GB/s), 7B data2 x tensor2 -> fsdp4 the same bytes in 25.2 ms;
+#   no record shows one pair faster than its device's total, so the pair rate is the same number.
+# * transfer_latency_s 28 us per copied buffer: the same run's latency-bound raw copies, (time - bytes
+#   at 272 GB/s) / transfers: 7B fsdp4 -> tensor4 33 us (1164 transfers), 7B fsdp4 -> tensor2 28 us,
+#   1B fsdp4 -> tensor4 34 us, 1B fsdp4 -> tensor2 25 us, 1B tensor2 -> fsdp4 15 us; the median.
+# * hbm_bandwidth 2.15 TB/s (read + written bytes): a jitted elementwise pass over 2 GiB on one of
+#   these H100s (bench/results/calls-h100.json, hbm_bytes_per_s); prices the pack and unpack passes.
 # * intra_mesh_collective_bandwidth 225 GB/s received per device and collective_latency_s 40 us per
-#   array: the same-device reshards (one XLA collective per leaf) of 7B fsdp4 -> tensor4 (2.5 GB per
-#   device, 291 leaves: 21.5 ms measured, 22.8 predicted) and of 1B (201 leaves: 11.7 ms, 10.1);
-# * d2d_bandwidth 270 GB/s per device pair (raw copy of 7B tensor2 -> fsdp4: 6.7 GB per pair in
-#   25 ms), d2d_device_bandwidth 360 GB/s into or out of one device from several (NVLink 4: 450 GB/s
-#   per direction), HBM copy 2.58 TB/s, inter-host 400 Gb/s InfiniBand per GPU (not measured);
-# * host: dispatch_s 40 us per program and transfer_latency_s 20 us per copied buffer (earlier
-#   partial run: 804 single-shard copies took 18 ms where their bytes needed 6); leaf_arg_s 3 us per
-#   program array and leaf_assemble_s 30 us per Python-assembled array (CPU measurements of this
-#   implementation, bench/README.md).
-# Not refitted: `bench/realloc.py --fit` on the cell-classes run (4x H100, 2026-11-26 14:48, 7 records)
-# gives d2d_bandwidth 48 GB/s, d2d_device_bandwidth 151 GB/s and transfer_latency_s 95 us, which the
-# raw copies of the same run contradict (272 GB/s out of each source device; 804 transfers in 30 ms),
-# and terms that swing up to 45x when one record is left out: the model lacks the run's ~11 ms host
-# time per call and the pack/unpack device time, and the fit hides them in these terms (bench/README.md).
+#   array: the same-device reshards of the per-leaf implementation's run (12:20, 7B fsdp4 -> tensor4,
+#   2.5 GB per device, 291 leaves: 21.5 ms measured unbucketed, 22.8 predicted; 1B: 11.7, 10.1).
+# * call_s 7.5 ms per call and dispatch_s 366 us per program: non-negative least squares on the
+#   cell-classes run's 10 host times (7 unbucketed calls' time until return, nothing waited for, and
+#   the 3 same-device bucketed calls', none waited for): 10.4-16.6 ms for 1-14 programs, whatever
+#   the leaf count (201 or 291) and the program arrays (603-1758); leave-one-record-out fits give
+#   7.1-7.7 ms and 307-398 us. Neither is explained yet (CPU: ~0.2 ms of Python per call on the
+#   stacked tree, ~1-3 ms on the per-layer one; bench/README.md): the GPU runs record `host_phases`.
+# * leaf_arg_s 3 us per program array and leaf_assemble_s 30 us per Python-made array: CPU
+#   measurements of the cell-classes implementation (bench/README.md), not separable in the GPU run.
+# * inter-host 400 Gb/s InfiniBand per GPU (not measured).
 H100_SXM = Hardware(
     name="h100_sxm",
     devices_per_host=8,
-    d2d_bandwidth=270e9,
+    d2d_bandwidth=272e9,
     inter_host_bandwidth=45e9,
-    hbm_bandwidth=2.58e12,
+    hbm_bandwidth=2.15e12,
     intra_mesh_collective_bandwidth=225e9,
-    transfer_latency_s=20e-6,
-    d2d_device_bandwidth=360e9,
-    dispatch_s=40e-6,
+    transfer_latency_s=28e-6,
+    d2d_device_bandwidth=272e9,
+    dispatch_s=366e-6,
     collective_latency_s=40e-6,
     leaf_arg_s=3e-6,
     leaf_assemble_s=30e-6,
+    call_s=7.5e-3,
 )
 
 DEFAULT = H100_SXM

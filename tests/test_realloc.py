@@ -133,23 +133,29 @@ def test_bucketing_keeps_order_and_values():
 
 
 def test_realloc_cost():
-  shapes = {"w": jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16)}
+  shapes = {"w": jax.ShapeDtypeStruct((16384, 4096), jnp.bfloat16)}
   same = realloc_cost(L(0, fsdp=4).named("fsdp"), L(0, fsdp=4).named("fsdp"), shapes, H100_SXM)
   assert same == 0.0
   a2a = realloc_cost(L(0, fsdp=4).named("fsdp"), L(0, tensor=4).named(None, "tensor"), shapes, H100_SXM)
   far = realloc_cost(L(0, fsdp=4).named("fsdp"), L(4, tensor=4).named(None, "tensor"), shapes, H100_SXM)
   assert 0 < a2a and 0 < far
-  slow = Hardware.from_dict({**H100_SXM.to_dict(), "d2d_bandwidth": 1e9, "intra_mesh_collective_bandwidth": 1e9})
-  nbytes = 4096 * 4096 * 2
+  # Without the call's fixed host time (7.5 ms on H100_SXM, which would hide the link term here).
+  fast = Hardware.from_dict({**H100_SXM.to_dict(), "call_s": 0.0})
+  far = realloc_cost(L(0, fsdp=4).named("fsdp"), L(4, tensor=4).named(None, "tensor"), shapes, fast)
+  slow = Hardware.from_dict({**fast.to_dict(), "d2d_bandwidth": 1e9, "intra_mesh_collective_bandwidth": 1e9})
+  nbytes = 16384 * 4096 * 2
   slow_far = realloc_cost(L(0, fsdp=4).named("fsdp"), L(4, tensor=4).named(None, "tensor"), shapes, slow)
   # Disjoint 4 -> 4: each target device receives a quarter of the array, over at most 4 device pairs.
   assert slow_far > 2 * far and slow_far >= nbytes / 4 / 4 / 1e9
   assert far >= nbytes / 4 / H100_SXM.d2d_device_bandwidth
-  # Per-bucket dispatch overhead is priced: 100 small leaves cost more than one leaf of their bytes.
+  # Host time per array is priced: 100 small leaves cost more than one leaf of their bytes, by at
+  # least their extra program arguments (again without the fixed time per call).
   many = {f"w{i}": jax.ShapeDtypeStruct((64, 64), jnp.bfloat16) for i in range(100)}
   one = {"w": jax.ShapeDtypeStruct((640, 640), jnp.bfloat16)}
   src, dst = L(0, tensor=2).named(None, "tensor"), L(0, fsdp=4).named("fsdp")
-  assert realloc_cost(src, dst, many, H100_SXM) > 2 * realloc_cost(src, dst, one, H100_SXM)
+  assert realloc_cost(src, dst, many, fast) > realloc_cost(src, dst, one, fast) + 99 * fast.leaf_arg_s
+  # The call's fixed host time is priced once per call, whatever its plan.
+  assert realloc_cost(src, dst, one, H100_SXM) - realloc_cost(src, dst, one, fast) == pytest.approx(H100_SXM.call_s)
 
 
 def test_cost_is_a_function_of_the_plan_loads():
@@ -157,13 +163,14 @@ def test_cost_is_a_function_of_the_plan_loads():
   profile gives the same seconds, and slower links or more host cost per array give more."""
   from sharding._realloc_plan import LeafSpec, plan_tree, tree_seconds
   src, dst = L(0, tensor=2).named(None, "tensor"), L(0, fsdp=4).named("fsdp")
+  base = Hardware.from_dict({**H100_SXM.to_dict(), "call_s": 0.0})  # the fixed time per call would dominate
   specs = tuple(LeafSpec((64, 32), "bfloat16", src, dst) for _ in range(20))
-  tp = plan_tree(specs, H100_SXM, "auto", 4 * 64 * 32 * 2)
+  tp = plan_tree(specs, base, "auto", 4 * 64 * 32 * 2)
   loads = [b.load for b in tp.buckets]
-  assert len(loads) == 5 and tree_seconds(loads, H100_SXM) == pytest.approx(tp.seconds)
+  assert len(loads) == 5 and tree_seconds(loads, base) == pytest.approx(tp.seconds)
   assert all(x.transfers and x.assembled_arrays == len(b.classes) for x, b in zip(loads, tp.buckets))
-  slow = Hardware.from_dict({**H100_SXM.to_dict(), "d2d_bandwidth": 1e6, "d2d_device_bandwidth": 1e6})
-  busy = Hardware.from_dict({**H100_SXM.to_dict(), "leaf_arg_s": 1e-3})
+  slow = Hardware.from_dict({**base.to_dict(), "d2d_bandwidth": 1e5, "d2d_device_bandwidth": 1e5})
+  busy = Hardware.from_dict({**base.to_dict(), "leaf_arg_s": 1e-3})
   assert tree_seconds(loads, slow) > 10 * tp.seconds and tree_seconds(loads, busy) > 10 * tp.seconds
 
 
@@ -233,7 +240,8 @@ def test_batched_programs_and_cached_plans(monkeypatch):
   """One reshard program per bucket on a shared device list; otherwise one pack program per source
   device, one unpack program per target mesh whose outputs are the target arrays, and Python-made
   arrays only per cell class (4 here: two cells per target shard, two dtypes), not per leaf; a
-  repeated reallocation finds its programs by one lookup and plans nothing."""
+  repeated reallocation finds its programs by one lookup, plans nothing and builds its class arrays
+  without the public API's per-call checks."""
   from sharding import realloc as R
   refs = {f"w{i}": _value((16, 8), np.float32, i) for i in range(12)}
   refs["m"] = _value((8, 8), jnp.bfloat16, 99)
@@ -258,7 +266,9 @@ def test_batched_programs_and_cached_plans(monkeypatch):
     made.clear()
     with jax.transfer_guard("disallow"):
       jax.block_until_ready(reallocate(xs, dst))
-    assert R._programs.cache_info() == before and len(made) == (0 if same else 4)
+    # The class arrays of a repeated call skip the public API's checks (built once, checked then).
+    assert R._programs.cache_info() == before and len(made) == 0
+    assert all(make.fast for *_, make in prog.arrays) and len(prog.arrays) == (0 if same else 4)
 
 
 @pytest.mark.parametrize("schedule", ["pipelined", "serial", None])
@@ -289,17 +299,48 @@ def test_bucket_schedules(monkeypatch, schedule):
     reallocate(xs, dst, schedule="eager")
 
 
-def test_pipelined_prediction_between_links_and_serial_sum():
-  """The pipelined price of many small buckets lies between the link time and the serial sum."""
+def test_schedule_prices():
+  """Serial: the buckets' device times add up; pipelined: between the link time and that sum; both
+  at least the call's fixed host time; realloc_cost follows its schedule argument."""
+  import dataclasses
+  from sharding._realloc_plan import LeafSpec, plan_tree, tree_seconds
   src, dst = L(0, tensor=2).named(None, "tensor"), L(0, fsdp=4).named("fsdp")
-  from sharding._realloc_plan import LeafSpec, plan_tree
-  specs = tuple(LeafSpec((16, 8), "float32", src, dst) for _ in range(6))
-  tp = plan_tree(specs, H100_SXM, "auto", 2 * 16 * 8 * 4)
+  slow = dataclasses.replace(H100_SXM, d2d_bandwidth=1e6, d2d_device_bandwidth=1e6, hbm_bandwidth=1e7, call_s=0.0)
+  specs = tuple(LeafSpec((256, 64), "float32", src, dst) for _ in range(6))
+  bb = 2 * 256 * 64 * 4
+  tp = plan_tree(specs, slow, "auto", bb)
+  loads = [b.load for b in tp.buckets]
   links = sum(b.copy_s for b in tp.buckets)
   device = sum(b.device_s for b in tp.buckets)
-  assert all(b.copy_s > 0 for b in tp.buckets)
-  pipelined = max(links, device - links) + max(min(b.copy_s, b.device_s - b.copy_s) for b in tp.buckets)
-  assert links <= pipelined < device
+  assert len(loads) == 3 and all(b.copy_s > 0 for b in tp.buckets)
+  serial, pipelined = tree_seconds(loads, slow, "serial"), tree_seconds(loads, slow, "pipelined")
+  assert serial == pytest.approx(device + slow.dispatch_s) and tp.seconds == serial
+  assert links < pipelined < serial
+  shapes = [jax.ShapeDtypeStruct((256, 64), jnp.float32)] * 6
+  assert realloc_cost(src, dst, shapes, slow, bucket_bytes=bb, schedule="pipelined") == pytest.approx(pipelined)
+  assert realloc_cost(src, dst, shapes, slow, bucket_bytes=bb) == pytest.approx(serial)
+  for hw in (H100_SXM, dataclasses.replace(H100_SXM, call_s=0.5)):
+    assert tree_seconds(loads, hw, "serial") >= hw.call_s
+  with pytest.raises(ValueError, match="schedule"):
+    tree_seconds(loads, slow, "eager")
+
+
+def test_cost_terms_monotone_in_bytes_and_arrays():
+  """More bytes (bigger leaves), more arrays (more leaves of the same total bytes), a larger fixed
+  host time, slower HBM (the pack and unpack passes) or slower links never make a reallocation cheaper."""
+  import dataclasses
+  src, dst = L(0, tensor=2).named(None, "tensor"), L(0, fsdp=4).named("fsdp")
+  def cost(n_leaves, rows, hw=H100_SXM, **kw):
+    return realloc_cost(src, dst, [jax.ShapeDtypeStruct((rows, 4096), jnp.bfloat16)] * n_leaves, hw, **kw)
+  by_bytes = [cost(4, r) for r in (64, 1024, 16384, 65536)]
+  assert by_bytes == sorted(by_bytes) and by_bytes[-1] > by_bytes[0]
+  by_arrays = [cost(n, 65536 // n) for n in (1, 8, 64, 256)]  # same bytes, more arrays
+  assert by_arrays == sorted(by_arrays) and by_arrays[-1] > by_arrays[0]
+  for field, value in (("call_s", 1.0), ("hbm_bandwidth", 1e9), ("d2d_device_bandwidth", 1e9),
+                       ("leaf_arg_s", 1e-3), ("dispatch_s", 1e-2)):
+    worse = dataclasses.replace(H100_SXM, **{field: value})
+    for sched in ("serial", "pipelined"):
+      assert cost(8, 8192, worse, schedule=sched) > cost(8, 8192, schedule=sched), (field, sched)
 
 
 def test_only_buckets_with_intermediates_wait(monkeypatch):
