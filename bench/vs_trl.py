@@ -384,7 +384,8 @@ class Orchestrator:
       os.replace(path + ".tmp", path)
 
   def put(self, record: dict) -> None:
-    key = lambda r: (r["algorithm"], r["model"], r["gpus"], r["trl_gradient_checkpointing"])  # noqa: E731
+    key = lambda r: (r["algorithm"], r["model"], r["gpus"], r["trl_gradient_checkpointing"],  # noqa: E731
+                     r.get("micro_rows", 8))
     self.doc["records"] = [r for r in self.doc["records"] if key(r) != key(record)] + [record]
     self.doc["jax"] = record["real_jax"].get("jax") or self.doc.get("jax")
     self.write()

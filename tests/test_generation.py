@@ -170,6 +170,25 @@ def test_layered_decode_equals_stacked(model, segments):
   assert _np(a.ended_with_eos).any() and not _np(a.ended_with_eos).all()
 
 
+def test_full_cache_decode_path_equals_prefix_path(model, monkeypatch):
+  """The GPU decode step (write the slot, then fused attention over the whole cache; forced here,
+  with the XLA attention standing in for cuDNN on CPU) against the CPU one (read a static prefix,
+  own key/value joined in `decode_attention`): same tokens, log-probs to rounding."""
+  from real_jax import _calls
+  from real_jax.models import transformer
+  toks, mask = pad_prompts(PROMPTS * 2, bucket=8)
+  cfg = SamplingConfig(max_new_tokens=7, top_p=0.9, eos_id=tuple(range(3, 256, 7)), n=2, decode_segments=3)
+  assert not transformer.decode_on_full_cache(model.cfg, jnp.bfloat16)  # CPU: the prefix path
+  a = generate(model, toks, mask, jax.random.key(6), cfg)
+  monkeypatch.setattr(_calls, "_CACHE", {})  # A fresh sampler, traced with the other decode step.
+  monkeypatch.setattr(transformer, "decode_on_full_cache", lambda cfg, dtype: True)
+  b = generate(model, toks, mask, jax.random.key(6), cfg)
+  np.testing.assert_array_equal(_np(a.tokens), _np(b.tokens))
+  np.testing.assert_array_equal(_np(a.response_mask), _np(b.response_mask))
+  np.testing.assert_allclose(_np(a.logprobs), _np(b.logprobs), atol=1e-5)
+  assert _np(a.ended_with_eos).any()
+
+
 def test_per_layer_cache_decode_equals_full_forward(model):
   """Prefill then single-token steps with a per-layer cache and a static read prefix (kv_len)."""
   from real_jax.models import KVCache

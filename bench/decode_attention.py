@@ -1,0 +1,114 @@
+"""Decode attention kernels timed alone: one query token per row against a per-layer KV cache.
+
+    PYTHONPATH=$PWD python bench/decode_attention.py --out decode-attention.json   # GPU
+    PYTHONPATH=$PWD python bench/decode_attention.py --small                       # CPU smoke
+
+For each shape (rows B, cache slots S read, kv heads K, query heads per kv head G, head dim H) it
+times `L` layers' worth of attention in one jitted call (each layer its own cache, as the layered
+decode loop reads them) for each form: `reduce` (`transformer.decode_attention`, multiply-reduce,
+the library's decode path), `dot` (`transformer.decode_attention_dot`, two batched matmuls) and
+`cudnn` (`jax.nn.dot_product_attention(implementation="cudnn")` on the cache with the new slot
+already written; no fused own-token term). Roofline: the K and V bytes read (2 x B x S x K x H x 2
+bytes per layer) over the HBM bandwidth measured in the same run; `fraction` = roofline / time.
+The forms are also checked against each other (max abs difference of the outputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+SHAPES = {  # name: (B, S, K, G, H, L)
+    "qwen2.5-0.5b-b256": (256, 511, 2, 7, 64, 24),
+    "llama-7b-b64": (64, 511, 32, 1, 128, 32),
+    "llama-1b-b256": (256, 511, 4, 8, 64, 16),
+}
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", default=None)
+  ap.add_argument("--small", action="store_true")
+  ap.add_argument("--reps", type=int, default=20)
+  args = ap.parse_args()
+  if args.small:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from bench._common import header, write
+  from real_jax.models.transformer import decode_attention, decode_attention_dot
+
+  out = header()
+  x = jnp.ones((1 << 28,), jnp.bfloat16)
+  cp = jax.jit(lambda a: a * 2)
+  cp(x).block_until_ready()
+  t0 = time.perf_counter()
+  for _ in range(10):
+    y = cp(x)
+  y.block_until_ready()
+  hbm = 2 * x.nbytes * 10 / (time.perf_counter() - t0)
+  del x, y
+  out["hbm_bytes_per_s"] = hbm
+  shapes = {"tiny": (8, 63, 2, 2, 16, 2)} if args.small else SHAPES
+  out["records"] = []
+  for name, (b, s, k, g, h, layers) in shapes.items():
+    rng = np.random.default_rng(0)
+    n = k * g
+    q = jnp.asarray(rng.normal(size=(b, 1, n, h)), jnp.bfloat16)
+    kn = jnp.asarray(rng.normal(size=(b, 1, k, h)), jnp.bfloat16)
+    vn = jnp.asarray(rng.normal(size=(b, 1, k, h)), jnp.bfloat16)
+    ks = [jnp.asarray(rng.normal(size=(b, s + 1, k, h)), jnp.bfloat16) for _ in range(layers)]
+    vs = [jnp.asarray(rng.normal(size=(b, s + 1, k, h)), jnp.bfloat16) for _ in range(layers)]
+    valid = rng.random((b, s)) < 0.9
+    mask = jnp.asarray(valid[:, None, :])
+    full_mask = jnp.asarray(np.concatenate([valid, np.ones((b, 1), bool)], 1)[:, None, None, :])
+
+    def run_reduce(q, ks, vs, mask, kn, vn):
+      return [decode_attention(q, kk[:, :s], vv[:, :s], mask, kn, vn) for kk, vv in zip(ks, vs)]
+
+    def run_dot(q, ks, vs, mask, kn, vn):
+      return [decode_attention_dot(q, kk[:, :s], vv[:, :s], mask, kn, vn) for kk, vv in zip(ks, vs)]
+
+    def run_cudnn(q, ks, vs, mask, kn, vn):
+      del mask, kn, vn
+      return [jax.nn.dot_product_attention(q, kk, vv, mask=full_mask, implementation="cudnn") for kk, vv in zip(ks, vs)]
+
+    forms = {"reduce": run_reduce, "dot": run_dot}
+    if jax.default_backend() == "gpu":
+      forms["cudnn"] = run_cudnn
+    kv_bytes = 2 * b * s * k * h * 2 * layers
+    rec = {"shape": name, "B": b, "S": s, "K": k, "G": g, "H": h, "layers": layers, "kv_bytes": kv_bytes,
+           "roofline_s": kv_bytes / hbm}
+    results = {}
+    for form, fn in forms.items():
+      try:
+        f = jax.jit(fn)
+        o = f(q, ks, vs, mask, kn, vn)
+        jax.block_until_ready(o)
+        times = []
+        for _ in range(args.reps):
+          t0 = time.perf_counter()
+          jax.block_until_ready(f(q, ks, vs, mask, kn, vn))
+          times.append(time.perf_counter() - t0)
+        t = float(np.median(times))
+        results[form] = np.asarray(o[0], np.float32)
+        rec[form] = {"s": t, "per_layer_us": t / layers * 1e6, "fraction": rec["roofline_s"] / t}
+        print(f"[decode_attention] {name} {form}: {t / layers * 1e6:.1f} us/layer, "
+              f"{rec['roofline_s'] / t:.2f} of roofline", flush=True)
+      except Exception as e:  # noqa: BLE001
+        rec[form] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(f"[decode_attention] {name} {form}: {rec[form]['error']}", flush=True)
+    if "reduce" in results and "dot" in results:
+      rec["max_abs_diff_dot_vs_reduce"] = float(np.abs(results["dot"] - results["reduce"]).max())
+    out["records"].append(rec)
+    write(args.out, out)
+  write(args.out, out)
+
+
+if __name__ == "__main__":
+  main()
