@@ -253,6 +253,57 @@ def _timed(x, dst_sh, y, reps, **kw):
   return ts, ds, y
 
 
+def host_phases(x, dst_sh, reps):
+  """Where a warm unbucketed call's host time goes (nothing is waited for): median seconds per phase
+  over `reps` calls, each jitted program call and the batched device_put timed until it returns,
+  "python" = the rest of the call (flatten, plan lookup, views, arrays). Programs are wrapped only
+  for these calls."""
+  acc: dict = {}
+
+  def timed(label, fn):
+    def g(*a, **k):
+      t0 = time.perf_counter()
+      try:
+        return fn(*a, **k)
+      finally:
+        acc[label] = acc.get(label, 0.0) + time.perf_counter() - t0
+    return g
+
+  y = reallocate(x, dst_sh, bucket_bytes=None)  # compiled by the unbucketed timing before
+  ready(y)
+  saved = []
+  for progs in list(realloc_mod._CALLS.values()):
+    for p in progs:
+      saved.append((p, p.same, p.reshard, p.packs, p.unpacks))
+      p.same = [(ks, timed("reshard_programs", f)) for ks, f in p.same]
+      p.reshard = [(ks, timed("reshard_programs", f)) for ks, f in p.reshard]
+      p.packs = [(d, i, o, timed("pack_programs", f)) for d, i, o, f in p.packs]
+      p.unpacks = [(i, ks, timed("unpack_programs", f)) for i, ks, f in p.unpacks]
+  put = jax.device_put
+  per: dict = {}
+  try:
+    jax.device_put = timed("device_put", put)
+    for _ in range(reps):
+      delete(y, keep=x)
+      acc.clear()
+      prev = y
+      t0 = time.perf_counter()
+      y = reallocate(x, dst_sh, bucket_bytes=None)
+      total = time.perf_counter() - t0
+      ready(y)
+      del prev
+      acc["python"] = total - sum(acc.values())
+      acc["call"] = total
+      for k, v in acc.items():
+        per.setdefault(k, []).append(v)
+  finally:
+    jax.device_put = put
+    for p, *old in saved:
+      p.same, p.reshard, p.packs, p.unpacks = old
+  delete(y, keep=x)
+  return {k: statistics.median(v) for k, v in per.items()}
+
+
 def bench(model, name, src_layout, dst_layout, reps, hw, modes=(), tree="stacked"):
   shapes = param_shapes(model, tree)
   src_sh, dst_sh = shardings(shapes, src_layout), shardings(shapes, dst_layout)
@@ -283,6 +334,10 @@ def bench(model, name, src_layout, dst_layout, reps, hw, modes=(), tree="stacked
     extra[f"reallocate_{label}_s"] = statistics.median(ts)
     extra[f"reallocate_{label}_all_s"] = ts
     extra[f"reallocate_{label}_dispatch_s"] = statistics.median(ds)
+  delete(y, keep=x)
+  extra["host_phases_s"] = host_phases(x, dst_sh, max(reps, 3))
+  y = reallocate(x, dst_sh)
+  ready(y)
   extra["reallocate_modes_s"], extra["reallocate_modes_all_s"] = {}, {}
   for mode in modes:  # Each checked against the output of the default mode (same shardings).
     if _same_plan(src_sh, dst_sh, shapes, hw, mode):
@@ -527,7 +582,7 @@ def main():
             "tree", "model", "transition", "bytes", "leaves", "reallocate_s", "reallocate_dispatch_s",
             "reallocate_pipelined_s", "reallocate_unbucketed_s", "reallocate_unbucketed_dispatch_s",
             "reallocate_modes_s", "device_put_s", "raw_copy_s", "raw_copy_ratio", "predicted_s", "values_equal",
-            "wall_s")}), flush=True)
+            "host_phases_s", "wall_s")}), flush=True)
   out["complete"] = len(out["records"]) == len(trees) * len(models) * len(transitions)
   out["total_wall_s"] = time.perf_counter() - t_main
   with open(args.out, "w") as f:
