@@ -42,6 +42,10 @@ def main():
                   help="ModelConfig.attention_impl (auto: None), one case each")
   ap.add_argument("--logits-chunk", type=int, nargs="+", default=[0],
                   help="ModelConfig.logits_chunk values (0: auto), one case each")
+  ap.add_argument("--unroll-layers", type=int, nargs="+", default=[0], choices=[0, 1],
+                  help="ModelConfig.unroll_layers values, one case each")
+  ap.add_argument("--profile-dir", default=None,
+                  help="after timing, trace one more step of each case with jax.profiler (perfetto trace) here")
   args = ap.parse_args()
   if args.small:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -77,12 +81,12 @@ def main():
     layouts = {name: Layout.on(0, **_axes(name)) for name in args.layouts}
   opt = OptimizerConfig(lr=1e-5, warmup_steps=10, decay_steps=1000)
   t_start = time.perf_counter()
-  cases = [(name, lname, layout, k, attn, chunk) for name in models for lname, layout in layouts.items()
-           for k in args.micro for attn in args.attention for chunk in args.logits_chunk]
-  for name, lname, layout, k, attn, chunk in cases:
+  cases = [(name, lname, layout, k, attn, chunk, unroll) for name in models for lname, layout in layouts.items()
+           for k in args.micro for attn in args.attention for chunk in args.logits_chunk for unroll in args.unroll_layers]
+  for name, lname, layout, k, attn, chunk, unroll in cases:
     for remat in ([args.remat, "full"] if args.remat not in ("full", "none") else [args.remat]):
       rec = {"model": name, "layout": lname, "seq": seq, "batch": batch, "remat": remat, "precision": "bf16/fp32-master",
-             "micro_batches": k, "attention_impl": attn, "logits_chunk": chunk}
+             "micro_batches": k, "attention_impl": attn, "logits_chunk": chunk, "unroll_layers": bool(unroll)}
       st = None
       if time.perf_counter() - t_start > args.budget_s:
         rec.update({"tokens_per_s": None, "mfu_measured_peak": None, "mfu_datasheet": None,
@@ -91,7 +95,7 @@ def main():
         break
       try:
         cfg = get_config(name, dtype="bfloat16", param_dtype="float32", remat=remat, logits_chunk=chunk,
-                         attention_impl=None if attn == "auto" else attn)
+                         attention_impl=None if attn == "auto" else attn, unroll_layers=bool(unroll))
         model = create_model(cfg, layout, seed=0)
         graphdef = nnx.graphdef(model)
         st = init_train_state(model, opt, layout)
@@ -110,13 +114,19 @@ def main():
           t, (st, met) = timed(step, st, b)
           times.append(t)
         t = float(np.median(times))
+        if args.profile_dir:
+          d = os.path.join(args.profile_dir, f"{name}-{lname}-k{k}-{attn}-c{chunk}-u{unroll}-{remat}".replace("=", "").replace(",", "_"))
+          with jax.profiler.trace(d, create_perfetto_trace=True):
+            st, met = step(st, b)
+            jax.block_until_ready(met)
         n = param_count(cfg)
         tok = batch * seq
         flops = 6 * n * tok
         ndev = layout.strategy.size
         rec.update({"params": n, "step_s": t, "tokens_per_s": tok / t, "loss": float(met["loss"]),
                     "mfu_measured_peak": flops / t / (ndev * peak), "mfu_datasheet": flops / t / (ndev * datasheet)})
-        print(f"[train] {name} {lname} k={k} attention={attn} chunk={chunk} remat={remat}: {t * 1e3:.1f} ms/step, "
+        print(f"[train] {name} {lname} k={k} attention={attn} chunk={chunk} unroll={unroll} remat={remat}: "
+              f"{t * 1e3:.1f} ms/step, compile {rec['compile_s']:.0f} s, "
               f"MFU {rec['mfu_measured_peak']:.3f} (measured peak)", flush=True)
         out["train"].append(rec)
         write(args.out, out)

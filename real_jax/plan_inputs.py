@@ -46,7 +46,11 @@ def model_shape(cfg, head: str) -> ModelShape:
 
 @functools.lru_cache(maxsize=None)
 def _abstract(cfg, head):
-  return nnx.split(abstract_model(cfg, head=head))
+  # Lowered with the layer loop scanned whatever the run uses: one layer compiles instead of L (the
+  # search compiles many layouts), and `search.estimator.layer_loop_correction` adds the other L - 1
+  # layers from the analytic tier. What the unrolled loop saves on GPU (the scan's residual copies)
+  # is then left to the profile's calibration.
+  return nnx.split(abstract_model(cfg.replace(unroll_layers=False), head=head))
 
 
 def _sds(shape, dtype):

@@ -7,7 +7,9 @@ Design:
   (`sharding.rules` maps them to mesh axes). Flax's own `sharding_names` metadata is not used, so
   that creating a Variable never needs a mesh context.
 * The L decoder layers are one `Layers` module whose parameters are stacked along a leading
-  `layers` axis and run with `jax.lax.scan`: one layer is traced and compiled once, whatever L is.
+  `layers` axis. Full-sequence passes unroll the layer loop over static per-layer slices
+  (`ModelConfig.unroll_layers`, the default; faster on GPU) or run it with `jax.lax.scan` (one
+  layer traced and compiled, whatever L is).
 * One forward path (`Transformer.forward`) serves training, inference and generation prefill and
   decode; the cache only changes which keys are visible. So log-probs of the sampler and of the
   trainer come from the same code.
@@ -595,7 +597,11 @@ class Transformer(nnx.Module):
 
       if train and cfg.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-      x_BTD, _ = jax.lax.scan(body, x_BTD, params)
+      if cfg.unroll_layers:  # Each layer's residuals are their own buffers (no stacking copies).
+        for p in layer_arrays(params, cfg.n_layers):
+          x_BTD, _ = body(x_BTD, p)
+      else:
+        x_BTD, _ = jax.lax.scan(body, x_BTD, params)
     else:
       # The stacked cache rides in the carry and is updated in place (a scan over it as xs/ys
       # would rewrite every layer's whole cache each step).
