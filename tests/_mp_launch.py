@@ -37,6 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV_PREFIX = "REAL_JAX_MP_"
 
 
+SIBLING_GRACE_S = 20.0
+
+
 @dataclasses.dataclass
 class Result:
   process_id: int
@@ -86,10 +89,15 @@ def launch(script: str | os.PathLike, args: list[str], *, num_processes: int, de
                                   stderr=subprocess.STDOUT, cwd=str(ROOT)))
   deadline = time.monotonic() + timeout
   killed = set()
+  failed_at = None
   try:
     while any(p.poll() is None for p in procs):
-      failed = any(p.poll() not in (None, 0) for p in procs)
-      if failed or time.monotonic() > deadline:
+      if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
+        failed_at = time.monotonic()
+      # A sibling failed: the others get SIBLING_GRACE_S to finish on their own (they often fail the
+      # same way, a moment later on a loaded machine) before they are killed as hung.
+      now = time.monotonic()
+      if (failed_at is not None and now - failed_at > SIBLING_GRACE_S) or now > deadline:
         for i, p in enumerate(procs):
           if p.poll() is None:
             p.kill()

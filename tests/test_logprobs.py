@@ -174,3 +174,31 @@ def test_unrolled_layers_equal_scanned():
   np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
   for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("g", [1, 3])
+def test_decode_attention_dot_equals_reduce_form(g):
+  """The batched-matmul decode attention (timed by bench/decode_attention.py) against the library's
+  multiply-reduce form, and both against NumPy softmax attention over the valid slots plus the
+  token's own key/value."""
+  from real_jax.models.transformer import decode_attention, decode_attention_dot
+  rng = np.random.default_rng(g)
+  b, s, k, h = 3, 11, 2, 8
+  q = rng.normal(size=(b, 1, k * g, h)).astype(np.float32)
+  kc, vc = rng.normal(size=(2, b, s, k, h)).astype(np.float32)
+  kn, vn = rng.normal(size=(2, b, 1, k, h)).astype(np.float32)
+  mask = rng.random((b, 1, s)) < 0.6
+  mask[0] = False  # a row that sees only its own token
+  a = np.asarray(decode_attention(q, kc, vc, mask, kn, vn))
+  d = np.asarray(decode_attention_dot(q, kc, vc, mask, kn, vn))
+  keys = np.concatenate([kc, kn], 1)                       # [B, S + 1, K, H]
+  vals = np.concatenate([vc, vn], 1)
+  seen = np.concatenate([mask[:, 0], np.ones((b, 1), bool)], 1)
+  qg = q.reshape(b, k, g, h)
+  sc = np.einsum("bkgh,bskh->bkgs", qg, keys) / np.sqrt(h)
+  sc = np.where(seen[:, None, None, :], sc, -np.inf)
+  p = np.exp(sc - sc.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want = np.einsum("bkgs,bskh->bkgh", p, vals).reshape(b, 1, k * g, h)
+  np.testing.assert_allclose(a, want, atol=1e-5)
+  np.testing.assert_allclose(d, want, atol=1e-5)
