@@ -6,7 +6,7 @@
 For each shape (rows B, cache slots S read, kv heads K, query heads per kv head G, head dim H) it
 times `L` layers' worth of attention in one jitted call (each layer its own cache, as the layered
 decode loop reads them) for each form: `reduce` (`transformer.decode_attention`, multiply-reduce,
-the library's decode path), `dot` (`transformer.decode_attention_dot`, two batched matmuls) and
+the library's decode path), `dot` (`decode_attention_dot` below, two batched matmuls) and
 `cudnn` (`jax.nn.dot_product_attention(implementation="cudnn")` on the cache with the new slot
 already written; no fused own-token term). Roofline: the K and V bytes read (2 x B x S x K x H x 2
 bytes per layer) over the HBM bandwidth measured in the same run; `fraction` = roofline / time.
@@ -27,6 +27,34 @@ SHAPES = {  # name: (B, S, K, G, H, L)
 }
 
 
+def decode_attention_dot(q_BTNH, k_BSKH, v_BSKH, mask_BTS, k_new_BTKH, v_new_BTKH):
+  """`transformer.decode_attention` (T = 1, with the token's own key/value) written with two batched
+  matmuls over (B, K) instead of multiply-reduce: the same math, fp32 scores, probabilities in the
+  value dtype. Timed here as the `dot` form; not used by the library (cuDNN won on GPU)."""
+  import jax.numpy as jnp
+  b, t, n, h = q_BTNH.shape
+  if t != 1:
+    raise ValueError(f"decode_attention_dot: one query token, got T={t}")
+  k = k_BSKH.shape[2]
+  g = n // k
+  f32 = jnp.float32
+  scale = f32(1.0 / (h ** 0.5))
+  q_BKGH = q_BTNH.reshape(b, k, g, h)
+  s_BKGS = jnp.einsum("BKGH,BSKH->BKGS", q_BKGH, k_BSKH, preferred_element_type=f32) * scale
+  s_BKGS = jnp.where(mask_BTS[:, :, None, :], s_BKGS, jnp.finfo(f32).min / 2)
+  s_new_BKG = jnp.einsum("BKGH,BKH->BKG", q_BKGH.astype(f32), k_new_BTKH[:, 0].astype(f32)) * scale
+  m_BKG = jnp.maximum(jnp.max(s_BKGS, axis=-1), s_new_BKG)
+  e_BKGS = jnp.exp(s_BKGS - m_BKG[..., None])
+  e_new_BKG = jnp.exp(s_new_BKG - m_BKG)
+  denom_BKG = jnp.sum(e_BKGS, axis=-1) + e_new_BKG
+  vdt = v_BSKH.dtype
+  p_BKGS = (e_BKGS / denom_BKG[..., None]).astype(vdt)
+  p_new_BKG = (e_new_BKG / denom_BKG).astype(vdt)
+  o = jnp.einsum("BKGS,BSKH->BKGH", p_BKGS, v_BSKH, preferred_element_type=f32)
+  o = o + p_new_BKG[..., None].astype(f32) * v_new_BTKH[:, 0, :, None, :].astype(f32)
+  return o.reshape(b, 1, n, h).astype(q_BTNH.dtype)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=None)
@@ -41,7 +69,7 @@ def main():
   import numpy as np
 
   from bench._common import header, write
-  from real_jax.models.transformer import decode_attention, decode_attention_dot
+  from real_jax.models.transformer import decode_attention
 
   out = header()
   x = jnp.ones((1 << 28,), jnp.bfloat16)

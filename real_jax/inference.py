@@ -4,14 +4,15 @@
 Alignment (the same as `generation.Rollout.logprobs`): for tokens [B, T],
 `logprobs[:, t] = log p(tokens[:, t+1] | tokens[:, :t+1])` for t < T-1, and the last column is 0.
 So for a rollout, `logprobs(...)[rollout.logprob_mask]` and `rollout.logprobs[rollout.logprob_mask]`
-compare elementwise. Log-probs are float32 `log_softmax(logits / temperature)`, from the same
-`Transformer.forward` path and the same parameter cast (`_calls.compute_params`) as generation.
+compare elementwise. Log-probs are float32 `log_softmax(logits / temperature)`
+(`Transformer.token_logprobs`, computed in chunks of positions), from the same hidden states and
+the same parameter cast (`_calls.compute_params`) as generation.
 
 `values[:, t]` is the scalar head at token t; `scores[b]` is the value at row b's last real token
 (the usual reward-model / sequence-score convention).
 
 Micro-batches: the batch is split into `micro_batches` interleaved groups (row i in group i % k)
-and a `lax.scan` runs them one after another, bounding activation memory (logits are [B/k, T, V]).
+and a `lax.scan` runs them one after another, bounding activation memory.
 """
 
 from __future__ import annotations
@@ -23,13 +24,6 @@ from flax import nnx
 from real_jax._calls import batch_sharding, cached, compute_params, shape_key, sharding_hook, split_model
 from real_jax.models.transformer import activation_constraints
 from sharding import Layout, shardings_for
-
-
-def token_logprobs(logits_BTV: jax.Array, tokens_BT: jax.Array, temperature: float = 1.0) -> jax.Array:
-  """[B, T] shifted log-probs (see module docstring) from full-sequence logits."""
-  logp = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32) / jnp.float32(temperature), axis=-1)
-  lp = jnp.take_along_axis(logp, tokens_BT[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
-  return jnp.pad(lp, ((0, 0), (0, 1)))
 
 
 def _micro(fn, k: int, *arrays):

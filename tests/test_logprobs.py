@@ -181,7 +181,8 @@ def test_decode_attention_dot_equals_reduce_form(g):
   """The batched-matmul decode attention (timed by bench/decode_attention.py) against the library's
   multiply-reduce form, and both against NumPy softmax attention over the valid slots plus the
   token's own key/value."""
-  from real_jax.models.transformer import decode_attention, decode_attention_dot
+  from bench.decode_attention import decode_attention_dot
+  from real_jax.models.transformer import decode_attention
   rng = np.random.default_rng(g)
   b, s, k, h = 3, 11, 2, 8
   q = rng.normal(size=(b, 1, k * g, h)).astype(np.float32)

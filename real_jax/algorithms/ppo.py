@@ -303,7 +303,7 @@ def ppo_actor_loss(
 ) -> tuple[Array, dict[str, Array]]:
   """Actor objective: clipped policy loss - entropy_coef * H + [not kl_in_reward] kl_coef * KL.
 
-  H  = aggregate(entropy, mask), `entropy` [B, T] per token from `entropy_from_logits` (or None).
+  H  = aggregate(entropy, mask), `entropy` [B, T] per token (`Transformer.token_logprobs(..., entropy=True)`; or None).
   KL = aggregate(KL_est(logprobs, ref_logprobs), mask) with config.kl_estimator, as a loss
        (differentiated through logprobs); only when config.kl_in_reward is False.
   """

@@ -175,35 +175,6 @@ def decode_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Arra
   return o.reshape(b, t, n, h).astype(q_BTNH.dtype)
 
 
-def decode_attention_dot(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, k_new_BTKH: Array,
-                         v_new_BTKH: Array) -> Array:
-  """`decode_attention` (T = 1, with the token's own key/value) written with two batched matmuls
-  over (B, K) instead of multiply-reduce: the same math, fp32 scores, probabilities in the value
-  dtype. For many rows and few kv heads (small models) the matmul form can read the cache at a
-  higher rate; `bench/decode_attention.py` times both."""
-  b, t, n, h = q_BTNH.shape
-  if t != 1:
-    raise ValueError(f"decode_attention_dot: one query token, got T={t}")
-  k = k_BSKH.shape[2]
-  g = n // k
-  f32 = jnp.float32
-  scale = f32(1.0 / (h ** 0.5))
-  q_BKGH = q_BTNH.reshape(b, k, g, h)
-  s_BKGS = jnp.einsum("BKGH,BSKH->BKGS", q_BKGH, k_BSKH, preferred_element_type=f32) * scale
-  s_BKGS = jnp.where(mask_BTS[:, :, None, :], s_BKGS, jnp.finfo(f32).min / 2)
-  s_new_BKG = jnp.einsum("BKGH,BKH->BKG", q_BKGH.astype(f32), k_new_BTKH[:, 0].astype(f32)) * scale
-  m_BKG = jnp.maximum(jnp.max(s_BKGS, axis=-1), s_new_BKG)
-  e_BKGS = jnp.exp(s_BKGS - m_BKG[..., None])
-  e_new_BKG = jnp.exp(s_new_BKG - m_BKG)
-  denom_BKG = jnp.sum(e_BKGS, axis=-1) + e_new_BKG
-  vdt = v_BSKH.dtype
-  p_BKGS = (e_BKGS / denom_BKG[..., None]).astype(vdt)
-  p_new_BKG = (e_new_BKG / denom_BKG).astype(vdt)
-  o = jnp.einsum("BKGS,BSKH->BKGH", p_BKGS, v_BSKH, preferred_element_type=f32)
-  o = o + p_new_BKG[..., None].astype(f32) * v_new_BTKH[:, 0, :, None, :].astype(f32)
-  return o.reshape(b, 1, n, h).astype(q_BTNH.dtype)
-
-
 def slot_mask(q_slot_BT: Array, key_valid_BS: Array) -> Array:
   """[B, T, S] bool: query at slot q sees key slot s iff s <= q and (s holds a real token or s == q)."""
   s_idx = jnp.arange(key_valid_BS.shape[1])[None, None, :]
