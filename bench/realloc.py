@@ -1,48 +1,60 @@
 """Benchmark of `sharding.reallocate` against naive `jax.device_put` and the raw copy bound.
 
   PYTHONPATH=$PWD python bench/realloc.py --out bench/results/realloc-h100.json      # 4 GPUs
-  PYTHONPATH=$PWD python bench/realloc.py --small --out /tmp/realloc-cpu.json        # 8 fake CPUs
-  PYTHONPATH=$PWD python bench/realloc.py --fit bench/results/realloc-h100.json      # refit, on CPU
+  PYTHONPATH=$PWD python bench/realloc.py --devices 2 --variants old,packed,gather \\
+      --out $OUT/realloc-h100x2.json                                                  # 2 GPUs (.gpu/realloc.sh)
+  PYTHONPATH=$PWD python bench/realloc.py --small --out /tmp/realloc-cpu.json        # 8 fake CPUs (smoke test)
+  PYTHONPATH=$PWD python bench/realloc.py --fit bench/results/realloc-h100x2.json bench/results/realloc-h100.json
   PYTHONPATH=$PWD python bench/realloc.py --table bench/results/realloc-h100.json    # README table
 
-For each model (LLaMA-7B- and 1B-shaped bf16 parameter trees, 291 and 201 leaves; --small: tiny
-ones with as many leaves as 7B on 8 fake CPU devices) and each transition it measures:
+For each model (LLaMA-7B- and 1B-shaped bf16 parameter trees: `--tree stacked`, real_jax's own layer-stacked
+Transformer, 12 / 11 leaves, the default; `--tree per_layer`, 291 / 201 leaves; --small: tiny trees on 8 fake
+CPU devices) and each transition it measures:
 
-* reallocate_s - `reallocate(tree, targets)` until every output is ready: median of --reps after
-                 one warm-up (the warm-up compiles and caches the plan); reallocate_dispatch_s is the
-                 time until the call returns (host work plus waits for earlier buckets), same reps;
-                 reallocate_serial_s: the same with the pre-pipelining bucket schedule
-                 (`realloc._PIPELINE = False`); reallocate_unbucketed_s with bucket_bytes=None (after
-                 one compiling call) and reallocate_unbucketed_dispatch_s its time until return: with
-                 nothing waited for, that is the host time of the call (GPUs run programs
-                 asynchronously; the CPU backend runs small programs inline, so on CPU it includes them);
-* reallocate_modes_s - {mode: seconds} for the planner modes of --modes ("pieces", "reshard") whose
-                 plan differs from "auto"'s, timed like reallocate_s (for the choice the profile makes);
+* reallocate_s - `reallocate(tree, targets)` with its defaults (schedule "auto": `schedule_chosen` says which)
+                 until every output is ready: median of --reps after one warm-up (the warm-up compiles and
+                 caches the plan); reallocate_dispatch_s is the time until the call returns (host work plus
+                 waits for earlier buckets), same reps; reallocate_serial_s and reallocate_pipelined_s: the
+                 two schedules forced; reallocate_unbucketed_s with bucket_bytes=None (after one compiling
+                 call) and reallocate_unbucketed_dispatch_s its time until return: with nothing waited for,
+                 that is the host time of the call (GPUs run programs asynchronously; the CPU backend runs
+                 small programs inline, so on CPU it includes them);
+* reallocate_variants_s - {variant: seconds} for the --variants (`VARIANTS`), timed like reallocate_s and
+                 checked against its output, e.g. "old" = the cell-classes implementation (its planner, every
+                 cell packed, serial schedule) next to the new one on the same machine, "packed" = the new
+                 planner with every cell packed, "gather" = mode "reshard" (all-gather in the source mesh,
+                 then each target device keeps its own buffers); `raw_copy_ratio_variants` = raw / each;
+* reallocate_modes_s - {mode: seconds} for the planner modes of --modes whose plan differs from "auto"'s;
 * device_put_s - naive `jax.device_put(tree, targets)`, timed ONCE (no warm-up: it is the slow
                  host-path baseline, 5-10 s for 7B; nothing in it compiles that a warm-up would hide);
 * raw_copy_s   - the raw copy bound: every distinct source shard moved once by one batched
                  `device_put` of single-device shards, each to a target device other than its own
                  (round-robin); median of reps after one warm-up;
-* predicted_s  - `realloc_cost` with the default `Hardware` profile (in the library at run time),
-                 with the plan's counts (programs, transfers, arrays) and predicted host and device
-                 times, for --fit;
-* peak_bytes_per_device - `peak_bytes_in_use` per device right after the reallocations (a running
-                 max over the process: it cannot be reset), with bytes_in_use before them.
+* predicted_s  - `realloc_cost` with the default `Hardware` profile (in the library at run time), with
+                 predicted_{serial,pipelined,unbucketed,variants,modes}_s, the plan's counts (programs,
+                 transfers, arrays, direct classes) and predicted host and device times, for --fit;
+* peak_bytes_per_device - `peak_bytes_in_use` per device right after the default reallocations (a
+                 running max over the process: it cannot be reset), with bytes_in_use before them.
 
 The JSON is rewritten after every record, so a run cut off keeps what it measured; --budget stops
 starting new transitions after that many seconds.
 
---fit JSON refits the `Hardware` profile to a results file (no accelerator needed: plans are pure
-and the loads of the plans the run executed are repriced): host terms start from non-negative
-least squares on the unbucketed calls' host times, then every term moves by coordinate descent on
-the log errors of every timed variant and of those host times; prints predicted/measured per
-variant under the run's and the fitted profile, the fitted terms, and which auto plans change.
+--fit FILE [FILE ...] checks `realloc_cost` against results files on CPU (plans are pure; the plans each
+run executed are rebuilt: the cell-classes planner for files of that implementation): per file, link
+bandwidth and per-transfer latency from the run's own raw copies (not fitted), collective bandwidth =
+that link bandwidth, then the HBM copy rate and per-collective latency by a grid search and the host terms
+(call_s, dispatch_s, collective_host_s) by non-negative least squares on the unbucketed calls' host
+times; it prints predicted/measured per timed variant with the library profile, in sample and
+leave-one-record-out, and how many are within 25% (before: the `predicted_s` the run recorded).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
+import itertools
 import json
 import math
 import os
@@ -59,10 +71,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
+from sharding import _realloc_plan as plan_mod  # noqa: E402
 from sharding import hardware as hw_mod  # noqa: E402
-from sharding.mesh import Layout  # noqa: E402
-from sharding._realloc_plan import LeafSpec, plan_tree, price, tree_seconds  # noqa: E402
 from sharding import realloc as realloc_mod  # noqa: E402
+from sharding._realloc_plan import LeafSpec, plan_tree, price, timeline  # noqa: E402
+from sharding.mesh import Layout  # noqa: E402
 from sharding.realloc import DEFAULT_BUCKET_BYTES, realloc_cost, reallocate  # noqa: E402
 from sharding.rules import PARAM_RULES, spec_for  # noqa: E402
 
@@ -216,28 +229,90 @@ def _specs(src_sh, dst_sh, shapes):
   return tuple(LeafSpec(tuple(shapes[k][0]), "bfloat16", src_sh[k], dst_sh[k]) for k in shapes)
 
 
-def plan_summary(src_sh, dst_sh, shapes, hw, mode="auto", bucket_bytes=DEFAULT_BUCKET_BYTES):
-  tp = plan_tree(_specs(src_sh, dst_sh, shapes), hw, mode, bucket_bytes)
+# The profile `H100_SXM` had while the cell-classes implementation ran (its results' `hardware_default`):
+# the "old" variant plans with it, as that implementation did.
+OLD_PROFILE = hw_mod.Hardware(
+    name="h100_sxm_cell_classes", devices_per_host=8, d2d_bandwidth=272e9, inter_host_bandwidth=45e9,
+    hbm_bandwidth=2.15e12, intra_mesh_collective_bandwidth=225e9, transfer_latency_s=28e-6,
+    d2d_device_bandwidth=272e9, dispatch_s=366e-6, collective_latency_s=40e-6, leaf_arg_s=3e-6,
+    leaf_assemble_s=30e-6, call_s=7.5e-3)
+
+
+@contextlib.contextmanager
+def legacy_planner():
+  """Leaf plans chosen as the cell-classes implementation chose them: its price of a reshard had no
+  XLA layout copies, and a local slice counted as a collective. Bucket loads keep today's pricing
+  (they are what the executed plan does on the device). Plans made inside are cached under their
+  `Hardware` (use a profile of their own, e.g. `OLD_PROFILE`)."""
+  leaf, reshard_bytes = plan_mod.plan_leaf, plan_mod.reshard_bytes
+
+  def old_leaf(shape, itemsize, src, dst, hw, mode="auto", direct=True):
+    plan_mod.reshard_bytes = lambda *a: (max(reshard_bytes(*a)[0], 1), 0)
+    try:
+      return leaf.__wrapped__(shape, itemsize, src, dst, hw, mode, direct)
+    finally:
+      plan_mod.reshard_bytes = reshard_bytes
+
+  plan_mod.plan_leaf = old_leaf
+  try:
+    yield
+  finally:
+    plan_mod.plan_leaf = leaf
+
+
+# Timed variants besides the default call: label -> reallocate keyword arguments ("legacy": planned by
+# `legacy_planner` with OLD_PROFILE).
+VARIANTS = {
+    "old": {"direct": False, "schedule": "serial", "legacy": True},  # the cell-classes implementation
+    "packed": {"direct": False},             # today's planner, every cell packed (whole shards too)
+    "gather": {"mode": "reshard"},           # all-gather (or any reshard) in the source mesh, no assembly
+    "pieces": {"mode": "pieces"},            # no reshard: pieces of the source shards
+}
+
+
+def _call_kw(kw):
+  """reallocate keyword arguments of a variant, and the context its plan is made in."""
+  kw = dict(kw)
+  if kw.pop("legacy", False):
+    return {**kw, "hardware": OLD_PROFILE}, legacy_planner()
+  return kw, contextlib.nullcontext()
+
+
+def _tree_plan(src_sh, dst_sh, shapes, hw, kw, bucket_bytes=DEFAULT_BUCKET_BYTES):
+  """The TreePlan reallocate executes with these keyword arguments (and the variant's planner)."""
+  call, ctx = _call_kw(kw)
+  with ctx:
+    return plan_tree(_specs(src_sh, dst_sh, shapes), call.get("hardware", hw), call.get("mode", "auto"),
+                     bucket_bytes, call.get("schedule", realloc_mod.DEFAULT_SCHEDULE), call.get("direct", True))
+
+
+def plan_summary(src_sh, dst_sh, shapes, hw, kw=None):
+  tp = _tree_plan(src_sh, dst_sh, shapes, hw, kw or {})
   kinds = [kd for b in tp.buckets for kd in b.kinds.values()]
   loads = [b.load for b in tp.buckets]
   return {"buckets": len(tp.buckets), "same_device_leaves": kinds.count("same"),
           "general_leaves": kinds.count("general"), "passthrough_leaves": kinds.count("passthrough"),
           "reshard_programs": sum(len(b.same) + len(b.reshard) for b in tp.buckets),
           "classes": sum(len(b.classes) for b in tp.buckets),
+          "direct_classes": sum(c.shape is not None for b in tp.buckets for c in b.classes),
           "transfers": sum(len(b.transfers) for b in tp.buckets),
           "programs": sum(x.programs for x in loads), "assembled_arrays": sum(x.assembled_arrays for x in loads),
           "program_arrays": sum(x.program_arrays for x in loads),
-          "predicted_host_s": sum(b.host_s for b in tp.buckets),
+          "packed_bytes_max_device": max([sum(x.packed.get(d, 0) for x in loads)
+                                          for d in {d for x in loads for d in x.packed}], default=0),
+          "relayout_bytes_per_device": sum(x.collective_hbm_bytes for x in loads),
+          "schedule_chosen": tp.schedule,
+          "predicted_host_s": tp.host_s,
           "predicted_device_serial_s": sum(b.device_s for b in tp.buckets),
           "predicted_link_s": sum(b.copy_s for b in tp.buckets),
           "plan_inter": sorted({str(p.inter.spec) + str(p.inter.mesh.axis_sizes) if p.inter else "source"
                                 for b in tp.buckets for p in b.leaf_plans.values()})}
 
 
-def _same_plan(src_sh, dst_sh, shapes, hw, mode):
-  specs = _specs(src_sh, dst_sh, shapes)
-  a, b = (plan_tree(specs, hw, m, DEFAULT_BUCKET_BYTES) for m in ("auto", mode))
-  return [(x.kinds, x.leaf_plans) for x in a.buckets] == [(x.kinds, x.leaf_plans) for x in b.buckets]
+def _same_plan(src_sh, dst_sh, shapes, hw, kw):
+  a, b = (_tree_plan(src_sh, dst_sh, shapes, hw, k) for k in ({}, kw))
+  return [(x.kinds, x.leaf_plans, x.classes) for x in a.buckets] == [(x.kinds, x.leaf_plans, x.classes)
+                                                                   for x in b.buckets] and a.schedule == b.schedule
 
 
 def _timed(x, dst_sh, y, reps, **kw):
@@ -272,7 +347,7 @@ def host_phases(x, dst_sh, reps):
   y = reallocate(x, dst_sh, bucket_bytes=None)  # compiled by the unbucketed timing before
   ready(y)
   saved = []
-  for progs in list(realloc_mod._CALLS.values()):
+  for progs, _ in list(realloc_mod._CALLS.values()):
     for p in progs:
       saved.append((p, p.same, p.reshard, p.packs, p.unpacks))
       p.same = [(ks, timed("reshard_programs", f)) for ks, f in p.same]
@@ -304,7 +379,18 @@ def host_phases(x, dst_sh, reps):
   return {k: statistics.median(v) for k, v in per.items()}
 
 
-def bench(model, name, src_layout, dst_layout, reps, hw, modes=(), tree="stacked"):
+def _time_variant(x, dst_sh, y, reps, kw):
+  """Compiling call + `reps` timed calls of reallocate with the variant's arguments (in its planner's
+  context); returns (totals, dispatch times, last output)."""
+  call, ctx = _call_kw(kw)
+  with ctx:
+    delete(y, keep=x)
+    y = reallocate(x, dst_sh, **call)
+    ready(y)
+    return _timed(x, dst_sh, y, reps, **call)
+
+
+def bench(model, name, src_layout, dst_layout, reps, hw, modes=(), tree="stacked", variants=()):
   shapes = param_shapes(model, tree)
   src_sh, dst_sh = shardings(shapes, src_layout), shardings(shapes, dst_layout)
   nbytes = sum(int(np.prod(s)) * 2 for s, _ in shapes.values())
@@ -313,7 +399,7 @@ def bench(model, name, src_layout, dst_layout, reps, hw, modes=(), tree="stacked
   x = make_source(shapes, src_sh)
   ready(x)
   use0, peak0 = mem()
-  # reallocate (default schedule): warm-up (compiles, plans) + reps; keep the last output for the value check.
+  # reallocate (its defaults): warm-up (compiles, plans) + reps; keep the last output for the value check.
   t0 = time.perf_counter()
   y = reallocate(x, dst_sh)
   ready(y)
@@ -321,38 +407,31 @@ def bench(model, name, src_layout, dst_layout, reps, hw, modes=(), tree="stacked
   r_ts, r_disp, y = _timed(x, dst_sh, y, reps)
   use1, peak1 = mem()
   ok_sharding = all(y[k].sharding == dst_sh[k] for k in y)
-  # A/B on the same machine (after the peak reading): the other bucket schedule, no buckets at all
-  # (nothing waited for: the dispatch time is the host time), the other planner modes.
-  extra = {}
-  other = next(s for s in realloc_mod.SCHEDULES if s != realloc_mod.DEFAULT_SCHEDULE)
-  for label, kw in ((other, {"schedule": other}), ("unbucketed", {"bucket_bytes": None})):
-    if label == "unbucketed":  # The first call compiles.
-      delete(y, keep=x)
-      y = reallocate(x, dst_sh, **kw)
-      ready(y)
-    ts, ds, y = _timed(x, dst_sh, y, reps, **kw)
-    extra[f"reallocate_{label}_s"] = statistics.median(ts)
-    extra[f"reallocate_{label}_all_s"] = ts
-    extra[f"reallocate_{label}_dispatch_s"] = statistics.median(ds)
-  delete(y, keep=x)
+  ref = y
+  # A/B on the same machine (after the peak reading): both schedules forced, no buckets at all (nothing
+  # waited for: the dispatch time is the host time), the variants and the other planner modes, each
+  # checked against the default output.
+  extra = {"reallocate_variants_s": {}, "reallocate_variants_all_s": {}, "reallocate_variants_dispatch_s": {},
+           "reallocate_modes_s": {}, "reallocate_modes_all_s": {}}
+  y = None
+  timed = [(sc, {"schedule": sc}) for sc in realloc_mod.SCHEDULES] + [("unbucketed", {"bucket_bytes": None})]
+  timed += [(f"variant:{v}", VARIANTS[v]) for v in variants]
+  timed += [(f"mode:{m}", {"mode": m}) for m in modes if not _same_plan(src_sh, dst_sh, shapes, hw, {"mode": m})]
+  for label, kw in timed:
+    ts, ds, y = _time_variant(x, dst_sh, y, reps, kw)
+    ok_sharding = ok_sharding and all(y[k].sharding == dst_sh[k] for k in y) and bool(_equal(y, ref))
+    delete(y, keep=x)
+    y = None
+    kind, _, key = label.rpartition(":")
+    if not kind:
+      extra[f"reallocate_{key}_s"], extra[f"reallocate_{key}_all_s"] = statistics.median(ts), ts
+      extra[f"reallocate_{key}_dispatch_s"] = statistics.median(ds)
+    else:
+      extra[f"reallocate_{kind}s_s"][key] = statistics.median(ts)
+      extra[f"reallocate_{kind}s_all_s"][key] = ts
+      if kind == "variant":
+        extra["reallocate_variants_dispatch_s"][key] = statistics.median(ds)
   extra["host_phases_s"] = host_phases(x, dst_sh, max(reps, 3))
-  y = reallocate(x, dst_sh)
-  ready(y)
-  extra["reallocate_modes_s"], extra["reallocate_modes_all_s"] = {}, {}
-  for mode in modes:  # Each checked against the output of the default mode (same shardings).
-    if _same_plan(src_sh, dst_sh, shapes, hw, mode):
-      continue
-    ym = reallocate(x, dst_sh, mode=mode)  # Compiles.
-    ready(ym)
-    ts, _, ym = _timed(x, dst_sh, ym, reps, mode=mode)
-    ok_sharding = ok_sharding and all(ym[k].sharding == dst_sh[k] for k in ym) and bool(_equal(ym, y))
-    extra["reallocate_modes_s"][mode] = statistics.median(ts)
-    extra["reallocate_modes_all_s"][mode] = ts
-    delete(ym, keep=x)
-  delete(y, keep=x)
-  y = reallocate(x, dst_sh)  # The value check below is on the default path.
-  ready(y)
-  ok_sharding = ok_sharding and all(y[k].sharding == dst_sh[k] for k in y)
   # Raw copy bound.
   f, raw = raw_copy_fn(x, dst_layout)
   c = f()
@@ -372,11 +451,20 @@ def bench(model, name, src_layout, dst_layout, reps, hw, modes=(), tree="stacked
   d = jax.device_put(xs, dst_sh)
   ready(d)
   d_s = time.perf_counter() - t0
-  values_equal = bool(_equal(y, d)) and ok_sharding
+  values_equal = bool(_equal(ref, d)) and ok_sharding
   delete(d)
   delete(xs)
-  delete(y, keep=x)
+  delete(ref, keep=x)
   delete(x)
+
+  def cost(kw, bucket_bytes=DEFAULT_BUCKET_BYTES):
+    """realloc_cost of the variant's plan priced with the library profile (a legacy plan is made with
+    OLD_PROFILE, as it ran, but priced like the others)."""
+    if not kw.get("legacy"):
+      return realloc_cost(src_sh, dst_sh, abstract, hw, bucket_bytes=bucket_bytes, **kw)
+    tp = _tree_plan(src_sh, dst_sh, shapes, hw, kw, bucket_bytes)
+    return timeline([b.load for b in tp.buckets], hw, tp.schedule, bucket_bytes is not None)[1]
+
   rec = {
       "model": model, "tree": tree, "schedule": realloc_mod.DEFAULT_SCHEDULE, "transition": name,
       "source": str(src_layout), "target": str(dst_layout),
@@ -386,9 +474,11 @@ def bench(model, name, src_layout, dst_layout, reps, hw, modes=(), tree="stacked
       "device_put_s": d_s,
       "raw_copy_s": statistics.median(c_ts), "raw_copy_all_s": c_ts, **raw,
       **extra,
-      "predicted_s": realloc_cost(src_sh, dst_sh, abstract, hw),
-      "predicted_unbucketed_s": realloc_cost(src_sh, dst_sh, abstract, hw, bucket_bytes=None),
-      "predicted_modes_s": {m: realloc_cost(src_sh, dst_sh, abstract, hw, mode=m) for m in extra["reallocate_modes_s"]},
+      "predicted_s": cost({}),
+      **{f"predicted_{sc}_s": cost({"schedule": sc}) for sc in realloc_mod.SCHEDULES},
+      "predicted_unbucketed_s": cost({}, None),
+      "predicted_variants_s": {v: cost(VARIANTS[v]) for v in extra["reallocate_variants_s"]},
+      "predicted_modes_s": {m: cost({"mode": m}) for m in extra["reallocate_modes_s"]},
       **plan_summary(src_sh, dst_sh, shapes, hw),
       "bytes_in_use_before_per_device": use0, "peak_bytes_before_per_device": peak0,
       "peak_bytes_per_device": peak1,
@@ -396,111 +486,166 @@ def bench(model, name, src_layout, dst_layout, reps, hw, modes=(), tree="stacked
       "wall_s": time.perf_counter() - t_start,
   }
   rec["raw_copy_ratio"] = rec["raw_copy_s"] / rec["reallocate_s"]
+  rec["raw_copy_ratio_variants"] = {v: rec["raw_copy_s"] / t for v, t in rec["reallocate_variants_s"].items()}
   rec["speedup_vs_device_put"] = rec["device_put_s"] / rec["reallocate_s"]
   rec["predicted_over_measured"] = rec["predicted_s"] / rec["reallocate_s"]
   return rec
 
 
-IMPLEMENTATION = "cell-classes"  # Results of other implementations (other plans) cannot be refitted here.
-HOST_FIT = ("call_s", "dispatch_s")  # The host terms --fit estimates; every other term has its own source.
+IMPLEMENTATION = "direct-classes"  # Recorded in results; --fit rebuilds the plans each implementation executed.
+LEGACY_IMPLEMENTATION = "cell-classes"  # Before direct classes: its planner (`legacy_planner`), every cell packed.
 
 
 def _measured(rec):
-  """{variant: (mode, bucketed, schedule, measured seconds)} of a record (older files: the default
-  schedule was pipelined and the other one was recorded as reallocate_serial_s)."""
-  default = rec.get("schedule", "pipelined")
-  other = "serial" if default == "pipelined" else "pipelined"
-  out = {default: ("auto", True, default, rec["reallocate_s"])}
-  if f"reallocate_{other}_s" in rec:
-    out[other] = ("auto", True, other, rec[f"reallocate_{other}_s"])
-  out["unbucketed"] = ("auto", False, default, rec["reallocate_unbucketed_s"])
+  """{variant: (reallocate keyword arguments, bucketed, measured seconds)} of a record. Files of the
+  cell-classes implementation had a fixed default schedule (pipelined when the record does not say)."""
+  default = rec.get("schedule_chosen") or rec.get("schedule", "pipelined")
+  out = {"default": ({"schedule": default}, True, rec["reallocate_s"])}
+  for sc in realloc_mod.SCHEDULES:
+    if f"reallocate_{sc}_s" in rec:
+      out[sc] = ({"schedule": sc}, True, rec[f"reallocate_{sc}_s"])
+  out["unbucketed"] = ({"schedule": default}, False, rec["reallocate_unbucketed_s"])
   for m, t in rec.get("reallocate_modes_s", {}).items():
-    out[m] = (m, True, default, t)
+    out[m] = ({"mode": m, "schedule": default}, True, t)
+  for v, t in rec.get("reallocate_variants_s", {}).items():
+    out[v] = (VARIANTS[v], True, t)
   return out
 
 
-def _fit_rows(data, hw):
-  """Per record: (record, {variant: (bucket loads, schedule, measured)}, host rows [(loads, host seconds)]).
-  Host rows: the unbucketed call's time until return (nothing waited for), and the default call's
-  when none of its buckets is waited for (same-device reshards only)."""
+def _raw_copy_out_bytes(rec):
+  """The most bytes one device sent in the record's raw copy (`raw_copy_fn`: the first device holding
+  each distinct source region sends it)."""
+  shapes = param_shapes(rec["model"], rec.get("tree", "per_layer"))
+  src = shardings(shapes, LAYOUTS[rec["transition"]][0])
+  out: dict = {}
+  for k, (shape, _) in shapes.items():
+    seen = set()
+    for d, idx in src[k].devices_indices_map(shape).items():
+      box = tuple((s.start or 0, n if s.stop is None else s.stop) for s, n in zip(idx, shape))
+      if box not in seen:
+        seen.add(box)
+        out[d] = out.get(d, 0) + math.prod(b - a for a, b in box) * 2
+  return max(out.values())
+
+
+def link_profile(data, base):
+  """`base` with the link terms of a run's own raw copies: bandwidth = the fastest record's bytes out of
+  its busiest device per second (the collectives run on the same links), latency per copied buffer =
+  the median of what the rest of each record's time leaves per transfer."""
+  recs = data["records"]
+  bw = max(_raw_copy_out_bytes(r) / r["raw_copy_s"] for r in recs)
+  lat = statistics.median(max(0.0, r["raw_copy_s"] - _raw_copy_out_bytes(r) / bw) / r["raw_copy_transfers"]
+                          for r in recs)
+  return dataclasses.replace(base, d2d_bandwidth=bw, d2d_device_bandwidth=bw, intra_mesh_collective_bandwidth=bw,
+                             transfer_latency_s=lat)
+
+
+def _fit_rows(data):
+  """Per record: (record, {variant: (bucket loads, schedule, bucketed, measured)}, (unbucketed loads, host
+  seconds)), with the plans the run executed (planned with the run's library profile)."""
   bb = data.get("bucket_bytes", DEFAULT_BUCKET_BYTES)
+  legacy = data.get("implementation") == LEGACY_IMPLEMENTATION
+  if not legacy and data.get("implementation") != IMPLEMENTATION:
+    raise SystemExit(f"results of implementation {data.get('implementation')!r}: neither {IMPLEMENTATION!r} nor "
+                     f"{LEGACY_IMPLEMENTATION!r}, whose plans --fit can rebuild")
+  run_hw = hw_mod.Hardware.from_dict(data["hardware_default"])
   rows = []
   for rec in data["records"]:
     shapes = param_shapes(rec["model"], rec.get("tree", "per_layer"))
-    src_layout, dst_layout = LAYOUTS[rec["transition"]]
-    specs = _specs(shardings(shapes, src_layout), shardings(shapes, dst_layout), shapes)
+    src_sh, dst_sh = (shardings(shapes, lay) for lay in LAYOUTS[rec["transition"]])
     variants = {}
-    for label, (mode, bucketed, schedule, measured) in _measured(rec).items():
-      tp = plan_tree(specs, hw, mode, bb if bucketed else None)
-      variants[label] = ([b.load for b in tp.buckets], schedule, measured)
-    host = [(variants["unbucketed"][0], rec["reallocate_unbucketed_dispatch_s"])]
-    auto = plan_tree(specs, hw, "auto", bb)
-    if not any(b.holds_intermediates for b in _holds(auto)):
-      host.append(([b.load for b in auto.buckets], rec["reallocate_dispatch_s"]))
-    rows.append((rec, variants, host))
+    for label, (kw, bucketed, measured) in _measured(rec).items():
+      kw = {**kw, "direct": False, "legacy": True} if legacy else kw
+      plan_hw = run_hw if legacy or not kw.get("legacy") else OLD_PROFILE
+      call, ctx = _call_kw(kw)
+      with ctx:
+        tp = plan_tree(_specs(src_sh, dst_sh, shapes), plan_hw, call.get("mode", "auto"), bb if bucketed else None,
+                       call.get("schedule", realloc_mod.DEFAULT_SCHEDULE), call.get("direct", True))
+      variants[label] = ([b.load for b in tp.buckets], tp.schedule, bucketed, measured)
+    rows.append((rec, variants, (variants["unbucketed"][0], rec["reallocate_unbucketed_dispatch_s"])))
   return rows
 
 
-class _Holds:
-  def __init__(self, b):
-    self.holds_intermediates = any(kd in ("general", "passthrough") for kd in b.kinds.values())
-
-
-def _holds(tp):
-  return [_Holds(b) for b in tp.buckets]
+HOST_FIT = ("call_s", "dispatch_s", "collective_host_s")  # by least squares on the host times
+HBM_GRID = tuple(x * 1e11 for x in range(16, 36, 2))       # HBM copy rate, bytes read + written per second
+LATENCY_GRID = (0.0, 5e-6, 10e-6, 15e-6, 20e-6, 30e-6, 40e-6, 60e-6)  # device time per collective
 
 
 def fit_host(host_rows, hw):
-  """call_s and dispatch_s by non-negative least squares on measured host times, the other host
-  terms (transfers, arrays) held at `hw`'s values."""
-  import dataclasses
+  """`HOST_FIT` by non-negative least squares on host times (unbucketed calls' time until return: nothing
+  is waited for), the other host terms held at `hw`'s values."""
   from scipy.optimize import nnls
+  zero = dataclasses.replace(hw, **{k: 0.0 for k in HOST_FIT})
   a, y = [], []
   for loads, h in host_rows:
-    fixed = sum(price(x, dataclasses.replace(hw, dispatch_s=0.0))[0] for x in loads)
-    a.append([1.0, sum(x.programs for x in loads)])
+    fixed = zero.call_s + sum(price(x, zero)[0] for x in loads)
+    a.append([1.0, sum(x.programs for x in loads), sum(x.collectives for x in loads)])
     y.append(h - fixed)
   coef, _ = nnls(np.array(a), np.array(y))
-  return dataclasses.replace(hw, call_s=float(coef[0]), dispatch_s=float(coef[1]))
+  return dataclasses.replace(hw, **dict(zip(HOST_FIT, map(float, coef))))
 
 
-def fit(path):
-  """Prices every timed variant of a results file with the library's profile (`hardware.DEFAULT`:
-  link, HBM and collective terms from their stated sources) after fitting only the host terms
-  call_s and dispatch_s to the run's host times; prints predicted/measured per variant in sample
-  and leave-one-record-out (the held-out record's host times are not in its fit)."""
-  with open(path) as f:
-    data = json.load(f)
-  if data.get("implementation") != IMPLEMENTATION:
-    raise SystemExit(f"{path}: results of implementation {data.get('implementation')!r}, not {IMPLEMENTATION!r}: "
-                     f"its plans are not the ones priced here")
-  base = hw_mod.DEFAULT
-  rows = _fit_rows(data, base)
-  hw_all = fit_host([h for *_, host in rows for h in host], base)
-  print(f"{path}: {len(rows)} records; profile {base.name} with call_s and dispatch_s fitted to "
-        f"{sum(len(h) for *_, h in rows)} host times")
-  print(f"in sample: call_s {hw_all.call_s * 1e3:.2f} ms, dispatch_s {hw_all.dispatch_s * 1e6:.0f} us "
-        f"(library: {base.call_s * 1e3:.2f} ms, {base.dispatch_s * 1e6:.0f} us)")
-  print(f"{'model':5s} {'tree':9s} {'transition':24s} {'variant':10s} {'measured':>9s} {'library':>8s} "
-        f"{'in-sample':>9s} {'leave-out':>9s}   (predicted/measured - 1)")
-  summary = {}
-  for i, (rec, variants, host) in enumerate(rows):
-    hw_loo = fit_host([h for j, (*_, hs) in enumerate(rows) if j != i for h in hs], base)
-    for label, (loads, schedule, m) in variants.items():
-      errs = [tree_seconds(loads, h, schedule) / m - 1 for h in (base, hw_all, hw_loo)]
-      summary.setdefault(label, []).append(errs)
-      print(f"{rec['model']:5s} {rec.get('tree', 'per_layer'):9s} {rec['transition']:24s} {label:10s} "
-            f"{m * 1e3:7.1f}ms {errs[0]:+8.0%} {errs[1]:+9.0%} {errs[2]:+9.0%}")
-    for loads, h in host:
-      errs = [(h_.call_s + sum(price(x, h_)[0] for x in loads)) / h - 1 for h_ in (base, hw_all, hw_loo)]
-      print(f"{'':5s} {'':9s} {'':24s} {'host':10s} {h * 1e3:7.1f}ms {errs[0]:+8.0%} {errs[1]:+9.0%} "
-            f"{errs[2]:+9.0%}")
-    print(f"{'':41s} leave-out fit: call_s {hw_loo.call_s * 1e3:.2f} ms, dispatch_s {hw_loo.dispatch_s * 1e6:.0f} us")
-  for label, errs in summary.items():
-    for k, name in enumerate(("library", "in-sample", "leave-out")):
-      e = [x[k] for x in errs]
-      print(f"{label:10s} {name:9s}: within 25% on {sum(abs(x) <= 0.25 for x in e)} of {len(e)} "
-            f"({min(e):+.0%} to {max(e):+.0%})")
+def _predict(variants, hw):
+  return {label: timeline(loads, hw, sched, bucketed)[1] / m - 1
+          for label, (loads, sched, bucketed, m) in variants.items()}
+
+
+def fit_profile(rows, base):
+  """The profile minimising the mean |log(predicted / measured)| over every timed variant of `rows`:
+  `base` (link terms from the raw copies) with hbm_bandwidth and collective_latency_s from a grid and
+  the host terms fitted by `fit_host` at each grid point."""
+  best = None
+  for hbm, lat in itertools.product(HBM_GRID, LATENCY_GRID):
+    hw = fit_host([h for *_, h in rows], dataclasses.replace(base, hbm_bandwidth=hbm, collective_latency_s=lat))
+    err = statistics.mean(abs(math.log1p(e)) for _, v, _ in rows for e in _predict(v, hw).values())
+    if best is None or err < best[0]:
+      best = (err, hw)
+  return best[1]
+
+
+def _within(errs):
+  return f"{sum(abs(e) <= 0.25 for e in errs)} of {len(errs)}"
+
+
+def fit(paths):
+  """Checks `realloc_cost` against results files (see the module docstring); prints per variant
+  predicted/measured - 1 with the library profile, in sample and leave-one-record-out."""
+  for path in paths:
+    with open(path) as f:
+      data = json.load(f)
+    rows = _fit_rows(data)
+    base = link_profile(data, hw_mod.DEFAULT)
+    full = fit_profile(rows, base)
+    print(f"{path}: {len(rows)} records, implementation {data.get('implementation')}; link from the raw copies: "
+          f"{base.d2d_bandwidth / 1e9:.0f} GB/s, {base.transfer_latency_s * 1e6:.0f} us per transfer")
+    print(f"in sample: hbm {full.hbm_bandwidth / 1e12:.1f} TB/s, collective latency {full.collective_latency_s * 1e6:.0f}"
+          f" us, call_s {full.call_s * 1e3:.2f} ms, dispatch_s {full.dispatch_s * 1e6:.0f} us, collective_host_s "
+          f"{full.collective_host_s * 1e6:.0f} us")
+    print(f"{'tree':9s} {'model':5s} {'transition':24s} {'variant':10s} {'measured':>9s} {'recorded':>8s} "
+          f"{'library':>8s} {'in-sample':>9s} {'leave-out':>9s}   (predicted/measured - 1)")
+    errs: dict = {}
+    loo_fits = []
+    for i, (rec, variants, _) in enumerate(rows):
+      loo = fit_profile([r for j, r in enumerate(rows) if j != i], base)
+      loo_fits.append(loo)
+      lib, ins, out = (_predict(variants, hw) for hw in (hw_mod.DEFAULT, full, loo))
+      for label, (*_, m) in variants.items():
+        recorded = rec["predicted_s"] / m - 1 if label == "default" else None
+        for key, e in (("recorded", recorded), ("library", lib[label]), ("in-sample", ins[label]),
+                       ("leave-out", out[label])):
+          if e is not None:
+            errs.setdefault((label == "default", key), []).append(e)
+        rtext = f"{recorded:+8.0%}" if recorded is not None else f"{'':8s}"
+        print(f"{rec.get('tree', 'per_layer'):9s} {rec['model']:5s} {rec['transition']:24s} {label:10s} "
+              f"{m * 1e3:7.1f}ms {rtext} {lib[label]:+8.0%} {ins[label]:+9.0%} {out[label]:+9.0%}")
+    for name, groups in (("default call", (True,)), ("every timed variant", (True, False))):
+      print(f"within 25%, {name}: " + ", ".join(
+          f"{key} {_within([e for g in groups for e in errs.get((g, key), [])])}"
+          for key in ("recorded", "library", "in-sample", "leave-out") if len(groups) == 1 or key != "recorded"))
+    for field in ("hbm_bandwidth", "collective_latency_s", *HOST_FIT):
+      vals = [getattr(h, field) for h in loo_fits]
+      print(f"leave-one-out {field}: {min(vals):.3g} .. {max(vals):.3g} (in sample {getattr(full, field):.3g})")
+    print()
 
 
 def table(path):
@@ -509,16 +654,16 @@ def table(path):
     data = json.load(f)
   print(f"{data['card']}, jax {data['jax']}, {data['date']}, implementation {data.get('implementation')}, "
         f"{len(data['records'])} records, {data.get('total_wall_s', 0):.0f} s")
-  print("| model | transition | realloc (dispatch) | serial | unbucketed (host) | modes | raw copy | raw/realloc "
-        "| device_put | speedup | predicted |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  print("| tree | model | transition | realloc (dispatch) | schedule | serial | pipelined | variants | raw copy "
+        "| raw/realloc | device_put | speedup | predicted |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in data["records"]:
-    modes = ", ".join(f"{m} {t * 1e3:.1f}" for m, t in r.get("reallocate_modes_s", {}).items()) or "-"
-    serial = f"{r['reallocate_serial_s'] * 1e3:.1f}" if "reallocate_serial_s" in r else "-"
-    print(f"| {r['model'].upper()} | {r['transition']} | {r['reallocate_s'] * 1e3:.1f} "
-          f"({r.get('reallocate_dispatch_s', 0) * 1e3:.1f}) | {serial} | "
-          f"{r['reallocate_unbucketed_s'] * 1e3:.1f} ({r.get('reallocate_unbucketed_dispatch_s', 0) * 1e3:.1f}) | "
-          f"{modes} | {r['raw_copy_s'] * 1e3:.1f} | {r['raw_copy_s'] / r['reallocate_s']:.2f} | "
+    var = {**r.get("reallocate_variants_s", {}), **r.get("reallocate_modes_s", {})}
+    var = ", ".join(f"{m} {t * 1e3:.1f}" for m, t in var.items()) or "-"
+    sched = [f"{r[k] * 1e3:.1f}" if k in r else "-" for k in ("reallocate_serial_s", "reallocate_pipelined_s")]
+    print(f"| {r.get('tree', 'per_layer')} | {r['model'].upper()} | {r['transition']} | {r['reallocate_s'] * 1e3:.1f} "
+          f"({r.get('reallocate_dispatch_s', 0) * 1e3:.1f}) | {r.get('schedule_chosen', r.get('schedule', '-'))} | "
+          f"{sched[0]} | {sched[1]} | {var} | {r['raw_copy_s'] * 1e3:.1f} | {r['raw_copy_s'] / r['reallocate_s']:.2f} | "
           f"{r['device_put_s']:.2f} | {r['device_put_s'] / r['reallocate_s']:.0f}x | "
           f"{r['predicted_s'] * 1e3:.1f} ({r['predicted_s'] / r['reallocate_s'] - 1:+.0%}) |")
 
@@ -527,15 +672,18 @@ def main():
   t_main = time.perf_counter()
   ap = argparse.ArgumentParser()
   ap.add_argument("--out")
-  ap.add_argument("--fit", metavar="JSON", help="refit the Hardware profile to a results file and print it")
+  ap.add_argument("--fit", metavar="JSON", nargs="+", help="check realloc_cost against results files (on CPU)")
   ap.add_argument("--table", metavar="JSON", help="print a results file as the README's markdown table")
   ap.add_argument("--modes", default="pieces,reshard", help="planner modes timed besides auto (comma list, or '')")
+  ap.add_argument("--variants", default="old,packed",
+                  help=f"comma list of timed variants ({', '.join(VARIANTS)}), or ''")
   ap.add_argument("--small", action="store_true", help="tiny model on 8 fake CPU devices (a smoke test)")
   ap.add_argument("--models", default=None)
   ap.add_argument("--tree", default="stacked",
                   help="parameter trees, comma list of stacked (real_jax's Transformer, default) and per_layer")
   ap.add_argument("--devices", type=int, default=None, choices=sorted(TRANSITIONS_BY_DEVICES),
                   help="transition set (default 4; 2: the 2-GPU analogues)")
+  ap.add_argument("--transitions", default=None, help="comma list of transition names of the set (default: all)")
   ap.add_argument("--reps", type=int, default=2)
   ap.add_argument("--budget", type=float, default=360.0, help="start no transition after this many seconds")
   args = ap.parse_args()
@@ -544,8 +692,11 @@ def main():
   if args.table:
     return table(args.table)
   if not args.out:
-    ap.error("--out is required (or --fit)")
+    ap.error("--out is required (or --fit / --table)")
   modes = [m for m in args.modes.split(",") if m]
+  variants = [v for v in args.variants.split(",") if v]
+  if set(variants) - set(VARIANTS):
+    ap.error(f"--variants: unknown {sorted(set(variants) - set(VARIANTS))}; known: {', '.join(VARIANTS)}")
   trees = [t for t in args.tree.split(",") if t]
   if not trees or set(trees) - set(TREES):
     ap.error(f"--tree: comma list of {TREES}")
@@ -554,13 +705,20 @@ def main():
   if jax.device_count() < n_dev:
     ap.error(f"--devices {n_dev}: only {jax.device_count()} devices")
   transitions = TRANSITIONS_BY_DEVICES[n_dev]
+  if args.transitions:
+    names = args.transitions.split(",")
+    unknown = set(names) - {n for n, *_ in transitions}
+    if unknown:
+      ap.error(f"--transitions: unknown {sorted(unknown)}; known: {', '.join(n for n, *_ in transitions)}")
+    transitions = [t for t in transitions if t[0] in names]
   hw = hw_mod.DEFAULT
   dev = jax.devices()[0]
   out = {"card": dev.device_kind, "platform": dev.platform, "devices": jax.device_count(), "jax": jax.__version__,
          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
          "implementation": IMPLEMENTATION, "reps": args.reps, "bucket_bytes": DEFAULT_BUCKET_BYTES,
          "schedule": realloc_mod.DEFAULT_SCHEDULE, "transition_devices": n_dev, "trees": trees,
-         "hardware_default": hw.to_dict(), "complete": False, "records": []}
+         "variants": {v: VARIANTS[v] for v in variants}, "hardware_default": hw.to_dict(),
+         "hardware_old": OLD_PROFILE.to_dict(), "complete": False, "records": []}
   if os.path.exists(args.out):  # Earlier runs stay in the file, oldest first.
     with open(args.out) as f:
       old = json.load(f)
@@ -574,14 +732,15 @@ def main():
         if time.perf_counter() - t_main > args.budget:
           print(f"budget: skipping {tree} {model} {name}", flush=True)
           continue
-        rec = bench(model, name, s, t, args.reps, hw, modes, tree)
+        rec = bench(model, name, s, t, args.reps, hw, modes, tree, variants)
         out["records"].append(rec)
         with open(args.out, "w") as f:
           json.dump(out, f, indent=1)
         print(json.dumps({k: rec.get(k) for k in (
-            "tree", "model", "transition", "bytes", "leaves", "reallocate_s", "reallocate_dispatch_s",
-            "reallocate_pipelined_s", "reallocate_unbucketed_s", "reallocate_unbucketed_dispatch_s",
-            "reallocate_modes_s", "device_put_s", "raw_copy_s", "raw_copy_ratio", "predicted_s", "values_equal",
+            "tree", "model", "transition", "bytes", "leaves", "reallocate_s", "schedule_chosen", "reallocate_dispatch_s",
+            "reallocate_serial_s", "reallocate_pipelined_s", "reallocate_unbucketed_s",
+            "reallocate_unbucketed_dispatch_s", "reallocate_variants_s", "reallocate_modes_s", "device_put_s",
+            "raw_copy_s", "raw_copy_ratio", "raw_copy_ratio_variants", "predicted_s", "values_equal",
             "host_phases_s", "wall_s")}), flush=True)
   out["complete"] = len(out["records"]) == len(trees) * len(models) * len(transitions)
   out["total_wall_s"] = time.perf_counter() - t_main

@@ -2,7 +2,8 @@
 
 Pure functions of (shape, itemsize, source sharding, target sharding, hardware); no arrays are
 touched, so `realloc_cost` and the search can call them on abstract shapes. See the algorithm in
-`sharding/realloc.py`'s module docstring.
+`sharding/realloc.py`'s module docstring. Each bucket's plan carries a hardware-free `BucketLoad`;
+`sharding/_realloc_cost.py` turns loads into seconds (per bucket, and simulated for a whole call).
 
 A *region* is a tuple of (start, stop) per array dimension: the box of the global array one
 device holds under a sharding.
@@ -19,8 +20,12 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from sharding._realloc_cost import SCHEDULES, BucketLoad, link_seconds, price, timeline, tree_seconds
 from sharding.hardware import Hardware
 from sharding.mesh import AXES, mesh_over_devices
+
+__all__ = ["SCHEDULES", "BucketLoad", "LeafSpec", "link_seconds", "plan_leaf", "plan_tree", "price", "timeline",
+           "tree_seconds"]
 
 Region = tuple[tuple[int, int], ...]
 
@@ -143,23 +148,12 @@ def is_passthrough(pieces: tuple[Piece, ...]) -> bool:
   return bool(pieces) and all(pc.src == pc.dst and pc.whole and pc.local is None for pc in pieces)
 
 
-def link_seconds(pair_bytes: dict, hw: Hardware) -> float:
-  """Seconds for device-to-device copies of `pair_bytes[(src, dst)]` bytes, all in flight at once:
-  the slowest pair, or the busiest device's total in or out, whichever is longer."""
-  out: dict = {}
-  inn: dict = {}
-  slowest = 0.0
-  for (s, d), b in pair_bytes.items():
-    out[s] = out.get(s, 0) + b
-    inn[d] = inn.get(d, 0) + b
-    bw = hw.inter_host_bandwidth if _process(s) != _process(d) else hw.d2d_bandwidth
-    slowest = max(slowest, b / bw)
-  return max(slowest, max([*out.values(), *inn.values(), 0]) / hw.d2d_device_bandwidth)
-
-
-def _path_stages(pieces, itemsize: int, hw: Hardware) -> tuple[float, float, float, int]:
+def _path_stages(pieces, itemsize: int, hw: Hardware, direct: bool = True) -> tuple[float, float, float, int]:
   """(pack, copy, unpack) seconds and link bytes of the general path for one leaf's pieces: every piece
-  is packed on its source (its own device's too), copied unless it is there, unpacked on its target."""
+  is packed on its source (with `direct`, except a piece that is a whole intermediate or source
+  shard: it moves as it is, and on its own device the unpack reads it in place), copied unless it is
+  there, unpacked on its target. The per-bucket load (`_plan_bucket`) is exact where this estimate is
+  not: a whole piece moves unpacked only when it is whole on every target device."""
   if is_passthrough(pieces):
     return 0.0, 0.0, 0.0, 0
   packed: dict = {}
@@ -167,11 +161,12 @@ def _path_stages(pieces, itemsize: int, hw: Hardware) -> tuple[float, float, flo
   pair: dict = {}
   for pc in pieces:
     n = math.prod(pc.shape) * itemsize
-    packed[pc.src] = packed.get(pc.src, 0) + n
+    if not (direct and pc.local is None and pc.shape):
+      packed[pc.src] = packed.get(pc.src, 0) + n
     built[pc.dst] = built.get(pc.dst, 0) + n
     if pc.src != pc.dst:
       pair[pc.src, pc.dst] = pair.get((pc.src, pc.dst), 0) + n
-  pack_s = 2 * max(packed.values()) / hw.hbm_bandwidth
+  pack_s = 2 * max([*packed.values(), 0]) / hw.hbm_bandwidth
   unpack_s = 2 * max(built.values()) / hw.hbm_bandwidth
   return pack_s, link_seconds(pair, hw), unpack_s, sum(pair.values())
 
@@ -185,19 +180,70 @@ def _xla_rematerializes(src_rs, irs, ndim) -> bool:
   return replicated and any(i > 1 and s == 1 for s, i in zip(sg, ig))
 
 
+def _shard_shape(rs) -> tuple[int, ...]:
+  return tuple(b - a for a, b in next(iter(rs.values())))
+
+
+def reshard_bytes(shape: tuple[int, ...], itemsize: int, src_rs, dst_rs) -> tuple[int, int]:
+  """(bytes one device receives at most, HBM bytes read + written per device beyond the collective)
+  when XLA reshards `src_rs` -> `dst_rs` (regions on the same device list) in one jitted program.
+
+  What XLA's GPU compiler emits (0.11/0.12), priced per device:
+  * nothing received (every target region inside the device's source region): a local slice,
+    reading and writing the target shard once;
+  * a collective: NCCL writes its output straight, except that XLA:GPU runs all-gather,
+    all-to-all and reduce-scatter only along the most major dimension of the layout
+    (`gpu_layout_assignment.cc`: `MoveDimToMajor`). The operand is copied into such a layout (read
+    and written once more) when a newly split dimension (an all-to-all's chunks) or, for a pure
+    all-gather, the gathered one has a dimension of extent > 1 before it in the shard; the result
+    is copied back when a gathered dimension has. 2x H100, 7B stacked fsdp2 -> tensor2 (an
+    all-to-all of dims 1 and 2 of [L, D, F], 6.74 GB per device, both copies): 21.0 ms = 3.37 GB
+    over the link (8.7 ms at 389 GB/s) + 27 GB of copies (10.4 ms at 2.6 TB/s); fsdp2 -> single
+    (all-gathers along minor dims): 34.2 ms = 6.74 GB (17.3 ms) + 40 GB of copies (15.5 ms). A
+    change of block order only (same counts per dimension) is a collective-permute: no copy;
+  * a partially replicated target that shards a dimension the source does not: XLA all-gathers
+    the whole array, then slices (`_xla_rematerializes`).
+  """
+  ndim = len(shape)
+  if all(src_rs[d] == r for d, r in dst_rs.items()):
+    return 0, 0
+  in_shard, out_shard = _shard_shape(src_rs), _shard_shape(dst_rs)
+  in_b = max(_size(r) for r in src_rs.values()) * itemsize
+  out_b = max(_size(r) for r in dst_rs.values()) * itemsize
+  if _xla_rematerializes(src_rs, dst_rs, ndim):
+    full = math.prod(shape) * itemsize
+    recv = max(full - _size(src_rs[d]) * itemsize for d in dst_rs)
+    gathered = [k for k in range(ndim) if in_shard[k] != shape[k]]
+    relayout = any(math.prod(shape[:k]) > 1 for k in gathered)
+    return recv, (2 * (in_b + full) if relayout else 0) + 2 * out_b
+  recv = max(_size(r) - _overlap(r, src_rs[d]) for d, r in dst_rs.items()) * itemsize
+  if recv == 0:
+    return 0, 2 * out_b
+  sg, dg = _grid(src_rs, ndim), _grid(dst_rs, ndim)
+  split = [k for k in range(ndim) if dg[k] > sg[k]]
+  gathered = [k for k in range(ndim) if dg[k] < sg[k]]
+  # The collective's dimension must be major: the operand is copied when a newly split dimension (an
+  # all-to-all's chunks), or for a pure all-gather the gathered one, has a dimension of extent > 1
+  # before it; the result when a gathered dimension has.
+  copy_in = any(math.prod(in_shard[:k]) > 1 for k in (split or gathered))
+  copy_out = any(math.prod(out_shard[:k]) > 1 for k in gathered)
+  return recv, 2 * (in_b * copy_in + out_b * copy_out)
+
+
 MODES = ("auto", "reshard", "pieces")
 
 
 @functools.lru_cache(maxsize=4096)
 def plan_leaf(shape: tuple[int, ...], itemsize: int, src: NamedSharding, dst: NamedSharding,
-              hw: Hardware, mode: str = "auto") -> LeafPlan:
+              hw: Hardware, mode: str = "auto", direct: bool = True) -> LeafPlan:
   """The cheapest on-device plan (under `hw`) to move one array from `src` to `dst`.
 
   mode "reshard": only intermediates whose shards contain whole target shards (no assembly);
   "pieces": no reshard, target shards assembled from pieces of the source shards; "auto": the
   cheapest of both. A plan's seconds: the reshard (bytes received per device over the collective
-  bandwidth plus one collective's latency), packing, copies and unpacking in HBM, and its host
-  work (one assembled array for a pass-through plan, else a few jitted-program arguments).
+  bandwidth, one collective's latency, XLA's layout copies: `reshard_bytes`), packing (with
+  `direct`, whole shards are not packed), copies and unpacking in HBM, and its host work (one
+  assembled array for a pass-through plan, else a few jitted-program arguments).
   """
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -222,17 +268,11 @@ def plan_leaf(shape: tuple[int, ...], itemsize: int, src: NamedSharding, dst: Na
     pieces = _assign(irs, tgt_rs, assemble)
     if pieces is None:
       continue
-    pack_s, copy_s, unpack_s, copy_bytes = _path_stages(pieces, itemsize, hw)
-    if inter is None:
-      recv = 0
-    elif _xla_rematerializes(src_rs, irs, len(shape)):
-      # XLA's SPMD partitioner all-gathers the whole array and slices ("Involuntary full
-      # rematerialization"): every device receives all it does not hold.
-      recv = max(math.prod(shape) - _size(src_rs[d]) for d in irs) * itemsize
-    else:
-      recv = max(_size(r) - _overlap(r, src_rs[d]) for d, r in irs.items()) * itemsize
-    reshard_s = (recv / hw.intra_mesh_collective_bandwidth + hw.collective_latency_s + 2 * hw.leaf_arg_s
-                 if inter is not None else 0.0)
+    pack_s, copy_s, unpack_s, copy_bytes = _path_stages(pieces, itemsize, hw, direct)
+    recv, relayout = reshard_bytes(shape, itemsize, src_rs, irs) if inter is not None else (0, 0)
+    latency = hw.collective_latency_s + hw.collective_host_s if recv else 0.0
+    reshard_s = (recv / hw.intra_mesh_collective_bandwidth + relayout / hw.hbm_bandwidth + latency
+                 + 2 * hw.leaf_arg_s if inter is not None else 0.0)
     host_s = hw.leaf_assemble_s if is_passthrough(pieces) else hw.leaf_arg_s * (1 + len({p.src for p in pieces}))
     stages = (reshard_s, pack_s, copy_s, unpack_s)
     seconds = sum(stages) + host_s
@@ -249,12 +289,6 @@ def plan_leaf(shape: tuple[int, ...], itemsize: int, src: NamedSharding, dst: Na
 def device_list(s: NamedSharding) -> tuple[jax.Device, ...]:
   """The sharding's device assignment (a jitted program needs the same list, in order, for all arrays)."""
   return tuple(s.mesh.devices.flat)
-
-
-def same_device_recv(shape: tuple[int, ...], itemsize: int, src: NamedSharding, dst: NamedSharding) -> int:
-  """Max bytes one device receives when XLA reshards src -> dst on one device list."""
-  src_rs, tgt_rs = regions(src, shape), regions(dst, shape)
-  return max((_size(r) - _overlap(r, src_rs[d])) * itemsize for d, r in tgt_rs.items())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,43 +350,18 @@ class CellClass:
   """Cells of one bucket (one target mesh and dtype) that each target device takes from a single
   device: per target device ONE flat buffer, the cells' elements concatenated in `cells` order, so
   the buffers of all target devices have the same layout and form one global array on the target
-  mesh. `srcs[j]`: the device that packs the j-th target device's buffer (itself: no copy)."""
+  mesh. `srcs[j]`: the device that packs the j-th target device's buffer (itself: no copy).
+
+  A *direct* class (`shape` not None) is one cell that is, on every target device, a whole
+  intermediate (or source) shard of `shape`: nothing packs it; the shard itself is copied (or, on
+  its own device, read in place by the unpack)."""
 
   mesh: jax.sharding.Mesh
   dtype: str
   srcs: tuple[jax.Device, ...]
   cells: tuple[tuple[int, int], ...]  # (leaf index, cell index)
   size: int                           # elements per target device
-
-
-@dataclasses.dataclass(frozen=True)
-class BucketLoad:
-  """What one bucket's execution moves and dispatches, whatever the hardware: the quantities that
-  `price` turns into seconds (so a profile can be refitted to measured runs without replanning)."""
-
-  collective_bytes: int  # bytes received per device by the bucket's reshards, summed over leaves
-  collectives: int       # arrays resharded by XLA collectives (one collective each)
-  packed: dict           # source device -> bytes its pack program writes
-  pairs: dict            # (source, target device) -> bytes copied
-  built: dict            # target device -> bytes its unpack program writes
-  programs: int          # jitted programs dispatched
-  transfers: int         # buffers copied between devices
-  assembled_arrays: int  # arrays assembled in Python from per-device buffers
-  program_arrays: int    # array arguments and outputs of jitted programs, plus one per leaf
-
-
-def price(load: BucketLoad, hw: Hardware) -> tuple[float, float, float]:
-  """(host, device, link) seconds of one bucket: host = dispatches, transfers and arrays; device =
-  collectives, then the pack pass over HBM (read + write of every packed byte on the busiest
-  source device), the copies over the busiest link, the unpack pass (every built byte on the
-  busiest target device). The call's fixed host time (`hw.call_s`) is added once per tree."""
-  host_s = (load.programs * hw.dispatch_s + load.transfers * hw.transfer_latency_s
-            + load.assembled_arrays * hw.leaf_assemble_s + load.program_arrays * hw.leaf_arg_s)
-  copy_s = link_seconds(load.pairs, hw)
-  device_s = (load.collective_bytes / hw.intra_mesh_collective_bandwidth + load.collectives * hw.collective_latency_s
-              + 2 * max([*load.packed.values(), 0]) / hw.hbm_bandwidth + copy_s
-              + 2 * max([*load.built.values(), 0]) / hw.hbm_bandwidth)
-  return host_s, device_s, copy_s
+  shape: tuple[int, ...] | None = None  # direct: the shard's shape (the buffer is the shard itself)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -379,14 +388,20 @@ class BucketPlan:
   transfers: tuple[tuple[int, int], ...]
   load: BucketLoad
   host_s: float      # predicted host time: dispatches, transfers, arrays
-  device_s: float    # predicted device time: collectives, pack/unpack, copies over the busiest link
-  copy_s: float = 0.0  # the part of device_s spent on the links (overlaps other buckets' compute)
+  device_s: float    # predicted device time, stages added: collectives, pack/unpack, copies over the busiest link
+  copy_s: float = 0.0  # the part of device_s spent on the links
+
+  @property
+  def holds_intermediates(self) -> bool:
+    return self.load.holds_intermediates
 
 
 @dataclasses.dataclass(frozen=True)
 class TreePlan:
   buckets: tuple[BucketPlan, ...]
   seconds: float
+  schedule: str = "serial"  # the schedule `seconds` is priced for (the chosen one when asked for "auto")
+  host_s: float = 0.0       # predicted time until `reallocate` returns
 
 
 def bucket_indices(specs, bucket_bytes):
@@ -405,23 +420,30 @@ def bucket_indices(specs, bucket_bytes):
   return out
 
 
-def _classes(specs, cells: dict[int, LeafCells]) -> tuple[CellClass, ...]:
-  """Cells grouped by (target mesh, dtype, source of every target device), in leaf and cell order."""
+def _classes(specs, cells: dict[int, LeafCells], direct: bool) -> tuple[CellClass, ...]:
+  """Cells grouped by (target mesh, dtype, source of every target device), in leaf and cell order;
+  with `direct`, a cell that is a whole intermediate shard on every target device is a class of its
+  own (after the packed ones)."""
   groups: dict = {}
+  alone = []
   for k, lc in cells.items():
     s = specs[k]
     for c, (_, shape) in enumerate(lc.cells):
-      key = (s.dst.mesh, s.dtype, tuple(row[c][0] for row in lc.sources))
-      groups.setdefault(key, []).append((k, c, math.prod(shape)))
+      srcs = tuple(row[c][0] for row in lc.sources)
+      if direct and shape and all(row[c][1] is None for row in lc.sources):
+        alone.append(CellClass(s.dst.mesh, s.dtype, srcs, ((k, c),), math.prod(shape), tuple(shape)))
+        continue
+      groups.setdefault((s.dst.mesh, s.dtype, srcs), []).append((k, c, math.prod(shape)))
   return tuple(CellClass(mesh, dtype, srcs, tuple((k, c) for k, c, _ in v), sum(n for *_, n in v))
-               for (mesh, dtype, srcs), v in groups.items())
+               for (mesh, dtype, srcs), v in groups.items()) + tuple(alone)
 
 
-def _plan_bucket(specs, idx, hw: Hardware, mode: str) -> BucketPlan:
+def _plan_bucket(specs, idx, hw: Hardware, mode: str, direct: bool) -> BucketPlan:
   kinds, leaf_plans, cells = {}, {}, {}
   same: dict = {}
   reshard: dict = {}
-  recv_same = 0
+  recv_same = 0      # bytes received per device by the reshards (summed over leaves)
+  relayout = 0       # HBM bytes of XLA's layout copies and slices per device (summed over leaves)
   n_collectives = 0
   n_passthrough = 0
   for k in idx:
@@ -434,49 +456,58 @@ def _plan_bucket(specs, idx, hw: Hardware, mode: str) -> BucketPlan:
     elif mode == "auto" and device_list(s.src) == device_list(s.dst):
       kinds[k] = "same"
       same.setdefault(device_list(s.src), []).append(k)
-      recv_same += same_device_recv(s.shape, itemsize, s.src, s.dst)
-      n_collectives += 1
+      recv, hbm = reshard_bytes(s.shape, itemsize, regions(s.src, s.shape), regions(s.dst, s.shape))
+      recv_same += recv
+      relayout += hbm
+      n_collectives += recv > 0
     else:
-      p = plan_leaf(s.shape, itemsize, s.src, s.dst, hw, mode)
+      p = plan_leaf(s.shape, itemsize, s.src, s.dst, hw, mode, direct)
       leaf_plans[k] = p
       if p.inter is not None:
         reshard.setdefault(device_list(p.inter), []).append(k)
-        recv_same += p.reshard_bytes
-        n_collectives += 1
+        recv, hbm = reshard_bytes(s.shape, itemsize, regions(s.src, s.shape), regions(p.inter, s.shape))
+        recv_same += recv
+        relayout += hbm
+        n_collectives += recv > 0
       if is_passthrough(p.pieces):
         kinds[k] = "passthrough"
         n_passthrough += 1
       else:
         kinds[k] = "general"
         cells[k] = leaf_cells(p, s)
-  classes = _classes(specs, cells)
+  classes = _classes(specs, cells, direct)
   transfers = []
   packed: dict = {}   # source device -> bytes it packs
+  pack_in = set()     # (source device, leaf): the packs' inputs
   pairs: dict = {}    # (source, target) -> bytes copied
   outputs = 0         # buffers the packs write
   for ci, cl in enumerate(classes):
     nbytes = cl.size * np.dtype(cl.dtype).itemsize
     for j, (src, dst) in enumerate(zip(cl.srcs, cl.mesh.devices.flat)):
-      packed[src] = packed.get(src, 0) + nbytes
-      outputs += 1
+      if cl.shape is None:
+        packed[src] = packed.get(src, 0) + nbytes
+        pack_in |= {(src, k) for k, _ in cl.cells}
+        outputs += 1
       if src != dst:
         pairs[src, dst] = pairs.get((src, dst), 0) + nbytes
         transfers.append((ci, j))
   transfers.sort(key=lambda t: _transfer_order(classes, t))
   built: dict = {}    # target device -> bytes its unpack writes
-  pack_args = 0
-  for k, lc in cells.items():
+  for k in cells:
     nbytes = math.prod(specs[k].dst.shard_shape(specs[k].shape)) * np.dtype(specs[k].dtype).itemsize
     for d in device_list(specs[k].dst):
       built[d] = built.get(d, 0) + nbytes
-    pack_args += len({src for row in lc.sources for src, _ in row})
+  coll_devices = tuple(dict.fromkeys(d for devs, _ in (*same.items(), *reshard.items()) for d in devs))
+  coll_arrays = 2 * sum(len(ks) for ks in same.values()) + 2 * sum(len(ks) for ks in reshard.values())
   load = BucketLoad(
       collective_bytes=recv_same, collectives=n_collectives, packed=packed, pairs=pairs, built=built,
       programs=(len(same) + len(reshard) + len(packed) + len({specs[k].dst.mesh for k in cells})
                 + sum(kinds[k] == "empty" for k in idx)),
       transfers=len(transfers), assembled_arrays=len(classes) + n_passthrough,
-      program_arrays=(len(idx) + 2 * sum(len(ks) for ks in same.values()) + 2 * sum(len(ks) for ks in reshard.values())
-                      + pack_args + outputs + len(classes) + len(cells)))
+      program_arrays=len(idx) + coll_arrays + len(pack_in) + outputs + len(classes) + len(cells),
+      collective_hbm_bytes=relayout, collective_devices=coll_devices, collective_programs=len(same) + len(reshard),
+      collective_arrays=coll_arrays, pack_programs=len(packed), pack_arrays=len(pack_in) + outputs,
+      holds_intermediates=any(kd in ("general", "passthrough") for kd in kinds.values()))
   host_s, device_s, copy_s = price(load, hw)
   return BucketPlan(tuple(idx), kinds, leaf_plans, tuple((d, tuple(ks)) for d, ks in same.items()),
                     tuple((d, tuple(ks)) for d, ks in reshard.items()), cells, classes, tuple(transfers),
@@ -489,36 +520,25 @@ def _transfer_order(classes, t):
   return (src.process_index, src.id, dst.process_index, dst.id, ci)
 
 
-SCHEDULES = ("serial", "pipelined")
-
-
-def tree_seconds(loads, hw: Hardware, schedule: str = "serial") -> float:
-  """Predicted seconds of a whole reallocation from its buckets' loads: max(host, device) + one
-  dispatch. Host: the call's fixed time (`call_s`) plus every bucket's dispatches, transfers and
-  arrays (host dispatch overlaps the device work of earlier buckets). Device, "serial" schedule:
-  the buckets' collective, pack, copy and unpack one after the other (a device that both sends
-  and receives runs bucket b+1's pack after bucket b's unpack, which waits for b's copies);
-  "pipelined": the links carry the buckets' copies back to back while the compute streams pack and
-  unpack the neighbours, and one bucket's min(copy, compute) stays exposed."""
-  if schedule not in SCHEDULES:
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-  prices = [price(load, hw) for load in loads]
-  host = hw.call_s + sum(h for h, _, _ in prices)
-  if schedule == "serial":
-    return max(host, sum(d for _, d, _ in prices)) + hw.dispatch_s
-  links = sum(c for _, _, c in prices)
-  compute = sum(d - c for _, d, c in prices)
-  exposed = max([min(c, d - c) for _, d, c in prices], default=0.0)
-  return max(host, max(links, compute) + exposed) + hw.dispatch_s
+PLAN_SCHEDULES = SCHEDULES + ("auto",)
 
 
 @functools.lru_cache(maxsize=64)
 def plan_tree(specs: tuple[LeafSpec, ...], hw: Hardware, mode: str, bucket_bytes: int | None,
-              schedule: str = "serial") -> TreePlan:
-  """Buckets and their programs for a whole tree, priced by `tree_seconds` under `schedule` (0 when
-  nothing moves)."""
+              schedule: str = "serial", direct: bool = True) -> TreePlan:
+  """Buckets and their programs for a whole tree, priced by `timeline` under `schedule` (0 when
+  nothing moves). `schedule="auto"`: the schedule `timeline` predicts faster (serial on a tie).
+  `direct=False` packs every cell, whole shards included (the cell-classes implementation before
+  direct classes, kept for comparison)."""
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-  buckets = tuple(_plan_bucket(specs, idx, hw, mode) for idx in bucket_indices(specs, bucket_bytes))
-  moves = any(k != "keep" for b in buckets for k in b.kinds.values())
-  return TreePlan(buckets, tree_seconds([b.load for b in buckets], hw, schedule) if moves else 0.0)
+  if schedule not in PLAN_SCHEDULES:
+    raise ValueError(f"schedule must be one of {PLAN_SCHEDULES}, got {schedule!r}")
+  buckets = tuple(_plan_bucket(specs, idx, hw, mode, direct) for idx in bucket_indices(specs, bucket_bytes))
+  if not any(k != "keep" for b in buckets for k in b.kinds.values()):
+    return TreePlan(buckets, 0.0, "serial" if schedule == "auto" else schedule, 0.0)
+  loads = [b.load for b in buckets]
+  waits = bucket_bytes is not None
+  priced = {sc: timeline(loads, hw, sc, waits) for sc in (SCHEDULES if schedule == "auto" else (schedule,))}
+  best = min(priced, key=lambda sc: (priced[sc][1], sc != "serial"))
+  return TreePlan(buckets, priced[best][1], best, priced[best][0])

@@ -12,30 +12,29 @@ Bandwidth conventions (all in bytes per second):
 * `d2d_device_bandwidth` - all copies into (or out of) one device together (several pairs at once).
 * `inter_host_bandwidth` - the same for a pair of devices on different hosts (per device).
 * `hbm_bandwidth` - on-device memory copy rate (read + write counted once each: a copy of B bytes
-  costs 2 B / hbm_bandwidth).
+  costs 2 B / hbm_bandwidth): prices packs, unpacks, and XLA's layout copies and slices in reshards.
 * `intra_mesh_collective_bandwidth` - bytes *received per device* per second by a jitted reshard
   (all-to-all / all-gather) inside one mesh.
 * `transfer_latency_s` - host cost of one device-to-device buffer copy inside a batched `device_put`.
 * `dispatch_s` - host cost of dispatching one jitted program (reshard, pack, unpack).
 * `collective_latency_s` - device cost of one array's collective inside a reshard program (XLA
   emits one collective per array; on GPUs each is a kernel launch and a synchronisation).
+* `collective_host_s` - host cost of one array's collective when its reshard program is dispatched
+  (on top of `dispatch_s` and `leaf_arg_s`).
 * `leaf_arg_s` - host cost per array argument or output of a jitted program (the C++ dispatch
   path), and per leaf of a `reallocate` call (flattening, the plan lookup).
 * `leaf_assemble_s` - host cost of one array assembled in Python from per-device buffers
   (`jax.make_array_from_single_device_arrays`): one per cell class of a bucket, and one per
   pass-through leaf.
-* `call_s` - fixed host cost of one `reallocate` call, whatever its plan (seen on 4x H100: ~11 ms
-  per call until return with nothing waited for, for 1 to 5 programs).
+* `call_s` - fixed host cost of one `reallocate` call, whatever its plan.
 
-`d2d_device_bandwidth` and the last five have defaults (older profile files lack them; `call_s`
-defaults to 0).
-`realloc_cost` prices each bucket's host time (dispatches, transfers, arrays) and device time
-(collectives, pack and unpack copies in HBM, bytes over the busiest link) and takes the larger of
-the host total and the device pipeline: host dispatch of one bucket overlaps the device work of
-the previous one.
+`d2d_device_bandwidth` and the fields after it have defaults (older profile files lack them;
+`call_s` and `collective_host_s` default to 0). `realloc_cost` simulates the call as it runs
+(`sharding/_realloc_cost.py`): the host dispatching bucket after bucket, one compute stream per
+device, the links.
 
-`H100_SXM` is the default, from measurements on 4x H100 SXM (NVLink) with jax 0.11.2 (DESIGN.md
-section 4); `bench/realloc.py --fit` refits it to a benchmark run (see bench/README.md).
+`H100_SXM` is the default, from measurements on H100 SXM (NVLink) with jax 0.11.2 (DESIGN.md
+section 4); `bench/realloc.py --fit` checks it against benchmark runs (see bench/README.md).
 """
 
 from __future__ import annotations
@@ -62,6 +61,7 @@ class Hardware:
   leaf_arg_s: float = 3e-6
   leaf_assemble_s: float = 30e-6
   call_s: float = 0.0
+  collective_host_s: float = 0.0
   extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
   def __post_init__(self):
@@ -70,7 +70,8 @@ class Hardware:
     for f in ("d2d_bandwidth", "d2d_device_bandwidth", "inter_host_bandwidth", "hbm_bandwidth", "intra_mesh_collective_bandwidth"):
       if not getattr(self, f) > 0:
         raise ValueError(f"Hardware.{f} must be > 0, got {getattr(self, f)!r}")
-    for f in ("transfer_latency_s", "dispatch_s", "collective_latency_s", "leaf_arg_s", "leaf_assemble_s", "call_s"):
+    for f in ("transfer_latency_s", "dispatch_s", "collective_latency_s", "leaf_arg_s", "leaf_assemble_s", "call_s",
+              "collective_host_s"):
       if getattr(self, f) < 0:
         raise ValueError(f"Hardware {self.name}: {f} must be >= 0, got {getattr(self, f)!r}")
     if self.devices_per_host < 1:
@@ -107,42 +108,41 @@ class Hardware:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-# 4x H100 SXM 80GB, NVLink 4, one host, jax 0.11.2. Sources, all runs of 2026-11-26:
-# * d2d_bandwidth and d2d_device_bandwidth 272 GB/s: the raw copies of the cell-classes run
-#   (bench/results/realloc-h100.json, 14:48): 7B tensor2 (2 of 4) -> fsdp4 moved 6.74 GB out of each
-#   of its 2 source GPUs in 24.8 ms (272 GB/s), 7B data2 x tensor2 -> fsdp4 the same bytes in 25.2 ms;
-#   no record shows one pair faster than its device's total, so the pair rate is the same number.
-# * transfer_latency_s 28 us per copied buffer: the same run's latency-bound raw copies, (time - bytes
-#   at 272 GB/s) / transfers: 7B fsdp4 -> tensor4 33 us (1164 transfers), 7B fsdp4 -> tensor2 28 us,
-#   1B fsdp4 -> tensor4 34 us, 1B fsdp4 -> tensor2 25 us, 1B tensor2 -> fsdp4 15 us; the median.
-# * hbm_bandwidth 2.15 TB/s (read + written bytes): a jitted elementwise pass over 2 GiB on one of
-#   these H100s (bench/results/calls-h100.json, hbm_bytes_per_s); prices the pack and unpack passes.
-# * intra_mesh_collective_bandwidth 225 GB/s received per device and collective_latency_s 40 us per
-#   array: the same-device reshards of the per-leaf implementation's run (12:20, 7B fsdp4 -> tensor4,
-#   2.5 GB per device, 291 leaves: 21.5 ms measured unbucketed, 22.8 predicted; 1B: 11.7, 10.1).
-# * call_s 7.5 ms per call and dispatch_s 366 us per program: non-negative least squares on the
-#   cell-classes run's 10 host times (7 unbucketed calls' time until return, nothing waited for, and
-#   the 3 same-device bucketed calls', none waited for): 10.4-16.6 ms for 1-14 programs, whatever
-#   the leaf count (201 or 291) and the program arrays (603-1758); leave-one-record-out fits give
-#   7.1-7.7 ms and 307-398 us. Neither is explained yet (CPU: ~0.2 ms of Python per call on the
-#   stacked tree, ~1-3 ms on the per-layer one; bench/README.md): the GPU runs record `host_phases`.
-# * leaf_arg_s 3 us per program array and leaf_assemble_s 30 us per Python-made array: CPU
-#   measurements of the cell-classes implementation (bench/README.md), not separable in the GPU run.
+# H100 SXM 80GB, NVLink 4, jax 0.11.2. Sources, runs of 2026-11-26 (`bench/realloc.py --fit` reprices them):
+# * d2d_bandwidth, d2d_device_bandwidth and intra_mesh_collective_bandwidth 389 GB/s: the raw copies of the
+#   2x H100 run (bench/results/realloc-h100x2.json): 7B single (1 of 2) -> fsdp2 moved 13.5 GB from one GPU to
+#   the other in 34.7 ms; the same links carry the collectives (a 2-GPU mesh has one peer per device). The
+#   4x H100 machine's raw copies reached 272 GB/s out of one GPU to several peers (realloc-h100.json, 7B
+#   tensor2 -> fsdp4: 6.74 GB per source GPU in 24.8 ms): a machine of that kind wants its own profile.
+# * transfer_latency_s 19 us per copied buffer: the same raw copies, (time - bytes at 389 GB/s) / transfers,
+#   the median over the run's 16 records (4x H100: 28 us).
+# * hbm_bandwidth 2.6 TB/s, collective_latency_s 20 us: fitted to every timed variant of the 2x H100 run
+#   (mean |log(predicted / measured)|, a grid; the link terms above held); leave one record out: 2.4-2.6
+#   TB/s, 15-20 us. Between the 2.15 TB/s of a jitted elementwise pass (calls-h100.json) and the ~3 TB/s
+#   of a plain device copy, as copies and transposes should be.
+# * call_s 0.91 ms, dispatch_s 232 us per program, collective_host_s 23 us per collective: non-negative
+#   least squares on that run's 16 unbucketed calls' host times (time until return, nothing waited for;
+#   `host_phases_s` shows the reshard program's dispatch growing ~20-80 us per collective); leave one
+#   record out: 0.65-1.08 ms, 187-301 us, 22-25 us. The 4x H100 run's per-layer calls (11 ms each, no
+#   host phases recorded) fit call_s 7.7 ms instead: host time is the least portable term.
+# * leaf_arg_s 3 us per program array and leaf_assemble_s 30 us per Python-made array: CPU measurements of
+#   the cell-classes implementation (bench/README.md), not separable in the GPU runs.
 # * inter-host 400 Gb/s InfiniBand per GPU (not measured).
 H100_SXM = Hardware(
     name="h100_sxm",
     devices_per_host=8,
-    d2d_bandwidth=272e9,
+    d2d_bandwidth=389e9,
     inter_host_bandwidth=45e9,
-    hbm_bandwidth=2.15e12,
-    intra_mesh_collective_bandwidth=225e9,
-    transfer_latency_s=28e-6,
-    d2d_device_bandwidth=272e9,
-    dispatch_s=366e-6,
-    collective_latency_s=40e-6,
+    hbm_bandwidth=2.6e12,
+    intra_mesh_collective_bandwidth=389e9,
+    transfer_latency_s=19e-6,
+    d2d_device_bandwidth=389e9,
+    dispatch_s=232e-6,
+    collective_latency_s=20e-6,
     leaf_arg_s=3e-6,
     leaf_assemble_s=30e-6,
-    call_s=7.5e-3,
+    call_s=0.91e-3,
+    collective_host_s=23e-6,
 )
 
 DEFAULT = H100_SXM

@@ -26,31 +26,47 @@ General algorithm, per leaf (planning in `sharding/_realloc_plan.py`, pure and c
    qualifies, so a plan always exists.
 3. Copies. Each target device takes its region from a source device that holds it in I: itself
    if possible, else the least-loaded holder, preferring the same process.
-4. Cost. Every candidate is priced with the `Hardware` model (reshard bytes received per device
-   / collective bandwidth + one collective's latency, pack and unpack copies in HBM, the busiest
-   link's bytes / d2d bandwidth, host work) and the cheapest wins. A plan where every target shard
-   is literally its own device's I shard ("pass-through") copies nothing. `realloc_cost` prices
-   the whole executed path per bucket: host time (program dispatches, transfers, arrays) against
-   device time (collectives, pack/unpack in HBM, the busiest device pair's bytes).
+4. Cost. Every candidate is priced with the `Hardware` model (`_realloc_plan.plan_leaf`: reshard
+   bytes received per device / collective bandwidth + one collective's latency + XLA's layout
+   copies, pack and unpack copies in HBM, the busiest link's bytes / d2d bandwidth, host work) and
+   the cheapest wins. A plan where every target shard is literally its own device's I shard
+   ("pass-through") copies nothing. `realloc_cost` simulates the whole executed path
+   (`sharding/_realloc_cost.py`): the host dispatching bucket after bucket, each device's compute
+   stream, the links.
 5. Cells and classes. Every target shard of a general leaf is cut into a grid of cells that is the
    same on all target devices (the union of the pieces' cut points), so each cell lies in one
    piece everywhere. Cells of a bucket that every target device takes from the same device as
    each other (same target mesh, dtype and source per target device) form a *class*: per target
    device ONE flat buffer, the cells' elements concatenated in a fixed order, so the buffers of
-   all target devices have the same layout.
+   all target devices have the same layout. A cell that is a whole I shard on every target device
+   is a *direct* class of its own: that shard is the buffer, with no pack (`direct=False` packs it
+   like the others, as the cell-classes implementation did).
 6. Execution, per bucket, with no Python work per leaf: ONE `jit(identity, out_shardings=[I...])`
    per source device list over all the bucket's leaves that need a reshard; per source device
-   ONE jitted "pack" that cuts every class buffer it serves (its own device's included) out of its
-   local shards; ONE batched `device_put` of the buffers that change device; per class ONE global
-   array over the target mesh made of its buffers (`make_array_from_single_device_arrays`); per
-   target mesh ONE jitted `shard_map` "unpack" whose inputs are the class arrays and whose OUTPUTS
-   are the bucket's target arrays with their target shardings (every device slices the same
-   offsets of its own buffers, so one SPMD program serves all of them; XLA creates the global
-   arrays). Pass-through leaves are assembled from their buffers as they are (one Python array
-   each, no copy). A bucket thus costs a handful of dispatches, one transfer per (class, target
-   device) and one Python array per class, whatever its leaf count. Plans and programs are cached
-   by the leaves' (shapes, dtypes, shardings) and the targets: a repeated reallocation finds them
-   with one dict lookup and only dispatches. No host round trip.
+   ONE jitted "pack" that cuts every packed class buffer it serves (its own device's included) out
+   of its local shards; ONE batched `device_put` of the buffers that change device (a direct
+   class's shards as they are); per class ONE global array over the target mesh made of its
+   buffers (`make_array_from_single_device_arrays`; a direct class's shard on its own device is
+   used in place); per target mesh ONE jitted `shard_map` "unpack" whose inputs are the class
+   arrays and whose OUTPUTS are the bucket's target arrays with their target shardings (every
+   device slices the same offsets of its own buffers, so one SPMD program serves all of them; XLA
+   creates the global arrays). Pass-through leaves are assembled from their buffers as they are
+   (one Python array each, no copy). A bucket thus costs a handful of dispatches, one transfer per
+   (class, target device) and one Python array per class, whatever its leaf count. Plans and
+   programs are cached by the leaves' (shapes, dtypes, shardings) and the targets: a repeated
+   reallocation finds them with one dict lookup and only dispatches. No host round trip.
+
+Targets inside the source mesh ("gather" transitions, e.g. fsdp2 -> one of its devices): two plans
+compete per leaf, and the HBM passes decide. (a) All-gather (or gather partly) in the source mesh
+into an intermediate whose shards on the target devices are the target shards, then keep those
+buffers (pass-through): NCCL writes the result straight, no further copy, when the gathered
+dimension is the array's major one. Along a minor dimension XLA:GPU copies the operand into and
+the result out of a layout with that dimension major (`_realloc_plan.reshard_bytes`): three more
+passes over the data, on every source device. (b) Direct classes: each remote whole shard is copied
+as it is and each target device's unpack concatenates it with its own shard, read in place: one
+pass (read + write of the target shard), on the target devices only, which the copies of the next
+bucket overlap (pipelined schedule). 7B stacked fsdp2 -> single on 2x H100: (a) was the old plan
+(34 ms against a 17.9 ms raw copy); (b) is priced at ~20 ms.
 
 Cases: N -> M with M > N (target shards finer than source devices can hold apart) gets g
 coarser than the target grid and local slices; replicated targets take each copy from a
@@ -58,18 +74,24 @@ different holder when possible; same-device reshards (I equals the target) move 
 the collective.
 
 Memory: leaves go in buckets of at most `bucket_bytes` (a single larger leaf is its own bucket).
-Schedule (`schedule=`): "serial" (the default) dispatches bucket b's reshard, packs, transfers and
-unpack before bucket b+1's; "pipelined" dispatches bucket b's reshard, packs and transfers before
-bucket b-1's unpacks, so that the copies of consecutive buckets could run back to back on the
-links (on one compute stream per device, an unpack of b-1 that waits for its copies holds back the
-pack of b). On 4x H100 the pipelined schedule was 1-17% slower than the serial one on every record
-(bench/README.md), so it is opt-in. Before a bucket with intermediates (reshard outputs, packed and
-received buffers) is dispatched, the one two before it is waited for, so at most two buckets'
-intermediates (each <= bucket_bytes, times the replication of I) are alive per device beyond the
-source and the result. Buckets of same-device reshards only hold XLA's temporaries while they run
-and are never waited for. `bucket_bytes=None` dispatches everything without waiting. `donate=True`
-deletes each source leaf right after its last use is dispatched (a cross-device
-`device_put(donate=True)` would not free it); a leaf whose buffers the result reuses (a
+Schedule (`schedule=`): "serial" dispatches bucket b's reshard, packs, transfers and unpack before
+bucket b+1's; "pipelined" dispatches bucket b's reshard, packs and transfers before bucket b-1's
+unpacks; "auto" (the default) runs the one `realloc_cost` predicts faster for the tree (serial on a
+tie). Why it matters: a copy's destination buffer is allocated in its device's compute-stream
+order, so under "serial" bucket b+1's copies into a device wait for bucket b's unpack there, which
+waits for bucket b's copies; "pipelined" lets the links carry consecutive buckets' copies back to
+back. Measured (2x H100, stacked trees, the cell-classes implementation): single -> fsdp2 7B 25.2 ms
+serial, 21.4 pipelined (the simulation: 26.0 and 21.8); same-device and gather plans equal either
+way. Caveat: on the 291-leaf per-layer trees the pipelined schedule was 13-20% slower on the
+general path (4x H100 and 2x H100), which the simulation does not reproduce (it predicts it
+faster); real_jax moves stacked trees (a few leaves per bucket). Before a bucket with intermediates
+(reshard outputs, packed and received buffers) is dispatched, the one two before it is waited for,
+so at most two buckets' intermediates (each <= bucket_bytes, times the replication of I) are alive
+per device beyond the source and the result. Buckets of same-device reshards only hold XLA's
+temporaries while they run and are never waited for. `bucket_bytes=None` dispatches everything
+without waiting. `donate=True` deletes each source leaf right after its last use is dispatched (a
+cross-device `device_put(donate=True)` would not free it; the programs and copies already
+dispatched keep their buffers until they are done); a leaf whose buffers the result reuses (a
 pass-through target shard that is literally a source shard) is left for the garbage collector.
 
 Multi-process: cross-process class buffers move with `device_put` between single-device shardings on
@@ -101,12 +123,14 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from sharding import hardware as _hw
-from sharding._realloc_plan import SCHEDULES as _SCHEDULES
-from sharding._realloc_plan import BucketPlan, LeafPlan, LeafSpec, plan_leaf, plan_tree
+from sharding._realloc_plan import SCHEDULES  # noqa: F401 - re-exported: the schedules `reallocate` runs
+from sharding._realloc_plan import PLAN_SCHEDULES, BucketPlan, LeafPlan, LeafSpec, plan_leaf, plan_tree
+
+__all__ = ["DEFAULT_BUCKET_BYTES", "DEFAULT_SCHEDULE", "PLAN_SCHEDULES", "SCHEDULES", "plans", "realloc_cost",
+           "reallocate"]
 
 DEFAULT_BUCKET_BYTES = 1 << 30
-SCHEDULES = _SCHEDULES
-DEFAULT_SCHEDULE = "serial"  # 4x H100: the pipelined schedule was 1-17% slower on all 7 records (bench/README.md).
+DEFAULT_SCHEDULE = "auto"  # The schedule realloc_cost predicts faster for the tree (module docstring: Schedule).
 _wait = jax.block_until_ready  # The memory bound's waits (a name of its own for tests).
 
 
@@ -207,7 +231,7 @@ class _BucketProgram:
 
   def __init__(self, specs, bp: BucketPlan, me: int):
     self.bp = bp
-    self.holds_intermediates = any(kd in ("general", "passthrough") for kd in bp.kinds.values())
+    self.holds_intermediates = bp.holds_intermediates
     self.same = []    # (leaf indices, jitted identity)
     for devs, ks in bp.same:
       if any(d.process_index == me for d in devs):
@@ -225,11 +249,18 @@ class _BucketProgram:
     self.view_order = {k: _local_order(view[k], me) for k in moved}
     self.has_local = [k for k in moved if self.view_order[k]]
     self.checked = False
-    # Pack: per source device of this process, every class buffer it fills (its own included).
+    # Pack: per source device of this process, every packed class buffer it fills (its own included).
+    # A direct class's buffer is a whole shard of the view: (class, target position, leaf, local position).
     packs: dict = {}  # source device -> [(class, target position)]
+    self.direct = []
     for ci, cl in enumerate(bp.classes):
       for j, src in enumerate(cl.srcs):
-        if src.process_index == me:
+        if src.process_index != me:
+          continue
+        if cl.shape is not None:
+          (k, _), = cl.cells
+          self.direct.append((ci, j, k, self.view_order[k][src]))
+        else:
           packs.setdefault(src, []).append((ci, j))
     self.packs = []  # (source device, [(leaf, local position)], [(class, target position)], jitted fn)
     for src, outs in packs.items():
@@ -249,20 +280,26 @@ class _BucketProgram:
     local_puts = [(ci, j, dst) for ci, j, src, dst, _, _ in self.puts if src.process_index == dst.process_index]
     self.local_keys = [(ci, j) for ci, j, _ in local_puts]
     self.local_dsts = [SingleDeviceSharding(dst) for *_, dst in local_puts]
-    # Per class with devices here: the global array of its buffers on the target mesh.
+    # Per class with devices here: the global array of its buffers on the target mesh (flat buffers,
+    # or a direct class's shards stacked along their first dimension).
     self.arrays = []  # (class, [(class, target position) of this process], assembler)
     for ci, cl in enumerate(bp.classes):
       mine = [j for j, d in enumerate(cl.mesh.devices.flat) if d.process_index == me]
       if mine:
         sharding = NamedSharding(cl.mesh, P(tuple(cl.mesh.axis_names)))
-        self.arrays.append((ci, [(ci, j) for j in mine], _Assembler((cl.size * cl.mesh.size,), sharding, cl.dtype)))
+        shape = _class_shape(cl)
+        self.arrays.append((ci, [(ci, j) for j in mine],
+                            _Assembler((shape[0] * cl.mesh.size, *shape[1:]), sharding, cl.dtype)))
     # Unpack: per target mesh with devices here, ONE program whose outputs are the target arrays.
     by_mesh: dict = {}
     for k in bp.leaves:
       if bp.kinds[k] == "general" and any(d.process_index == me for d in specs[k].dst.mesh.devices.flat):
         by_mesh.setdefault(specs[k].dst.mesh, []).append(k)
-    where = {}  # (leaf, cell) -> (class, start, stop)
+    where = {}  # (leaf, cell) -> (class, start, stop); start None: the whole (direct) buffer
     for ci, cl in enumerate(bp.classes):
+      if cl.shape is not None:
+        where[cl.cells[0]] = (ci, None, None)
+        continue
       off = 0
       for k, c in cl.cells:
         n = math.prod(bp.cells[k].cells[c][1])
@@ -312,6 +349,8 @@ class _BucketProgram:
     for _, inputs, outs, fn in self.packs:
       for key, b in zip(outs, fn(*(local[k][i] for k, i in inputs))):
         bufs[key] = b
+    for ci, j, k, i in self.direct:  # A whole shard moves (or is read in place) as it is.
+      bufs[ci, j] = local[k][i]
     if self.local_keys:  # Inside this process: one batched call.
       ys = jax.device_put([bufs[key] for key in self.local_keys], self.local_dsts)
       bufs.update(zip(self.local_keys, ys))
@@ -325,7 +364,7 @@ class _BucketProgram:
       if smine:
         x = bufs[ci, j]
       else:  # Lives on another process: an empty placeholder on its device.
-        x = jax.make_array_from_single_device_arrays((cl.size,), SingleDeviceSharding(src), [], dtype=cl.dtype)
+        x = jax.make_array_from_single_device_arrays(_class_shape(cl), SingleDeviceSharding(src), [], dtype=cl.dtype)
       y = jax.device_put(x, SingleDeviceSharding(dst))
       if dmine:
         bufs[ci, j] = y
@@ -364,6 +403,11 @@ class _BucketProgram:
     return [out[k] for k in bp.leaves]
 
 
+def _class_shape(cl) -> tuple[int, ...]:
+  """The shape of one target device's buffer of a cell class: flat, or a direct class's shard shape."""
+  return (cl.size,) if cl.shape is None else cl.shape
+
+
 @functools.lru_cache(maxsize=None)
 def _pack_fn(recipe):
   """recipe: per output buffer, ((input slot, box or None), ...): the cut cells, flattened and concatenated."""
@@ -389,13 +433,14 @@ def _assemble(blocks, grid, axis=0):
 def _unpack_fn(mesh, n_inputs: int, recipe, out_shardings):
   """One SPMD program on the target mesh: its inputs are the class arrays (one flat buffer per device),
   its outputs every target array of the bucket. recipe: per output (grid, cells), a cell being
-  (input slot, start, stop, shape) in the device's buffer; the same on every device."""
+  (input slot, start, stop, shape) in the device's buffer, start None for a whole (direct) buffer;
+  the same on every device."""
   axes = P(tuple(mesh.axis_names))
 
   def body(*bufs):
     outs = []
     for grid, parts in recipe:
-      blocks = [bufs[j][a:b].reshape(shape) for j, a, b, shape in parts]
+      blocks = [bufs[j] if a is None else bufs[j][a:b].reshape(shape) for j, a, b, shape in parts]
       outs.append(_assemble(blocks, grid))
     return tuple(outs)
 
@@ -405,27 +450,30 @@ def _unpack_fn(mesh, n_inputs: int, recipe, out_shardings):
 
 
 @functools.lru_cache(maxsize=64)
-def _programs(specs: tuple[LeafSpec, ...], hw, mode: str, bucket_bytes, me: int):
-  tp = plan_tree(specs, hw, mode, bucket_bytes)
-  return [_BucketProgram(specs, bp, me) for bp in tp.buckets]
+def _programs(specs: tuple[LeafSpec, ...], hw, mode: str, bucket_bytes, me: int, schedule: str = DEFAULT_SCHEDULE,
+              direct: bool = True):
+  """(bucket programs, the schedule to run them with: `schedule`, or the plan's choice for "auto")."""
+  tp = plan_tree(specs, hw, mode, bucket_bytes, schedule, direct)
+  return [_BucketProgram(specs, bp, me) for bp in tp.buckets], tp.schedule
 
 
-_CALLS: dict = {}  # (leaf shapes, dtypes and shardings, targets, options) -> bucket programs
+_CALLS: dict = {}  # (leaf shapes, dtypes and shardings, targets, options) -> (bucket programs, schedule)
 _MAX_CALLS = 64
 
 
-def _cached_programs(leaves, targets, hw, mode, bucket_bytes):
-  """The bucket programs for this call, found by one dict lookup when the same tree moved before."""
+def _cached_programs(leaves, targets, hw, mode, bucket_bytes, schedule=DEFAULT_SCHEDULE, direct=True):
+  """The bucket programs for this call and their schedule, found by one dict lookup when the same
+  tree moved before."""
   try:
     key = (tuple([x.aval for x in leaves]), tuple([x.sharding for x in leaves]), tuple(targets), hw, mode,
-           bucket_bytes, jax.process_index())
+           bucket_bytes, schedule, direct, jax.process_index())
   except (AttributeError, TypeError):  # Not a jax.Array (_spec names it), or an unhashable target.
     key = None
   progs = _CALLS.get(key) if key is not None else None
   if progs is None:
     _check_targets(targets)
     specs = tuple(_spec(x, t) for x, t in zip(leaves, targets))
-    progs = _programs(specs, hw, mode, bucket_bytes, jax.process_index())
+    progs = _programs(specs, hw, mode, bucket_bytes, jax.process_index(), schedule, direct)
     if len(_CALLS) >= _MAX_CALLS:
       _CALLS.pop(next(iter(_CALLS)))
     _CALLS[key] = progs
@@ -434,7 +482,7 @@ def _cached_programs(leaves, targets, hw, mode, bucket_bytes):
 
 def reallocate(tree: Any, target_shardings: Any, *, donate: bool = False,
                bucket_bytes: int | None = DEFAULT_BUCKET_BYTES, hardware: _hw.Hardware | None = None,
-               mode: str = "auto", schedule: str = DEFAULT_SCHEDULE) -> Any:
+               mode: str = "auto", schedule: str = DEFAULT_SCHEDULE, direct: bool = True) -> Any:
   """Moves every array of `tree` to its target NamedSharding, device to device.
 
   Args:
@@ -447,18 +495,21 @@ def reallocate(tree: Any, target_shardings: Any, *, donate: bool = False,
     hardware: the profile the planner prices candidate plans with (default `hardware.DEFAULT`).
     mode: "auto" (same-device fast path, else the cheapest plan), or force "reshard" or "pieces"
       plans for every leaf (see module docstring).
-    schedule: "serial" (default: each bucket sent and unpacked before the next is sent) or
-      "pipelined" (bucket b sent before bucket b-1 is unpacked); see the module docstring.
+    schedule: "serial" (each bucket sent and unpacked before the next is sent), "pipelined"
+      (bucket b sent before bucket b-1 is unpacked) or "auto" (the one `realloc_cost` predicts
+      faster for this tree); see the module docstring.
+    direct: whole intermediate (or source) shards move without a pack (the default); False packs
+      every cell as the implementation did before (kept to compare the two on GPUs).
 
   Returns:
     A pytree like `tree` whose leaves have exactly the target shardings and bitwise the same values.
   """
-  if schedule not in SCHEDULES:
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-  pipelined = schedule == "pipelined"
+  if schedule not in PLAN_SCHEDULES:
+    raise ValueError(f"schedule must be one of {PLAN_SCHEDULES}, got {schedule!r}")
   hw = hardware or _hw.DEFAULT
   leaves, treedef, targets = _targets_like(tree, target_shardings)
-  progs = _cached_programs(leaves, targets, hw, mode, bucket_bytes)
+  progs, schedule = _cached_programs(leaves, targets, hw, mode, bucket_bytes, schedule, direct)
+  pipelined = schedule == "pipelined"
   out: list = [None] * len(leaves)
   inflight: list[list] = []  # Results of the buckets with intermediates, not yet waited for.
   pending = None  # (program, state): the previous bucket, sent but not yet received.
@@ -466,9 +517,10 @@ def reallocate(tree: Any, target_shardings: Any, *, donate: bool = False,
     if bucket_bytes is not None and prog.holds_intermediates and len(inflight) >= (1 if pipelined else 2):
       _wait(inflight.pop(0))  # Bucket b-2 done: at most b-1 and b alive.
     # Software pipeline: this bucket's packs and transfers are dispatched BEFORE the previous
-    # bucket's unpacks. A device that both sends and receives runs its programs in order on one
-    # compute stream; with send(b+1) queued after recv(b) (which waits for bucket b's copies), the
-    # copies of b+1 could not start before the copies of b had finished and been unpacked.
+    # bucket's unpacks. A copy's destination buffer is allocated in its device's compute-stream
+    # order, so a copy dispatched after an unpack on its destination waits for that unpack (which
+    # waits for its own copies): with send(b+1) queued after recv(b), the copies of b+1 could not
+    # start before the copies of b had finished and been unpacked.
     state = prog.send(leaves, out)
     if not pipelined:  # Serial: send(b), recv(b), waiting for bucket b-2.
       done = prog.recv(state, leaves, targets, out, donate)
@@ -493,17 +545,21 @@ def _per_leaf(shardings, treedef, n):
 
 def realloc_cost(src_shardings: Any, dst_shardings: Any, tree_shapes: Any,
                  hardware: _hw.Hardware | None = None, mode: str = "auto",
-                 bucket_bytes: int | None = DEFAULT_BUCKET_BYTES, schedule: str = DEFAULT_SCHEDULE) -> float:
+                 bucket_bytes: int | None = DEFAULT_BUCKET_BYTES, schedule: str = DEFAULT_SCHEDULE,
+                 direct: bool = True) -> float:
   """Predicted seconds for `reallocate` to move `tree_shapes` from `src_shardings` to `dst_shardings`.
 
   `tree_shapes` is a pytree of anything with `.shape` and `.dtype` (e.g. `jax.ShapeDtypeStruct`);
   the sharding trees match it (or are prefixes of it, or single NamedShardings). It prices the path
-  `reallocate` executes under `schedule` (`_realloc_plan.tree_seconds`): host time = the call's
-  fixed time (`call_s`) plus, per bucket, program dispatches, copied buffers, Python-made arrays
-  (one per cell class and pass-through leaf) and program array arguments and outputs; device time
-  per bucket = collective bytes received per device over the collective bandwidth plus a latency
-  per resharded array, the pack and unpack passes over HBM, the busiest device's or pair's bytes
-  over the d2d bandwidths; the result is max(host, device) (serial: buckets' device times summed).
+  `reallocate` executes with the same arguments by simulating it (`sharding/_realloc_cost.py`): the
+  host dispatches each bucket's programs and copies (the call's fixed time `call_s`, `dispatch_s`
+  per program, per-array and per-collective host costs, `transfer_latency_s` per copied buffer,
+  one Python-made array per cell class and pass-through leaf) and waits where the bucket bound
+  makes it wait; each device's compute stream runs the reshards (bytes received per device over
+  the collective bandwidth, a latency per collective, XLA's layout copies over HBM), the packs and
+  the unpacks (their bytes read and written over HBM) in dispatch order; copies run on the links
+  once their sources are packed, after what was dispatched before on their destination devices.
+  The result is the time until every output is ready; `schedule="auto"` the faster schedule's.
   The constants and their sources are in `sharding/hardware.py`.
   """
   hw = hardware or _hw.DEFAULT
@@ -511,7 +567,7 @@ def realloc_cost(src_shardings: Any, dst_shardings: Any, tree_shapes: Any,
   specs = tuple(LeafSpec(tuple(x.shape), np.dtype(x.dtype).name, s, d)
                 for x, s, d in zip(leaves, _per_leaf(src_shardings, treedef, len(leaves)),
                                    _per_leaf(dst_shardings, treedef, len(leaves))))
-  return plan_tree(specs, hw, mode, bucket_bytes, schedule).seconds
+  return plan_tree(specs, hw, mode, bucket_bytes, schedule, direct).seconds
 
 
 def plans(tree: Any, target_shardings: Any, hardware: _hw.Hardware | None = None,

@@ -35,6 +35,8 @@ CASES = {
     "proc1 -> 8 mixed": (named(4, (1, 1, 4), None, "tensor"), named(0, (2, 2, 2), "fsdp", "tensor")),
     "straddling 2..5 -> 0..7": (named(2, (1, 2, 2), "fsdp", "tensor"), named(0, (1, 8, 1), None, "fsdp")),
     "proc1 -> replicated proc0": (named(4, (1, 4, 1), "fsdp"), named(0, (4, 1, 1))),
+    # Gather into one device of the source mesh: whole shards of both processes move as they are.
+    "8 minor -> device 5": (named(0, (1, 8, 1), None, "fsdp"), named(5, (1, 1, 1))),
 }
 
 ok = 0

@@ -47,6 +47,22 @@ def _move(refs, src, dst, **kw):
   return xs, ys
 
 
+# Bytes decide the plan, as they do for the gigabyte leaves of real models (tiny test arrays would
+# otherwise be decided by per-call host terms).
+BYTES_ONLY = Hardware("bytes_only", 8, 389e9, 45e9, 2.6e12, 389e9, 0.0, dispatch_s=0.0, collective_latency_s=0.0,
+                      leaf_arg_s=0.0, leaf_assemble_s=0.0)
+
+
+def _programs_of(xs, dst, mode="auto", hardware=None, **kw):
+  """The bucket programs `reallocate(xs, dst, mode=mode, **kw)` runs (and their schedule): the same
+  cache lookup it makes."""
+  from sharding import realloc as R
+  leaves, _, targets = R._targets_like(xs, dst)
+  opts = {"bucket_bytes": R.DEFAULT_BUCKET_BYTES, "schedule": R.DEFAULT_SCHEDULE, "direct": True, **kw}
+  return R._cached_programs(leaves, targets, hardware or R._hw.DEFAULT, mode, opts["bucket_bytes"], opts["schedule"],
+                            opts["direct"])
+
+
 L = Layout.on
 CASES = {  # name: (source sharding, target sharding), for a (16, 8) array
     "same devices, other spec": (L(0, fsdp=4).named("fsdp"), L(0, tensor=4).named(None, "tensor")),
@@ -90,15 +106,13 @@ def test_cells_refine_pieces_that_differ_between_target_devices():
   """3 -> 2 devices: target shards of 3 rows built from source shards of 2 rows are cut at different
   offsets on the two target devices ({0, 2, 3} and {0, 1, 3}); the shared cell grid {0, 1, 2, 3}
   keeps one unpack program for both, and the values are exact."""
-  from sharding import realloc as R
   from sharding.mesh import mesh_over_devices
   devs = jax.devices()
   src = NamedSharding(mesh_over_devices(devs[:3], (1, 3, 1)), P("fsdp"))
   dst = NamedSharding(mesh_over_devices(devs[5:7], (1, 2, 1)), P("fsdp"))
   refs = {"a": _value((6, 4), np.float32, 0), "b": _value((6,), np.int32, 1)}
   xs, _ = _move(refs, {"a": src, "b": src}, {"a": dst, "b": dst}, mode="pieces")
-  specs = tuple(R._spec(x, dst) for x in jax.tree.leaves(xs))
-  (prog,) = R._programs(specs, R._hw.DEFAULT, "pieces", R.DEFAULT_BUCKET_BYTES, 0)
+  (prog,), _ = _programs_of(xs, dst, "pieces")
   assert [lc.grid for lc in prog.bp.cells.values()] == [(3, 1), (3,)] and len(prog.unpacks) == 1
 
 
@@ -226,14 +240,19 @@ def _case(draw):
     refs[f"p{i}"] = _value(shape, dtype, i)
     src[f"p{i}"] = draw(_sharding(shape))
     dst[f"p{i}"] = draw(_sharding(shape))
-  return refs, src, dst, draw(st.sampled_from(["auto", "reshard", "pieces"]))
+  kw = {"mode": draw(st.sampled_from(["auto", "reshard", "pieces"])), "direct": draw(st.booleans()),
+        "schedule": draw(st.sampled_from(["auto", "serial", "pipelined"])),
+        "hardware": draw(st.sampled_from([None, BYTES_ONLY]))}
+  return refs, src, dst, kw
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 @given(_case())
 def test_property_random_trees(case):
-  refs, src, dst, mode = case
-  _move(refs, src, dst, mode=mode)
+  """Random trees, meshes, specs, planner modes, schedules, direct or packed cells, and profiles (the
+  default's host terms or bytes alone decide the plans)."""
+  refs, src, dst, kw = case
+  _move(refs, src, dst, **kw)
 
 
 def test_batched_programs_and_cached_plans(monkeypatch):
@@ -253,8 +272,7 @@ def test_batched_programs_and_cached_plans(monkeypatch):
     made.clear()
     xs, _ = _move(refs, jax.tree.map(lambda _: src, refs), jax.tree.map(lambda _: dst, refs))
     leaves = jax.tree.leaves(xs)
-    specs = tuple(R._spec(x, dst) for x in leaves)
-    (prog,) = R._programs(specs, R._hw.DEFAULT, "auto", R.DEFAULT_BUCKET_BYTES, 0)
+    (prog,), _ = _programs_of(xs, dst)
     if same:
       assert [len(ks) for ks, _ in prog.same] == [len(leaves)] and not prog.puts and not made
     else:
@@ -274,9 +292,9 @@ def test_batched_programs_and_cached_plans(monkeypatch):
 @pytest.mark.parametrize("schedule", ["pipelined", "serial", None])
 def test_bucket_schedules(monkeypatch, schedule):
   """2 -> 4 devices (tensor2 -> fsdp4, the few-sources case) in many small buckets. "pipelined":
-  bucket b's packs and transfers are dispatched before bucket b-1's unpacks; "serial" (the default,
-  None here): each bucket is sent and received before the next. Values, shardings, donation and
-  the transfer guard hold either way."""
+  bucket b's packs and transfers are dispatched before bucket b-1's unpacks; "serial": each bucket is
+  sent and received before the next; the default ("auto", None here) runs the one its plan priced
+  faster. Values, shardings, donation and the transfer guard hold either way."""
   from sharding import realloc as R
   calls = []
   send, recv = R._BucketProgram.send, R._BucketProgram.recv
@@ -285,14 +303,16 @@ def test_bucket_schedules(monkeypatch, schedule):
   src, dst = L(0, tensor=2).named(None, "tensor"), L(0, fsdp=4).named("fsdp")
   refs = {f"w{i}": _value((16, 8), np.float32, i) for i in range(6)}
   kw = {} if schedule is None else {"schedule": schedule}
-  xs, _ = _move(refs, {k: src for k in refs}, dst, bucket_bytes=2 * 16 * 8 * 4, donate=True, **kw)
+  bb = 2 * 16 * 8 * 4
+  xs, _ = _move(refs, {k: src for k in refs}, dst, bucket_bytes=bb, donate=True, **kw)
   assert all(x.is_deleted() for x in xs.values())
   progs = [p for kind, p in calls if kind == "send"]
   assert len(progs) == 3
-  if schedule == "pipelined":
+  ran = schedule or _programs_of(xs, dst, bucket_bytes=bb)[1]
+  assert R.DEFAULT_SCHEDULE == "auto" and ran in ("serial", "pipelined")
+  if ran == "pipelined":
     assert [k for k, _ in calls] == ["send", "send", "recv", "send", "recv", "recv"]
   else:
-    assert R.DEFAULT_SCHEDULE == "serial"
     assert [k for k, _ in calls] == ["send", "recv"] * 3
   assert [p for k, p in calls if k == "recv"] == progs
   with pytest.raises(ValueError, match="schedule"):
@@ -300,8 +320,10 @@ def test_bucket_schedules(monkeypatch, schedule):
 
 
 def test_schedule_prices():
-  """Serial: the buckets' device times add up; pipelined: between the link time and that sum; both
-  at least the call's fixed host time; realloc_cost follows its schedule argument."""
+  """realloc_cost simulates the schedule it is given: tensor2 -> fsdp4 in three buckets, slow links and
+  HBM. Pipelined beats serial (bucket b+1's copies overlap bucket b's unpack on the devices that
+  receive), neither beats the links alone, both pay the call's fixed host time, and "auto" picks the
+  faster one; realloc_cost follows its schedule argument."""
   import dataclasses
   from sharding._realloc_plan import LeafSpec, plan_tree, tree_seconds
   src, dst = L(0, tensor=2).named(None, "tensor"), L(0, fsdp=4).named("fsdp")
@@ -311,18 +333,54 @@ def test_schedule_prices():
   tp = plan_tree(specs, slow, "auto", bb)
   loads = [b.load for b in tp.buckets]
   links = sum(b.copy_s for b in tp.buckets)
-  device = sum(b.device_s for b in tp.buckets)
   assert len(loads) == 3 and all(b.copy_s > 0 for b in tp.buckets)
   serial, pipelined = tree_seconds(loads, slow, "serial"), tree_seconds(loads, slow, "pipelined")
-  assert serial == pytest.approx(device + slow.dispatch_s) and tp.seconds == serial
-  assert links < pipelined < serial
+  assert tp.seconds == serial and tp.schedule == "serial"
+  assert links < pipelined < serial <= sum(b.device_s for b in tp.buckets) + sum(b.host_s for b in tp.buckets)
+  auto = plan_tree(specs, slow, "auto", bb, "auto")
+  assert auto.schedule == "pipelined" and auto.seconds == pytest.approx(pipelined)
   shapes = [jax.ShapeDtypeStruct((256, 64), jnp.float32)] * 6
   assert realloc_cost(src, dst, shapes, slow, bucket_bytes=bb, schedule="pipelined") == pytest.approx(pipelined)
-  assert realloc_cost(src, dst, shapes, slow, bucket_bytes=bb) == pytest.approx(serial)
+  assert realloc_cost(src, dst, shapes, slow, bucket_bytes=bb, schedule="serial") == pytest.approx(serial)
   for hw in (H100_SXM, dataclasses.replace(H100_SXM, call_s=0.5)):
     assert tree_seconds(loads, hw, "serial") >= hw.call_s
   with pytest.raises(ValueError, match="schedule"):
     tree_seconds(loads, slow, "eager")
+
+
+def test_timeline_by_hand():
+  """Two buckets, each packed on device 0 (1 s), copied to device 1 (2 s), unpacked there (1 s), no host
+  cost. Serial: bucket 1's copy waits for bucket 0's unpack (a copy's destination buffer is allocated
+  in its device's compute-stream order): 1 + 2 + 1 + 2 + 1 = 7 s. Pipelined: bucket 1's copy is
+  dispatched before bucket 0's unpack and follows bucket 0's copy on the link: 1 + 2 + 2 + 1 = 6 s."""
+  from sharding._realloc_cost import BucketLoad, timeline
+  d0, d1 = jax.devices()[:2]
+  free = Hardware("t", 8, 1.0, 1.0, 2.0, 1.0, 0.0, 1.0, dispatch_s=0.0, collective_latency_s=0.0, leaf_arg_s=0.0,
+                  leaf_assemble_s=0.0)
+  load = BucketLoad(collective_bytes=0, collectives=0, packed={d0: 1}, pairs={(d0, d1): 2}, built={d1: 1},
+                    programs=2, transfers=1, assembled_arrays=1, program_arrays=4, pack_programs=1,
+                    holds_intermediates=True)
+  assert timeline([load, load], free, "serial") == (0.0, 7.0)
+  assert timeline([load, load], free, "pipelined") == (0.0, 6.0)
+  # Three buckets, a bucket bound: the host waits for bucket 0 (done at 4 s) before sending bucket 2.
+  assert timeline([load] * 3, free, "serial")[0] == 4.0
+  assert timeline([load] * 3, free, "serial", waits=False)[0] == 0.0
+
+
+def test_reshard_prices_xla_layout_copies():
+  """XLA:GPU runs all-gathers and all-to-alls along the most major dimension: a collective whose dimension
+  has an extent > 1 before it copies its operand and / or result once more; a local slice reads and
+  writes the target shard; a major-dimension gather copies nothing."""
+  from sharding._realloc_plan import regions, reshard_bytes
+  two = L(0, fsdp=2)
+  def cost(shape, src, dst):
+    return reshard_bytes(shape, 2, regions(src, shape), regions(dst, shape))
+  n = 8 * 16 * 6  # elements
+  assert cost((8, 16, 6), two.named("fsdp"), two.named()) == (n // 2 * 2, 0)  # major gather: straight
+  assert cost((8, 16, 6), two.named(None, "fsdp"), two.named()) == (n, 2 * (n + 2 * n))  # in and out copied
+  # all-to-all of a 2D leaf: split dim 1 (operand copied), gathered dim 0 is major (result written straight).
+  assert cost((8, 16), two.named("fsdp"), two.named(None, "fsdp")) == (8 * 16 // 4 * 2, 2 * (8 * 16))
+  assert cost((8, 16), two.named(), two.named(None, "fsdp")) == (0, 8 * 16 * 2)  # slice: read + write
 
 
 def test_cost_terms_monotone_in_bytes_and_arrays():
@@ -355,3 +413,73 @@ def test_only_buckets_with_intermediates_wait(monkeypatch):
   assert waits == []
   _move(refs, src, L(4, tensor=4).named(None, "tensor"), bucket_bytes=16 * 8 * 4)
   assert len(waits) == 6 - 2
+
+
+# ---- targets inside the source mesh ("gather" transitions) ----------------------------------------
+
+def test_gather_into_one_source_device():
+  """fsdp2 -> device 1 alone (a device of the source mesh). A leaf sharded along its major dimension is
+  all-gathered in the source mesh (NCCL writes the result straight) and device 1 keeps its own buffer
+  of it: a pass-through, nothing packed or copied. A leaf sharded along a minor dimension (XLA would
+  copy it into and out of a gather layout) moves device 0's shard as it is (a direct class: no pack)
+  and device 1's unpack concatenates it with its own shard, read in place. Values bitwise, target
+  shardings, no host transfer (`_move`), and donation frees the sources."""
+  src2, one = L(0, fsdp=2), L(1).named()
+  refs = {"major": _value((8, 6), np.float32, 0), "minor": _value((4, 8, 6), np.float32, 1),
+          "minor16": _value((2, 8, 4), jnp.bfloat16, 2)}
+  src = {"major": src2.named("fsdp"), "minor": src2.named(None, "fsdp"), "minor16": src2.named(None, "fsdp")}
+  xs, _ = _move(refs, src, one, hardware=BYTES_ONLY, donate=True, schedule="serial")
+  assert all(x.is_deleted() for x in xs.values())
+  (prog,), _ = _programs_of(xs, one, hardware=BYTES_ONLY, schedule="serial")
+  bp = prog.bp
+  assert [bp.kinds[k] for k in range(3)] == ["passthrough", "general", "general"]
+  inter = bp.leaf_plans[0].inter
+  assert inter.is_fully_replicated and list(inter.mesh.devices.flat) == list(src2.mesh.devices.flat)
+  assert all(cl.shape is not None for cl in bp.classes) and not prog.packs and len(prog.direct) == 4
+  assert len(bp.transfers) == 2 and all(cl.srcs == (jax.devices()[0],) for cl in bp.classes[::2])
+  # The same move with every cell packed (the cell-classes path) gives the same values.
+  _move(refs, src, one, hardware=BYTES_ONLY, direct=False)
+
+
+def test_partial_gather_keeps_target_shards():
+  """fsdp2 x tensor2 on devices 0-3 -> tensor2 on devices 0-1: an all-gather over fsdp only (an
+  intermediate replicated over pairs of devices) already leaves every target device its target shard."""
+  src, dst = L(0, fsdp=2, tensor=2).named("fsdp", "tensor"), L(0, tensor=2).named(None, "tensor")
+  refs = {"w": _value((8, 8), np.float32, 0), "b": _value((8, 4), jnp.bfloat16, 1)}
+  xs, _ = _move(refs, {"w": src, "b": src}, dst, hardware=BYTES_ONLY)
+  (prog,), _ = _programs_of(xs, dst, hardware=BYTES_ONLY)
+  assert set(prog.bp.kinds.values()) == {"passthrough"} and not prog.puts
+  assert [p.inter for p in plans(xs, dst, BYTES_ONLY)] == [p.inter for p in prog.bp.leaf_plans.values()]
+  for p in prog.bp.leaf_plans.values():
+    assert p.inter.spec == P(None, "fsdp") and p.inter.mesh.shape["fsdp"] == 2 and p.inter.mesh.shape["data"] == 2
+
+
+@pytest.mark.parametrize("schedule", ["serial", "pipelined"])
+def test_direct_path_respects_the_bucket_bound(monkeypatch, schedule):
+  """fsdp2 -> device 1, eight leaves sharded along a minor dimension, one per bucket: whenever the host
+  waits for a bucket (the memory bound), the buffers alive on device 1 besides the sources and the
+  results (the received shards) are at most two buckets' worth."""
+  from sharding import realloc as R
+  dev1 = jax.devices()[1]
+  src, one = L(0, fsdp=2).named(None, "fsdp"), L(1).named()
+  refs = {f"w{i}": _value((4, 8, 6), np.float32, i) for i in range(8)}
+  xs = {k: jax.device_put(r, src) for k, r in refs.items()}
+  leaf_bytes = 4 * 8 * 6 * 4
+  sources = {sh.data.unsafe_buffer_pointer() for x in xs.values() for sh in x.addressable_shards}
+  extra = []
+
+  def wait(x):
+    live = {}
+    for a in jax.live_arrays():
+      for sh in a.addressable_shards:
+        if sh.device == dev1 and sh.data.shape != (4, 8, 6):
+          live[sh.data.unsafe_buffer_pointer()] = sh.data.nbytes
+    extra.append(sum(n for p, n in live.items() if p not in sources))
+    return jax.block_until_ready(x)
+
+  monkeypatch.setattr(R, "_wait", wait)
+  with jax.transfer_guard("disallow"):
+    ys = reallocate(xs, one, bucket_bytes=leaf_bytes, hardware=BYTES_ONLY, schedule=schedule)
+    jax.block_until_ready(ys)
+  jax.tree.map(_check, ys, refs, {k: one for k in refs})
+  assert len(extra) == 8 - 2 and max(extra) <= 2 * leaf_bytes and max(extra) > 0, extra

@@ -55,4 +55,4 @@ def test_two_processes(tmp_path):
   assert not hung, f"processes {hung} hung:\n" + "\n".join(o[-3000:] for o in outs)
   for i, (p, out) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, f"process {i} failed:\n{out[-4000:]}"
-    assert f"RESULT process={i} ok=15" in out, out[-2000:]
+    assert f"RESULT process={i} ok=18" in out, out[-2000:]
