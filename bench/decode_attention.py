@@ -8,7 +8,11 @@ times `L` layers' worth of attention in one jitted call (each layer its own cach
 decode loop reads them) for each form: `reduce` (`transformer.decode_attention`, multiply-reduce,
 the library's decode path), `dot` (`decode_attention_dot` below, two batched matmuls) and
 `cudnn` (`jax.nn.dot_product_attention(implementation="cudnn")` on the cache with the new slot
-already written; no fused own-token term). Roofline: the K and V bytes read (2 x B x S x K x H x 2
+already written; no fused own-token term), `fold` (`fold_decode_attention` below: the query heads of
+each kv head folded into the query axis, cuDNN on GPU, XLA on CPU), `fused_len`
+(`transformer.fused_decode_attention`, the library's GPU decode path: cuDNN given the filled length,
+here all S + 1 slots) and `fused_len_half` (filled length about S / 2: does the kernel stop reading
+there? Its time is compared against the full read, its output is not). Roofline: the K and V bytes read (2 x B x S x K x H x 2
 bytes per layer) over the HBM bandwidth measured in the same run; `fraction` = roofline / time.
 The forms are also checked against each other (max abs difference of the outputs).
 """
@@ -55,6 +59,22 @@ def decode_attention_dot(q_BTNH, k_BSKH, v_BSKH, mask_BTS, k_new_BTKH, v_new_BTK
   return o.reshape(b, 1, n, h).astype(q_BTNH.dtype)
 
 
+def fold_decode_attention(q_B1NH, k_BSKH, v_BSKH, mask_BS, impl):
+  """Fused attention of one query token per row with the G = N / K query heads of each kv head
+  folded into the query axis (the kernel sees G query rows and K heads, so each (row, kv head) block
+  reads its keys and values once). Timed as the `fold` form; slower than plain cuDNN on one H100 at
+  Qwen2.5-0.5B's shape (64 against 39 us a layer), so not the library's path."""
+  import jax
+  import jax.numpy as jnp
+  b, _, n, h = q_B1NH.shape
+  s, k = k_BSKH.shape[1], k_BSKH.shape[2]
+  g = n // k
+  q_BGKH = q_B1NH.reshape(b, k, g, h).transpose(0, 2, 1, 3)  # query head n uses kv head n // G
+  mask = jnp.broadcast_to(mask_BS[:, None, :], (b, g, s))[:, None]
+  o_BGKH = jax.nn.dot_product_attention(q_BGKH, k_BSKH, v_BSKH, mask=mask, implementation=impl)
+  return o_BGKH.transpose(0, 2, 1, 3).reshape(b, 1, n, h)
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=None)
@@ -69,7 +89,7 @@ def main():
   import numpy as np
 
   from bench._common import header, write
-  from real_jax.models.transformer import decode_attention
+  from real_jax.models.transformer import decode_attention, fused_decode_attention
 
   out = header()
   x = jnp.ones((1 << 28,), jnp.bfloat16)
@@ -90,8 +110,9 @@ def main():
     q = jnp.asarray(rng.normal(size=(b, 1, n, h)), jnp.bfloat16)
     kn = jnp.asarray(rng.normal(size=(b, 1, k, h)), jnp.bfloat16)
     vn = jnp.asarray(rng.normal(size=(b, 1, k, h)), jnp.bfloat16)
-    ks = [jnp.asarray(rng.normal(size=(b, s + 1, k, h)), jnp.bfloat16) for _ in range(layers)]
-    vs = [jnp.asarray(rng.normal(size=(b, s + 1, k, h)), jnp.bfloat16) for _ in range(layers)]
+    # Slot S of every cache holds the new key/value (written, as the decode step does before cuDNN).
+    ks = [jnp.concatenate([jnp.asarray(rng.normal(size=(b, s, k, h)), jnp.bfloat16), kn], 1) for _ in range(layers)]
+    vs = [jnp.concatenate([jnp.asarray(rng.normal(size=(b, s, k, h)), jnp.bfloat16), vn], 1) for _ in range(layers)]
     valid = rng.random((b, s)) < 0.9
     mask = jnp.asarray(valid[:, None, :])
     full_mask = jnp.asarray(np.concatenate([valid, np.ones((b, 1), bool)], 1)[:, None, None, :])
@@ -106,9 +127,23 @@ def main():
       del mask, kn, vn
       return [jax.nn.dot_product_attention(q, kk, vv, mask=full_mask, implementation="cudnn") for kk, vv in zip(ks, vs)]
 
+    full_mask_BS = full_mask[:, 0, 0, :]
+    impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+    def run_fold(q, ks, vs, mask, kn, vn):
+      del mask, kn, vn
+      return [fold_decode_attention(q, kk, vv, full_mask_BS, impl) for kk, vv in zip(ks, vs)]
+
+    def run_fused(q, ks, vs, mask, kn, vn, kv_len=None):
+      del mask, kn, vn
+      return [fused_decode_attention(q, kk, vv, full_mask_BS, kv_len, impl) for kk, vv in zip(ks, vs)]
+
     forms = {"reduce": run_reduce, "dot": run_dot}
     if jax.default_backend() == "gpu":
       forms["cudnn"] = run_cudnn
+    forms["fold"] = run_fold
+    forms["fused_len"] = lambda *a: run_fused(*a, kv_len=jnp.int32(s + 1))
+    forms["fused_len_half"] = lambda *a: run_fused(*a, kv_len=jnp.int32(s // 2 + 1))
     kv_bytes = 2 * b * s * k * h * 2 * layers
     rec = {"shape": name, "B": b, "S": s, "K": k, "G": g, "H": h, "layers": layers, "kv_bytes": kv_bytes,
            "roofline_s": kv_bytes / hbm}
@@ -133,6 +168,9 @@ def main():
         print(f"[decode_attention] {name} {form}: {rec[form]['error']}", flush=True)
     if "reduce" in results and "dot" in results:
       rec["max_abs_diff_dot_vs_reduce"] = float(np.abs(results["dot"] - results["reduce"]).max())
+    if "reduce" in results and "fold" in results:
+      rec["max_abs_diff_fold_vs_reduce"] = float(np.abs(results["fold"] - results["reduce"]).max())
+      rec["max_abs_diff_fused_len_vs_reduce"] = float(np.abs(results["fused_len"] - results["reduce"]).max())
     out["records"].append(rec)
     write(args.out, out)
   write(args.out, out)

@@ -203,3 +203,32 @@ def test_decode_attention_dot_equals_reduce_form(g):
   want = np.einsum("bkgs,bskh->bkgh", p, vals).reshape(b, 1, k * g, h)
   np.testing.assert_allclose(a, want, atol=1e-5)
   np.testing.assert_allclose(d, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("g", [1, 3])
+def test_fused_decode_attention_stops_at_kv_len(g):
+  """The GPU decode step's attention (the fused kernel given the filled length; XLA stands in for
+  cuDNN on CPU) and the bench's folded form against NumPy softmax attention over the valid slots
+  below kv_len; slots at and beyond kv_len hold garbage that must not leak in even where the mask
+  says valid."""
+  from bench.decode_attention import fold_decode_attention
+  from real_jax.models.transformer import fused_decode_attention
+  rng = np.random.default_rng(10 + g)
+  b, s, k, h, kv_len = 3, 13, 2, 8, 9
+  q = rng.normal(size=(b, 1, k * g, h)).astype(np.float32)
+  kc, vc = rng.normal(size=(2, b, s, k, h)).astype(np.float32)
+  kc[:, kv_len:] = 1e3  # garbage past the filled slots
+  mask = rng.random((b, s)) < 0.6
+  mask[:, kv_len - 1] = True  # the token's own slot
+  mask[1, kv_len:] = True
+  got = np.asarray(jax.jit(fused_decode_attention, static_argnums=5)(q, kc, vc, mask, jnp.int32(kv_len), "xla"))
+  seen = mask & (np.arange(s)[None, :] < kv_len)
+  qg = q.reshape(b, k, g, h)
+  sc = np.einsum("bkgh,bskh->bkgs", qg, kc) / np.sqrt(h)
+  sc = np.where(seen[:, None, None, :], sc, -np.inf)
+  p = np.exp(sc - sc.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want = np.einsum("bkgs,bskh->bkgh", p, vc).reshape(b, 1, k * g, h)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  folded = np.asarray(fold_decode_attention(q, kc[:, :kv_len], vc[:, :kv_len], mask[:, :kv_len], "xla"))
+  np.testing.assert_allclose(folded, want, atol=1e-5)

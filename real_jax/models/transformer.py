@@ -121,6 +121,34 @@ def attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, impl
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, implementation="xla")
 
 
+def fused_decode_attention(q_B1NH: Array, k_BSKH: Array, v_BSKH: Array, mask_BS: Array, kv_len: Array | None,
+                           impl: str | None) -> Array:
+  """One query token per row against a whole per-layer cache through the fused kernel (`attention`).
+
+  kv_len: the number of filled slots (a scalar; slots at and beyond it are never read), passed as the
+  kernel's key/value sequence lengths, so cuDNN stops reading there: timed alone on one H100, half
+  the slots filled took 0.8 of the time of all of them (bench/results/decode-attention-h100.json);
+  None reads every slot (the mask still decides). Folding each kv head's query heads into the query
+  axis (G query rows, K heads: the keys and values read once per kv head) was slower there (64 against
+  39 us a layer for Qwen2.5-0.5B's shape: 7x fewer, longer blocks), so the query heads stay heads.
+  Returns [B, 1, N, H].
+  """
+  b, t = q_B1NH.shape[:2]
+  if t != 1:
+    raise ValueError(f"fused_decode_attention: one query token per row, got T={t}")
+  kw = {} if kv_len is None else {"key_value_seq_lengths": jnp.full((b,), kv_len, jnp.int32)}
+  mask = mask_BS[:, None, None, :]
+  auto = impl is None
+  if auto:
+    impl = "xla" if q_B1NH.dtype == jnp.float32 or jax.default_backend() != "gpu" else "cudnn"
+  try:
+    return jax.nn.dot_product_attention(q_B1NH, k_BSKH, v_BSKH, mask=mask, implementation=impl, **kw)
+  except (NotImplementedError, ValueError, RuntimeError):
+    if not auto or impl == "xla":
+      raise
+    return jax.nn.dot_product_attention(q_B1NH, k_BSKH, v_BSKH, mask=mask, implementation="xla", **kw)
+
+
 def decode_on_full_cache(cfg: ModelConfig, dtype) -> bool:
   """Whether a decode step over a per-layer cache uses the fused (cuDNN) attention kernel on the
   whole cache (write the new slot, then attend) rather than `decode_attention` on a static prefix.
@@ -314,7 +342,8 @@ def _layer(cfg: ModelConfig, inv_freq, x_BTD, p, positions_BT, mask_BTS, kv_in, 
       k_l = jax.lax.dynamic_update_slice(k_l, k.astype(k_l.dtype), start)
       v_l = jax.lax.dynamic_update_slice(v_l, v.astype(v_l.dtype), start)
       own_BS = jnp.arange(k_l.shape[1], dtype=jnp.int32)[None, :] == jnp.asarray(index, jnp.int32)
-      o = attention(q, k_l.astype(dt), v_l.astype(dt), (old_mask_BS | own_BS)[:, None, :], cfg.attention_impl)
+      o = fused_decode_attention(q, k_l.astype(dt), v_l.astype(dt), old_mask_BS | own_BS,
+                                 jnp.asarray(index, jnp.int32) + 1, cfg.attention_impl)
     elif q.shape[1] == 1 and old_mask_BS is not None:  # Decode step: read the old prefix, then write.
       n = k_l.shape[1] if kv_len is None else kv_len
       o = decode_attention(q, k_l[:, :n].astype(dt), v_l[:, :n].astype(dt), old_mask_BS[:, None, :n], k, v)
