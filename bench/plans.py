@@ -130,6 +130,7 @@ class Candidate:
   sim: SimResult
   sim1: SimResult
   heuristic: bool
+  terms: dict = dataclasses.field(default_factory=dict)
 
 
 def plan_key(plan: ExecutionPlan) -> tuple:
@@ -185,11 +186,30 @@ def plan_setting(exp: Experiment, num_devices: int, profile: Profile, *, steps: 
       if all(c.name != name for c in cands):
         p = ExecutionPlan(lays, name=name)
         cands.append(Candidate(name, p, planner.evaluate(lays, record=True), sim1(lays), True))
+  for c in cands:
+    c.terms = call_terms(planner, c.plan.layouts)
   info = {"method": res.method, "plans_simulated": res.evaluated, "search_s": elapsed, "space_size": res.space_size,
           "baselines_not_produced": [k for k in ("colocated", "disaggregated") if k not in res.baselines]}
   log(f"planned in {elapsed:.1f} s ({res.method}, {res.evaluated} plans): " +
       ", ".join(f"{c.name} {c.sim.time:.3f} s" for c in cands))
   return info, cands, planner, graph
+
+
+def call_terms(planner: Planner, layouts: dict) -> dict[str, dict]:
+  """Per call of a plan, the estimate by term (seconds per iteration: the kind's `time` factor and the
+  call's repeats applied; `CallCost.parts`) and the counts behind it (per device, all repeats)."""
+  out = {}
+  prof = planner.profile
+  for c, lay in layouts.items():
+    spec, cost = planner.specs[c], planner.costs[c][lay]
+    scale = spec.repeats * prof.factor(spec.kind, "time")
+    terms = {k: v * scale for k, v in cost.parts(prof, spec.shape.n_layers).items()}
+    out[c] = {"layout": str(lay), "terms_s": terms, "flops": cost.flops * spec.repeats,
+              "hbm_bytes": cost.hbm_bytes * spec.repeats,
+              "comm_bytes": (cost.comm_intra + cost.comm_inter) * spec.repeats,
+              "collectives": (cost.colls_intra + cost.colls_inter) * spec.repeats, "tier": cost.tier,
+              "decode_kv_slots": spec.decode_kv_slots, "fused_attention": spec.fused_attention}
+  return out
 
 
 def predicted_parts(sim1: SimResult) -> tuple[dict, dict]:
@@ -416,7 +436,7 @@ def plan_record(c: Candidate) -> dict:
           "predicted_s": c.sim.time, "predicted_1iter_s": c.sim1.time,
           "predicted_realloc_s": c.sim1.realloc_seconds,
           "predicted_peak_gib": float(c.sim.peak_memory.max()) / GiB, "predicted_calls_s": calls,
-          "predicted_reallocs_s": reallocs,
+          "predicted_reallocs_s": reallocs, "predicted_call_terms": c.terms,
           "predicted_timeline": [{"name": e.name, "kind": e.kind, "devices": [e.device_start, e.device_size],
                                   "devices2": [e.device_start2, e.device_size2], "t0": e.t0, "t1": e.t1}
                                  for e in c.sim1.events],

@@ -6,11 +6,23 @@ CallSpec carries the model's shape numbers (for the analytic estimator tier) and
 (`generation.sampler`, the `inference` jitted calls, `train_step.make_train_step`) on abstract inputs
 (`jax.ShapeDtypeStruct`; nothing allocated), for the compiled tier:
 
-* generate: `main` = the sampler (prefill + the decode loop, counted once by XLA), `decode` = one
-  decode step (the loop body: `Transformer.hidden` with the cache + `project`), so the estimator
-  can count generation as main + (new_tokens - 1) x decode.
-* inference / train_step with micro_batches k > 1: `main` = the call as it runs (its memory),
-  `flat` = the same call with k = 1 (XLA counts the micro-batch loop body once).
+* generate: `main` = the sampler (prefill, then the layered decode loop: one while loop per
+  segment, each body counted once by XLA), `decode` = one iteration of that loop (`_decode_step`:
+  `Transformer.hidden` over per-layer weights and cache, `project`, the draw of the next token) at
+  the step-weighted mean cache prefix, and `decode_extra` = the steps `main` does not count, so the
+  estimator counts generation as main + decode_extra x decode. All its layer loops are Python loops
+  (`layer_loop="unrolled"`): no layer correction.
+* inference / train_step: `main` = the call as it runs (its memory); with micro_batches k > 1 also
+  `flat` = the same call with k = 1 (XLA counts the micro-batch loop body once). Lowered with the
+  layer loop as a `scan` (`layer_loop="scan"`, see `_abstract`), and with the LM head's chunk count
+  (`logits_chunks`): the chunked log-probs are a scan too, counted once.
+
+The run unrolls full-sequence layer loops (`ModelConfig.unroll_layers`, default True), the lowering
+here does not: compiling one layer instead of L keeps the compiled tier affordable over many
+layouts, and `search.estimator.layer_loop_correction` (which assumes the scan) adds the other L - 1
+layers from the analytic tier. Flops and HBM bytes per layer are the same either way; what the
+unrolled loop saves on GPU (the scan's residual copies: a Qwen2.5-0.5B train step went from 392 to
+296 ms on one H100) is left to the profile's time calibration, which times the unrolled code.
 
 PPO train calls run `ppo_epochs x mini_batches` train steps on `rows / mini_batches` rows each;
 the spec says so with `repeats`.
@@ -23,13 +35,15 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from real_jax import inference
 from real_jax._calls import batch_sharding, compute_params, sharding_hook
 from real_jax.dataflow import Graph
 from real_jax.experiment import Experiment
-from real_jax.generation import SamplingConfig, bucket_length, model_config, sampler
+from real_jax.generation import SamplingConfig, bucket_length, sample_token, sampler, segment_ends
 from real_jax.models import KVCache, abstract_model, activation_constraints, param_count
+from real_jax.models.transformer import decode_on_full_cache, layer_arrays, logits_chunk_size
 from real_jax.optim import make_optimizer
 from real_jax.train_step import TrainState, make_train_step
 from search import CallSpec, ModelShape
@@ -57,31 +71,161 @@ def _sds(shape, dtype):
   return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
 
 
-def _decode_step(graphdef, layout: Layout):
-  def step(state, cache, tok_B, live_B):
+def _decode_step(graphdef, layout: Layout, sampling: SamplingConfig, kv_len: int):
+  """One iteration of the sampler's layered decode loop (`generation._sample_fn`, decode="layered"):
+  run token t through every layer (per-layer weights, per-layer cache, attention over the first
+  `kv_len` slots or, on GPU in bf16, over the whole cache: `decode_on_full_cache`), project, and draw
+  token t + 1 (`sample_token`, written into the [B, M] outputs).
+
+  Mirrors the loop body line for line (generation.py keeps it in a closure). Its inputs are what
+  the loop carries or closes over: the compute-dtype state (the embedding and head; the stacked
+  layers go unused and jit prunes them), the per-layer compute-dtype weights that the sampler slices
+  once before its loops, the per-layer cache and the loop's carry.
+  """
+  def step(state, lps, cache, t, tok_B, live_B, out_BM, lp_BM, done_B, rng):
     with activation_constraints(sharding_hook(layout)):
-      cfg = model_config(graphdef, state)
-      model = nnx.merge(graphdef, compute_params(state, cfg.dtype))
-      h, cache = model.hidden(tok_B[:, None], attention_mask_BT=live_B[:, None], cache=cache, scan_layers=False)
-      return model.project(h)[:, 0], cache
+      model = nnx.merge(graphdef, state)
+      h, cache = model.hidden(tok_B[:, None], attention_mask_BT=live_B[:, None], cache=cache, layer_params=lps,
+                              kv_len=kv_len)
+      logits_BV = model.project(h)[:, 0]
+      # `draw(t + 1, ...)` of the loop body.
+      t = t + 1
+      eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
+      tok, lp = sample_token(jax.random.fold_in(rng, t), logits_BV, sampling)
+      tok = jnp.where(done_B, sampling.pad_id, tok)
+      lp = jnp.where(done_B, 0.0, lp)
+      out_BM = jax.lax.dynamic_update_slice_in_dim(out_BM, tok[:, None], t, axis=1)
+      lp_BM = jax.lax.dynamic_update_slice_in_dim(lp_BM, lp[:, None], t, axis=1)
+      live_B = ~done_B
+      done_B = done_B | jnp.any(tok[:, None] == eos[None, :], axis=-1)
+      # The loop's condition, evaluated once per iteration (an all-reduce when rows are split).
+      going = ~jnp.all(done_B)
+      return cache, t, tok, live_B, out_BM, lp_BM, done_B, going
   return step
 
 
-def lower_generate(cfg, sampling: SamplingConfig, rows: int, prompt_len: int):
+def _layer_sharding(stacked: NamedSharding) -> NamedSharding:
+  """One layer's slice of a `layers`-stacked weight: its sharding without the leading dimension (the
+  sampler's loops use the slices so sharded: an FSDP layout gathers every layer's weights in every
+  decode step, as the compiled sampler's loop bodies show)."""
+  return NamedSharding(stacked.mesh, PartitionSpec(*stacked.spec[1:]))
+
+
+def decode_schedule(sampling: SamplingConfig, prompt_len: int) -> tuple[list[tuple[int, int]], int]:
+  """([(decode steps, cache slots read), ...] per while loop of the layered sampler, cache slots).
+
+  The layered loop runs tokens 0 .. M-2 (token M-1 is drawn, never run) in `segment_ends` segments;
+  segment [a, end) reads a static cache prefix of P + end - 1 slots; the cache holds P + M - 1.
+  """
+  m = sampling.max_new_tokens
+  out, a = [], 0
+  for end in segment_ends(m - 1, sampling.decode_segments):
+    out.append((end - a, prompt_len + end - 1))
+    a = end
+  return out, prompt_len + m - 1
+
+
+def decode_kv_slots(cfg, sampling: SamplingConfig, prompt_len: int, platform: str | None = None) -> float:
+  """Mean cache slots one decode step of the layered loop reads per row, on `platform` (default: this
+  machine's backend).
+
+  Where the step runs the fused kernel over the per-layer cache (`decode_on_full_cache`: bf16/fp16 on
+  GPU, attention_impl not "xla"): the whole cache (P + M - 1 slots), or, where the model hands the
+  kernel the filled length (`models.transformer.fused_decode_attention`, when present), the mean
+  filled length P + M / 2 (step t reads P + t + 1 slots). Otherwise the step-weighted mean of the
+  segments' static prefixes. (`sampling.decode == "stacked"` reads all P + M slots.)"""
+  if sampling.decode != "layered":
+    return float(prompt_len + sampling.max_new_tokens)
+  segs, slots = decode_schedule(sampling, prompt_len)
+  platform = platform or jax.default_backend()
+  if platform == jax.default_backend():
+    full = decode_on_full_cache(cfg, cfg.dtype)
+  else:  # The same condition for another machine's backend.
+    full = cfg.attention_impl != "xla" and jnp.dtype(cfg.dtype) != jnp.float32 and platform == "gpu"
+  steps = sum(n for n, _ in segs)
+  if not steps:
+    return float(slots)
+  if full:
+    return prompt_len + sampling.max_new_tokens / 2 if _fused_decode_reads_filled() else float(slots)
+  return sum(n * kv for n, kv in segs) / steps
+
+
+def _fused_decode_reads_filled() -> bool:
+  """Whether the model's fused decode step passes the kernel the filled cache length (so cuDNN stops
+  reading there): `models.transformer.fused_decode_attention` exists for that."""
+  from real_jax.models import transformer
+  return hasattr(transformer, "fused_decode_attention")
+
+
+def fused_attention(cfg, platform: str | None = None) -> bool:
+  """Whether full-sequence attention runs as a fused kernel on `platform` (`models.transformer.attention`:
+  cuDNN for bf16/fp16 on GPU unless attention_impl is "xla"; XLA's unfused path otherwise)."""
+  platform = platform or jax.default_backend()
+  impl = cfg.attention_impl
+  if impl is not None:
+    return impl == "cudnn"
+  return jnp.dtype(cfg.dtype) != jnp.float32 and platform == "gpu"
+
+
+def lower_decode_step(cfg, sampling: SamplingConfig, rows: int, prompt_len: int, kv_len: int, layout: Layout):
+  """One iteration of the layered decode loop (`_decode_step`) lowered under `layout` on abstract
+  inputs, with the shardings the sampler gives them (the cache as `_constrain_cache` lays it out; the
+  carry's [B] and [B, M] arrays batch-split), the cache and outputs donated (updated in place)."""
   graphdef, state = _abstract(cfg, "lm")
+  _, slots = decode_schedule(sampling, prompt_len)
+  m = sampling.max_new_tokens
+  i32 = jnp.int32
+  st_sh = shardings_for(state, layout)
+  state_c = jax.eval_shape(lambda s: compute_params(s, cfg.dtype), state)
+  lps = jax.eval_shape(lambda s: layer_arrays(nnx.merge(graphdef, s).layers.arrays(), cfg.n_layers), state_c)
+  stacked_sh = nnx.merge(graphdef, st_sh).layers.arrays()
+  lps_sh = [{k: _layer_sharding(sh) for k, sh in stacked_sh.items()} for _ in range(cfg.n_layers)]
+  cache = jax.eval_shape(lambda: KVCache.zeros(cfg, rows, slots, per_layer=True))
+  names = KVCache.logical_axes(per_layer=True, n_layers=cfg.n_layers)
+  kv = lambda xs, ns: tuple(activation_sharding(layout, n, tuple(x.shape)) for x, n in zip(xs, ns))  # noqa: E731
+  csh = KVCache(kv(cache.k, names.k), kv(cache.v, names.v),
+                activation_sharding(layout, names.valid, tuple(cache.valid.shape)), layout.replicated())
+  b1, bm = batch_sharding(layout, (rows,)), batch_sharding(layout, (rows, m))
+  rep = layout.replicated()
+  carry_sh = (csh, rep, b1, b1, bm, bm, b1)
+  dec = jax.jit(_decode_step(graphdef, layout, sampling, kv_len), in_shardings=(st_sh, lps_sh) + carry_sh + (rep,),
+                out_shardings=carry_sh + (rep,), donate_argnums=(2, 6, 7))
+  rng = jax.eval_shape(lambda: jax.random.key(0))
+  return dec.lower(state_c, lps, cache, _sds((), i32), _sds((rows,), i32), _sds((rows,), bool), _sds((rows, m), i32),
+                   _sds((rows, m), jnp.float32), _sds((rows,), bool), rng)
+
+
+def lower_sampler(cfg, sampling: SamplingConfig, rows: int, prompt_len: int, layout: Layout):
+  """The runtime's jitted sampler (`generation.sampler`) lowered under `layout` on abstract inputs."""
+  graphdef, state = _abstract(cfg, "lm")
+  fn = sampler(graphdef, state, (rows, prompt_len), sampling, layout)
+  rng = jax.eval_shape(lambda: jax.random.key(0))
+  return fn.lower(state, _sds((rows, prompt_len), jnp.int32), _sds((rows, prompt_len), bool), rng)
+
+
+def lower_generate(cfg, sampling: SamplingConfig, rows: int, prompt_len: int):
+  """lower(layout) -> {"main": the sampler, "decode": one layered decode step, "decode_extra": steps
+  `main` does not count, "layer_loop": "unrolled"}.
+
+  XLA counts each while body once, so `main` holds the prefill, the first draw and one decode step
+  per segment. The other steps, sum over segments of (steps - 1), are priced by one decode step
+  (`lower_decode_step`) lowered at their step-weighted mean cache prefix (flops and bytes are linear
+  in it; on GPU in bf16 the step reads the whole cache whatever the prefix). Every layer loop of the
+  layered sampler is a Python loop (all L layers in the HLO): no layer-loop correction.
+  """
+  if sampling.decode != "layered":
+    raise ValueError(f"plan_inputs.lower_generate: SamplingConfig.decode={sampling.decode!r}; the estimator "
+                     "lowers the layered decode loop the runtime uses")
+  segs, _ = decode_schedule(sampling, prompt_len)
+  extra = sum(n - 1 for n, _ in segs)
+  kv_len = round(sum((n - 1) * kv for n, kv in segs) / extra) if extra else segs[-1][1] if segs else 0
 
   def lower(layout: Layout):
-    fn = sampler(graphdef, state, (rows, prompt_len), sampling, layout)
-    rng = jax.eval_shape(lambda: jax.random.key(0))
-    main = fn.lower(state, _sds((rows, prompt_len), jnp.int32), _sds((rows, prompt_len), bool), rng)
-    cache = jax.eval_shape(lambda: KVCache.zeros(cfg, rows, prompt_len + sampling.max_new_tokens))
-    names = KVCache.logical_axes()
-    csh = KVCache(*(activation_sharding(layout, n, tuple(x.shape)) for x, n in
-                    zip((cache.k, cache.v, cache.valid), (names.k, names.v, names.valid))), layout.replicated())
-    bsh = batch_sharding(layout, (rows,))
-    dec = jax.jit(_decode_step(graphdef, layout), in_shardings=(shardings_for(state, layout), csh, bsh, bsh),
-                  out_shardings=(batch_sharding(layout, (rows, cfg.vocab_size)), csh), donate_argnums=(1,))
-    return {"main": main, "decode": dec.lower(state, cache, _sds((rows,), jnp.int32), _sds((rows,), bool))}
+    out = {"main": lower_sampler(cfg, sampling, rows, prompt_len, layout), "decode_extra": extra,
+           "layer_loop": "unrolled"}
+    if segs:  # (One new token: no decode step runs.)
+      out["decode"] = lower_decode_step(cfg, sampling, rows, prompt_len, kv_len, layout)
+    return out
   return lower
 
 
@@ -100,8 +244,20 @@ def lower_inference(cfg, head: str, rows: int, seq_len: int, temperature: float 
 
   def lower(layout: Layout):
     k = layout.strategy.micro_batches
-    return {"main": one(layout, k)} | ({"flat": one(layout, 1)} if k > 1 else {})
+    parts = {"main": one(layout, k), "layer_loop": "scan"}
+    if head == "lm":
+      parts["logits_chunks"] = logits_chunks(cfg, layout, rows, seq_len)
+    return parts | ({"flat": one(layout, 1)} if k > 1 else {})
   return lower
+
+
+def logits_chunks(cfg, layout: Layout, rows: int, seq_len: int) -> int:
+  """How many chunks `Transformer.token_logprobs` cuts the LM head into for `rows` x `seq_len` under
+  `layout` (`logits_chunk_size`, with the layout's batch and vocab shards): the compiled tier sees
+  one chunk (a scan body) and `search.estimator.logits_chunk_correction` adds the others."""
+  with activation_constraints(sharding_hook(layout)):
+    c = logits_chunk_size(cfg.logits_chunk, rows, seq_len, cfg.vocab_size)
+  return -(-seq_len // c)
 
 
 def lower_train(cfg, head: str, loss_fn, opt_cfg, batch_example: dict):
@@ -109,6 +265,7 @@ def lower_train(cfg, head: str, loss_fn, opt_cfg, batch_example: dict):
   params = nnx.state(nnx.merge(graphdef, state), nnx.Param)
   opt_state = jax.eval_shape(make_optimizer(opt_cfg).init, params)
   ts = TrainState(params, opt_state, _sds((), jnp.int32))
+  rows, seq_len = batch_example["tokens"].shape
 
   def one(layout, k):
     fn = make_train_step(graphdef, loss_fn, opt_cfg, layout, micro_batches=k, params=params,
@@ -117,12 +274,22 @@ def lower_train(cfg, head: str, loss_fn, opt_cfg, batch_example: dict):
 
   def lower(layout: Layout):
     k = layout.strategy.micro_batches
-    return {"main": one(layout, k)} | ({"flat": one(layout, 1)} if k > 1 else {})
+    parts = {"main": one(layout, k), "layer_loop": "scan"}
+    if head == "lm":
+      parts["logits_chunks"] = logits_chunks(cfg, layout, rows, seq_len)
+    return parts | ({"flat": one(layout, 1)} if k > 1 else {})
   return lower
 
 
-def ppo_call_specs(exp: Experiment, *, lowerable: bool = True) -> tuple[Graph, dict[str, CallSpec]]:
-  """The PPO graph of `exp` and a CallSpec per call (with lower callbacks when `lowerable`)."""
+def ppo_call_specs(exp: Experiment, *, lowerable: bool = True,
+                   platform: str | None = None) -> tuple[Graph, dict[str, CallSpec]]:
+  """The PPO graph of `exp` and a CallSpec per call (with lower callbacks when `lowerable`).
+
+  platform: the backend the plan is for ("gpu", "cpu", ...; default this machine's). It decides what
+  the analytic tier is told of the kernels that run there: the cache slots a decode step reads
+  (`decode_kv_slots`) and whether full-sequence attention is fused (`fused_attention`). The compiled
+  tier prices what this machine's backend compiles.
+  """
   from real_jax.runtime.ppo import _actor_loss, _critic_loss, ppo_graph
 
   rows = exp.data.batch_size * exp.sampling.n_samples
@@ -149,10 +316,12 @@ def ppo_call_specs(exp: Experiment, *, lowerable: bool = True) -> tuple[Graph, d
   for c in graph.calls:
     cfg, head = cfgs[c.model], heads[c.model]
     shape = model_shape(cfg, head)
-    common = dict(name=c.name, model=c.model, shape=shape, head=head)
+    common = dict(name=c.name, model=c.model, shape=shape, head=head,
+                  fused_attention=fused_attention(cfg, platform))
     if c.name == "actor_gen":
       specs[c.name] = CallSpec(kind="generate", batch=rows, prompt_len=p, new_tokens=m,
-                               key=f"sampling={sampling}", **common,
+                               key=f"sampling={sampling}", decode_kv_slots=decode_kv_slots(cfg, sampling, p, platform),
+                               **common,
                                lower=lower_generate(cfg, sampling, rows, p) if lowerable else None)
     elif c.name.endswith("_inf"):
       specs[c.name] = CallSpec(kind="inference", batch=rows, seq_len=t, key=f"temperature={temp}", **common,
@@ -168,7 +337,9 @@ def ppo_call_specs(exp: Experiment, *, lowerable: bool = True) -> tuple[Graph, d
   return graph, specs
 
 
-def call_specs(exp: Experiment, *, lowerable: bool = True) -> tuple[Graph, dict[str, CallSpec]]:
+def call_specs(exp: Experiment, *, lowerable: bool = True,
+               platform: str | None = None) -> tuple[Graph, dict[str, CallSpec]]:
+  """The graph and CallSpecs of `exp` (see `ppo_call_specs`)."""
   if exp.algorithm != "ppo":
     raise ValueError(f"config.algorithm={exp.algorithm!r}: the planner knows the PPO graph only so far")
-  return ppo_call_specs(exp, lowerable=lowerable)
+  return ppo_call_specs(exp, lowerable=lowerable, platform=platform)

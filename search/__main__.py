@@ -40,6 +40,9 @@ def main(argv=None) -> int:
   p.add_argument("--time-budget", type=float, default=100.0, help="MCMC seconds")
   p.add_argument("--iterations", type=int, default=3)
   p.add_argument("--cache-dir", default=None)
+  p.add_argument("--platform", default=None, choices=("gpu", "cpu", "tpu"),
+                 help="the accelerator the plan is for (default: this machine's): decides which kernels the "
+                 "analytic estimator prices, e.g. gpu: cuDNN attention and a decode step over the whole KV cache")
   args = p.parse_args(argv)
 
   from search.estimator import Estimator
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
   from real_jax.experiment import experiment_from_config  # Composition root: see module docstring.
   from real_jax.plan_inputs import call_specs
   exp = experiment_from_config(load_config(args.config))
-  graph, specs = call_specs(exp, lowerable=args.estimator != "analytic")
+  graph, specs = call_specs(exp, lowerable=args.estimator != "analytic", platform=args.platform)
   est = Estimator(profile, mode=args.estimator, cache_dir=args.cache_dir)
   t0 = time.perf_counter()
   planner = Planner(specs, graph.unroll(args.iterations), est, num_devices)

@@ -19,8 +19,11 @@ Method (search/README.md has the measured error):
    (the uncalibrated estimate takes their max), communication is partly hidden. The fit minimises
    the squared log-ratio predicted / measured over the timed calls, plus 1e-4 x the squared log of
    each factor's change from its start (1, or the base profile's value), so factors the cases
-   cannot tell apart stay there; Levenberg-Marquardt in numpy. A fit that does not lower the error
-   keeps the base profile.
+   cannot tell apart stay there, plus a steep penalty on physically impossible rates (`_floors`:
+   matmuls faster than the measured matmul rate, decode reads faster than the measured HBM
+   bandwidth); Levenberg-Marquardt in numpy. A fit that does not lower the error keeps the base
+   profile. Each record also says what ran (`decode_kv_slots`, `fused_attention`: the CallSpec
+   fields), so a profile fitted on one code version prices another's records as they ran.
 4. Held-out checks, both reported: leave-one-out (each call predicted by the fit to all the others)
    and size extrapolation (the fit repeated on every model shape but the largest, which it then
    predicts, as planning a bigger model does). The written profile is fitted on all calls.
@@ -36,6 +39,7 @@ import dataclasses
 import datetime
 import gc
 import math
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -49,6 +53,7 @@ from search.profile import Profile
 from sharding import Layout
 
 REG = 1e-4          # weight of the squared log-change of each fitted factor
+FLOOR = 30.0        # weight of a fitted rate's log-excess over the profile's measured one (see `_floors`)
 STEP_REF = 1e-5     # reference step overhead (s) when the base profile has none (a kernel launch or two)
 
 # Model shapes (ModelConfig fields) used when `real_jax.models.PRESETS` lacks the name. "350m" and
@@ -62,9 +67,13 @@ SHAPES = {
 }
 
 
+_CASE = re.compile(r"^(\S+) (generate|logprobs|values|train) (\S+) b(\d+)(?:p(\d+)n(\d+)|s(\d+))(?: remat=(\w+))?$")
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
-  """One timed call: model shape name, kind, head ("lm" / "scalar"), layout text and sizes."""
+  """One timed call: model shape name, kind, head ("lm" / "scalar"), layout text and sizes; remat
+  (train steps): the model's rematerialisation ("" = the shape's default, none)."""
 
   model: str
   kind: str
@@ -74,18 +83,41 @@ class Case:
   seq_len: int = 0
   prompt_len: int = 0
   new_tokens: int = 0
+  remat: str = ""
 
   @property
   def name(self) -> str:
     size = f"b{self.batch}p{self.prompt_len}n{self.new_tokens}" if self.kind == "generate" else \
         f"b{self.batch}s{self.seq_len}"
     what = {"generate": "generate", "train_step": "train", "inference": "logprobs" if self.head == "lm" else "values"}
-    return f"{self.model} {what[self.kind]} {self.layout} {size}"
+    return f"{self.model} {what[self.kind]} {self.layout} {size}" + (f" remat={self.remat}" if self.remat else "")
 
-  def spec(self, shape: ModelShape) -> CallSpec:
+  @classmethod
+  def parse(cls, text: str) -> Case:
+    """The case a `name` describes, e.g. "1.3b generate 0:2/d2f1t1 b128p128n512",
+    "350m values 0:2/d2f1t1 b128s640", "1.3b train 0:2/d1f2t1 b32s640 remat=full"."""
+    m = _CASE.match(text.strip())
+    if not m:
+      raise ValueError(f"calibration case {text!r}: expected 'MODEL generate|logprobs|values|train START:SIZE/dDfFtT "
+                       "bBpPnN' (generate) or '... bBsS [remat=none|full|dots]', e.g. "
+                       "'1.3b generate 0:2/d2f1t1 b128p128n512'")
+    model, what, layout, b, p, n, s, remat = m.groups()
+    layout_from_text(layout, what=f"calibration case {text!r}")
+    if what == "generate":
+      if p is None or remat:
+        raise ValueError(f"calibration case {text!r}: generation takes bBpPnN sizes and no remat")
+      return cls(model, "generate", "lm", layout, int(b), prompt_len=int(p), new_tokens=int(n))
+    if s is None:
+      raise ValueError(f"calibration case {text!r}: {what} takes bBsS sizes")
+    if remat and what != "train":
+      raise ValueError(f"calibration case {text!r}: remat applies to train steps only")
+    kind = "train_step" if what == "train" else "inference"
+    return cls(model, kind, "scalar" if what == "values" else "lm", layout, int(b), seq_len=int(s), remat=remat or "")
+
+  def spec(self, shape: ModelShape, decode_kv_slots: float = 0.0, fused_attention: bool = True) -> CallSpec:
     return CallSpec(self.name, self.model, self.kind, self.batch, shape, seq_len=self.seq_len,
                     prompt_len=self.prompt_len, new_tokens=self.new_tokens, trained=self.kind == "train_step",
-                    head=self.head)
+                    head=self.head, decode_kv_slots=decode_kv_slots, fused_attention=fused_attention)
 
 
 def default_cases(platform: str, num_devices: int, models: Sequence[str] = (),
@@ -128,11 +160,13 @@ def default_cases(platform: str, num_devices: int, models: Sequence[str] = (),
 # -- timing real calls ---------------------------------------------------------------------------
 
 
-def model_config(name: str, platform: str):
-  """The ModelConfig of a shape name: bf16 compute with fp32 masters on GPU, fp32 on CPU."""
+def model_config(name: str, platform: str, remat: str = ""):
+  """The ModelConfig of a shape name: bf16 compute with fp32 masters on GPU, fp32 on CPU; `remat` if set."""
   from real_jax.models import PRESETS, ModelConfig
   dt = dict(dtype="bfloat16", param_dtype="float32") if platform != "cpu" else dict(dtype="float32",
                                                                                    param_dtype="float32")
+  if remat:
+    dt["remat"] = remat
   if name in PRESETS:
     return dataclasses.replace(PRESETS[name], **dt)
   if name not in SHAPES:
@@ -154,6 +188,12 @@ def _median_time(fn: Callable[[], Any], reps: int) -> tuple[float, list[float], 
   return statistics.median(times), times, warm
 
 
+def _sampling(case: Case):
+  """The SamplingConfig a generation case runs with: no EOS (every row decodes all new tokens)."""
+  from real_jax.generation import SamplingConfig
+  return SamplingConfig(max_new_tokens=case.new_tokens, temperature=1.0, eos_id=None, bucket=case.prompt_len)
+
+
 _BUILT: dict[str, Any] = {}  # The last built (graphdef, state), reused by the next case of the same model/layout/head.
 
 
@@ -165,7 +205,7 @@ def _runner(case: Case, cfg, layout: Layout) -> Callable[[], Any]:
 
   from real_jax import inference
   from real_jax._calls import batch_sharding
-  from real_jax.generation import SamplingConfig, generate
+  from real_jax.generation import generate
   from real_jax.models import create_model
   from real_jax.optim import OptimizerConfig
   from real_jax.train_step import init_train_state, make_train_step, next_token_loss
@@ -184,7 +224,7 @@ def _runner(case: Case, cfg, layout: Layout) -> Callable[[], Any]:
       _BUILT.update(key=key, split=nnx.split(create_model(cfg, layout, seed=0, head=case.head)))
     graphdef, state = _BUILT["split"]
   if case.kind == "generate":
-    sc = SamplingConfig(max_new_tokens=case.new_tokens, temperature=1.0, eos_id=None, bucket=case.prompt_len)
+    sc = _sampling(case)
     key = jax.random.key(0)
     return lambda: generate((graphdef, state), tokens, mask, key, sc, layout).tokens
   if case.kind == "inference":
@@ -209,11 +249,15 @@ def _runner(case: Case, cfg, layout: Layout) -> Callable[[], Any]:
 
 def time_case(case: Case, platform: str, reps: int) -> dict[str, Any]:
   """Times one case; the record holds the case, its model shape numbers and the measured seconds."""
-  from real_jax.plan_inputs import model_shape
-  cfg = model_config(case.model, platform)
+  from real_jax.plan_inputs import decode_kv_slots, fused_attention, model_shape
+  cfg = model_config(case.model, platform, case.remat)
   layout = layout_from_text(case.layout, what=f"calibration case {case.name}")
+  # What the analytic tier must know of the kernels that run here (`CallSpec` fields).
+  kernels = {"fused_attention": fused_attention(cfg, platform)}
+  if case.kind == "generate":
+    kernels["decode_kv_slots"] = decode_kv_slots(cfg, _sampling(case), case.prompt_len, platform)
   rec: dict[str, Any] = {"name": case.name, **dataclasses.asdict(case),
-                         "shape": dataclasses.asdict(model_shape(cfg, case.head))}
+                         "shape": dataclasses.asdict(model_shape(cfg, case.head)), **kernels}
   t0 = time.perf_counter()
   try:
     run = _runner(case, cfg, layout)
@@ -232,8 +276,12 @@ def time_case(case: Case, platform: str, reps: int) -> dict[str, Any]:
 
 
 def _spec_layout(rec: dict) -> tuple[CallSpec, Layout]:
-  case = Case(**{f.name: rec[f.name] for f in dataclasses.fields(Case)})
-  return case.spec(ModelShape(**rec["shape"])), layout_from_text(rec["layout"])
+  """The record's CallSpec and layout. Records written before `decode_kv_slots` / `fused_attention`
+  were recorded get the CallSpec defaults (prompt + new / 2 slots; fused attention)."""
+  case = Case(**{f.name: rec.get(f.name, f.default) for f in dataclasses.fields(Case)})
+  spec = case.spec(ModelShape(**rec["shape"]), float(rec.get("decode_kv_slots", 0.0)),
+                   bool(rec.get("fused_attention", True)))
+  return spec, layout_from_text(rec["layout"])
 
 
 def predict(profile: Profile, rec: dict) -> float:
@@ -295,6 +343,28 @@ def _predict_terms(params: list[_Param], u: np.ndarray, recs: Sequence[dict], te
   return np.asarray(out)
 
 
+def _floors(params: list[_Param], u: np.ndarray, kinds: Sequence[str], profile: Profile) -> np.ndarray:
+  """Log-excess of each fitted rate over the profile's measured one (0 where it is not faster).
+
+  The time model's coefficient of the flops time is `time`: below 1 the calls would run matmuls
+  faster than the profile's measured matmul rate. For generation the coefficient of the HBM time is
+  `time x bytes_time`: its bytes are the weights and KV cache every decode step must read, so below 1
+  it would read them faster than the measured HBM bandwidth. Such a fit explains small, short calls
+  by the wrong term (a large `time` with a tiny `bytes_time` instead of per-step overhead) and then
+  under-predicts long generation, whose KV reads grow with the sequence (the 1-GPU profile that
+  predicted bench/results/plans-h100.json fitted time x bytes_time = 0.57). `fit` adds these, times
+  FLOOR, to its residuals. (Inference and train bytes are coarse activation estimates: no floor.)"""
+  val = {(p.name, p.kind): p.base * math.exp(x) for p, x in zip(params, u)}
+  out = []
+  for kind in kinds:
+    cal = profile.calibration.get(kind, {})
+    t = val.get(("time", kind), float(cal.get("time", 1.0)))
+    out.append(min(0.0, math.log(t)))
+    if kind == "generate":
+      out.append(min(0.0, math.log(t * val.get(("bytes_time", kind), float(cal.get("bytes_time", 1.0))))))
+  return np.asarray(out)
+
+
 def _levenberg_marquardt(resid: Callable[[np.ndarray], np.ndarray], u0: np.ndarray, iters: int = 200) -> np.ndarray:
   """argmin |resid(u)|^2 by Levenberg-Marquardt with a central-difference Jacobian; u clipped to +-15."""
   u, mu = u0.copy(), 1e-2
@@ -336,9 +406,11 @@ def fit(profile: Profile, recs: Sequence[dict]) -> tuple[Profile, dict[str, Any]
   params = _params(profile, recs, terms)
   meas = np.asarray([r["measured_s"] for r in recs])
 
+  kinds = sorted({r["kind"] for r in recs})
+
   def resid(u):
     pred = _predict_terms(params, u, recs, terms, profile)
-    return np.concatenate([np.log(pred / meas), math.sqrt(REG) * u])
+    return np.concatenate([np.log(pred / meas), math.sqrt(REG) * u, FLOOR * _floors(params, u, kinds, profile)])
 
   before = np.asarray([predict(profile, r) for r in recs])
   u = _levenberg_marquardt(resid, np.zeros(len(params)))
@@ -499,7 +571,12 @@ def refit(path: str, base: Profile | None = None) -> Profile:
 def bench_records(path: str) -> list[dict]:
   """Timed calls from a `bench/generate.py` + `bench/train.py` result (`bench/results/calls-<card>.json`),
   as calibration records: generation (bf16 weights, prompt + new tokens forced) and train steps
-  (bf16 compute, fp32 masters, the recorded remat), in the file's order."""
+  (bf16 compute, fp32 masters, the recorded remat), in the file's order.
+
+  What ran: the `generate` list's records come from the stacked decode loop (their `scan_layers`
+  field is its option), which read all prompt + new slots of the cache every step; attention was
+  XLA's unfused path unless a record names `"attention": "cudnn"` (calls-h100.json's `train` list
+  predates the cuDNN default)."""
   import json
 
   from real_jax.models import get_config
@@ -515,7 +592,8 @@ def bench_records(path: str) -> list[dict]:
                 new_tokens=r["new_tokens"])
     shape = model_shape(get_config(r["model"], dtype="bfloat16", param_dtype="bfloat16"), "lm")
     out.append({"name": case.name, **dataclasses.asdict(case), "shape": dataclasses.asdict(shape),
-                "measured_s": r["time_s"], "source": path})
+                "decode_kv_slots": float(r["prompt"] + r["new_tokens"]),
+                "fused_attention": r.get("attention") == "cudnn", "measured_s": r["time_s"], "source": path})
   for r in doc.get("train", []):
     if not r.get("step_s"):
       continue
@@ -524,7 +602,8 @@ def bench_records(path: str) -> list[dict]:
     case = Case(r["model"], "train_step", "lm", f"0:{d * f * t}/d{d}f{f}t{t}", r["batch"], seq_len=r["seq"])
     shape = model_shape(get_config(r["model"], dtype="bfloat16", param_dtype="float32", remat=r["remat"]), "lm")
     out.append({"name": f"{case.name} remat={r['remat']}", **dataclasses.asdict(case),
-                "shape": dataclasses.asdict(shape), "measured_s": r["step_s"], "source": path})
+                "shape": dataclasses.asdict(shape), "fused_attention": r.get("attention") == "cudnn",
+                "measured_s": r["step_s"], "source": path})
   return out
 
 

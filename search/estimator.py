@@ -7,14 +7,18 @@ Two tiers (search/README.md has the method and its measured error):
   callback, which `real_jax.plan_inputs` builds from the jitted functions that run. Per-device flops
   and bytes come from `cost_analysis()`, the peak from `memory_analysis()`, communication from the
   collectives in `compiled.as_text()` (`search.hlo`). XLA counts a loop body once, so the callback
-  returns parts: generation = `main` (the sampler: prefill + one decode step; its memory is the
-  real peak with the whole KV cache) + (new_tokens - 1) x `decode` (one decode step); a micro-batched
-  call also returns `flat` (the same call without the micro-batch loop) for its flops and bytes.
-  Used where the layout fits the local device count; results are cached on disk.
+  returns parts (`compiled_cost`): generation = `main` (the sampler: prefill and one iteration of each
+  decode while loop; its memory is the real peak with the whole KV cache) + `decode_extra` x `decode`
+  (one iteration of the layered decode loop); a micro-batched call also returns `flat` (the same call
+  without the micro-batch loop) for its flops and bytes; a scanned layer loop and a chunked LM head
+  get the missing iterations from the analytic tier (`layer_loop_correction`,
+  `logits_chunk_correction`). Used where the layout fits the local device count; cached on disk.
 * **analytic** - the same quantities from the model's shape numbers and the strategy (FLOPs per
   token; weights, activations and KV cache bytes; FSDP all-gathers / reduce-scatters, tensor-parallel
   all-reduces per layer, data-parallel gradient all-reduce), times per-kind calibration factors
-  fitted against the compiled tier (`Profile.calibration`). Used for layouts beyond the machine.
+  fitted against the compiled tier (`Profile.calibration`). What the kernels that run read is told by
+  the CallSpec: the cache slots a decode step reads (`decode_kv_slots`) and whether full-sequence
+  attention is fused (`fused_attention`). Used for layouts beyond the machine, and by the planners.
 
 Seconds from counts: `overhead + max(flops / matmul_flops, bytes / hbm_bandwidth) + intra-host comm /
 intra_mesh_collective_bandwidth + inter-host comm / inter_host_bandwidth` (+ a per-layer step overhead for
@@ -59,9 +63,11 @@ class ModelShape:
   param_bytes: int = 4     # stored parameters (fp32 masters)
   remat: str = "none"
 
-  def dense_flops_per_token(self) -> float:
-    d, f, n, k, h, l, v = (self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.head_dim, self.n_layers,
-                           self.vocab_size)
+  def dense_flops_per_token(self, head: str = "lm") -> float:
+    """Matmul flops per token of a forward: the layers' projections and the head ([D, V] for "lm",
+    [D] for "scalar")."""
+    d, f, n, k, h, l = self.d_model, self.d_ff, self.n_heads, self.n_kv_heads, self.head_dim, self.n_layers
+    v = self.vocab_size if head == "lm" else 1
     return 2.0 * (l * (2 * d * n * h + 2 * d * k * h + 3 * d * f) + d * v)
 
   def n_leaves(self) -> int:
@@ -78,6 +84,12 @@ class CallSpec:
   (e.g. PPO epochs x mini-batches train steps; counts are per run). head: "lm" or "scalar" (logits cost). key: extra text that makes
   the cache key unique (e.g. sampling settings). lower(layout) -> {"main": Lowered, ...}: see module
   docstring; None means analytic only.
+  decode_kv_slots: mean KV-cache slots one decode step reads per row, as the decode loop that runs
+    reads them (a loop reading the whole pre-allocated cache every step reads prompt_len + new_tokens - 1;
+    one reading a growing prefix fewer); 0: prompt_len + new_tokens / 2, the mean filled length.
+  fused_attention: full-sequence attention runs as a fused kernel (cuDNN flash attention: the [T, S]
+    scores never reach HBM); False: the scores are materialised in float32 (XLA's path), which the
+    analytic tier prices as HBM traffic.
   """
 
   name: str
@@ -92,6 +104,8 @@ class CallSpec:
   head: str = "lm"
   repeats: int = 1
   key: str = ""
+  decode_kv_slots: float = 0.0
+  fused_attention: bool = True
   lower: Callable[[Layout], dict[str, Any]] | None = dataclasses.field(default=None, compare=False, hash=False)
 
   def __post_init__(self):
@@ -101,6 +115,8 @@ class CallSpec:
       raise ValueError(f"call {self.name!r}: generation needs prompt_len and new_tokens >= 1")
     if self.kind != "generate" and self.seq_len < 1:
       raise ValueError(f"call {self.name!r}: {self.kind} needs seq_len >= 1")
+    if self.decode_kv_slots < 0:
+      raise ValueError(f"call {self.name!r}: decode_kv_slots must be >= 0 (0: the default), got {self.decode_kv_slots}")
 
   @property
   def length(self) -> int:
@@ -178,16 +194,19 @@ def _counts(lowered, layout: Layout, devices_per_host: int) -> dict[str, float]:
           "inter": inter, "args": args, "temp": max(temp, 0.0), "n_intra": n_intra, "n_inter": n_inter}
 
 
-def layer_loop_correction(spec: CallSpec, layout: Layout) -> tuple[float, float]:
+def layer_loop_correction(spec: CallSpec, layout: Layout, layer_loop: str = "scan") -> tuple[float, float]:
   """(flops, bytes) that `cost_analysis` misses because the layer stack runs as a `scan`.
 
   XLA counts the scanned layer body once; the missing (L - 1) layers are taken from the analytic
-  tier as A(L) - A(1) (the forward/backward of the call, or generation's prefill; the decode step
-  is lowered with its layer loop unrolled and needs none). Collectives need no correction: the HLO
-  walker multiplies them by the loop's known trip count.
+  tier as A(L) - A(1) (the forward/backward of the call, or generation's prefill and one decode
+  step). `layer_loop="unrolled"` (a lowering whose layers are all in the HLO, such as generation with
+  the layered decode loop: its prefill and decode steps loop over per-layer weights in Python) needs
+  none. Collectives need no correction: the HLO walker multiplies them by the loop's known trip count.
   """
-  if spec.shape.n_layers <= 1:
+  if spec.shape.n_layers <= 1 or layer_loop == "unrolled":
     return 0.0, 0.0
+  if layer_loop != "scan":
+    raise ValueError(f"call {spec.name!r}: layer_loop {layer_loop!r} must be 'scan' or 'unrolled'")
   one = dataclasses.replace(spec.shape, n_layers=1)
   base = spec if spec.kind != "generate" else dataclasses.replace(spec, new_tokens=1)
   a_l = analytic_counts(base, layout)
@@ -195,24 +214,46 @@ def layer_loop_correction(spec: CallSpec, layout: Layout) -> tuple[float, float]
   return a_l.flops - a_1.flops, a_l.hbm_bytes - a_1.hbm_bytes
 
 
+def logits_chunk_correction(spec: CallSpec, layout: Layout, chunks: int) -> tuple[float, float]:
+  """(flops, bytes) that `cost_analysis` misses when the LM head runs over `chunks` chunks of positions
+  in a `scan` (chunked log-probs): it counts one chunk's body (forward, and backward in a train step),
+  so (chunks - 1) / chunks of the analytic head counts (`head_counts`) are added."""
+  if chunks <= 1 or spec.head != "lm" or spec.kind == "generate":
+    return 0.0, 0.0
+  flops, byts = head_counts(spec, layout)
+  frac = (chunks - 1) / chunks
+  return frac * flops, frac * byts
+
+
 def compiled_cost(spec: CallSpec, layout: Layout, devices_per_host: int) -> CallCost:
-  """Compiles spec.lower(layout)'s parts and combines them (see module docstring)."""
+  """Compiles spec.lower(layout)'s parts and combines them (see module docstring).
+
+  Parts: "main" (the call as it runs: its memory and collectives), optionally "flat" (the call with
+  one micro-batch: its flops and bytes) and, for generation, "decode" (one decode step) with
+  "decode_extra" (decode steps beyond those `main` counts; default new_tokens - 1); plain numbers
+  "layer_loop" ("scan" | "unrolled", see `layer_loop_correction`) and "logits_chunks" (see
+  `logits_chunk_correction`).
+  """
   parts = spec.lower(layout)
   main = _counts(parts["main"], layout, devices_per_host)
   flat = _counts(parts["flat"], layout, devices_per_host) if "flat" in parts else main
-  dflops, dbytes = layer_loop_correction(spec, layout)
-  flops, hbm_bytes, intra, inter = flat["flops"] + dflops, flat["bytes"] + dbytes, main["intra"], main["inter"]
+  dflops, dbytes = layer_loop_correction(spec, layout, parts.get("layer_loop", "scan"))
+  cflops, cbytes = logits_chunk_correction(spec, layout, int(parts.get("logits_chunks", 1)))
+  flops = flat["flops"] + dflops + cflops
+  hbm_bytes = flat["bytes"] + dbytes + cbytes
+  intra, inter = main["intra"], main["inter"]
   n_intra, n_inter = main["n_intra"], main["n_inter"]
   steps = 0
   if spec.kind == "generate" and "decode" in parts:
     dec = _counts(parts["decode"], layout, devices_per_host)
     steps = spec.new_tokens
-    flops += (steps - 1) * dec["flops"]
-    hbm_bytes += (steps - 1) * dec["bytes"]
-    intra += (steps - 1) * dec["intra"]
-    inter += (steps - 1) * dec["inter"]
-    n_intra += (steps - 1) * dec["n_intra"]
-    n_inter += (steps - 1) * dec["n_inter"]
+    extra = float(parts.get("decode_extra", steps - 1))
+    flops += extra * dec["flops"]
+    hbm_bytes += extra * dec["bytes"]
+    intra += extra * dec["intra"]
+    inter += extra * dec["inter"]
+    n_intra += extra * dec["n_intra"]
+    n_inter += extra * dec["n_inter"]
   return CallCost(flops, hbm_bytes, intra, inter, main["args"], main["temp"], "compiled", steps, spec.kind,
                   n_intra, n_inter)
 
@@ -237,17 +278,29 @@ def analytic_counts(spec: CallSpec, layout: Layout) -> CallCost:
   args = p * pb / (f * t) + (p * 8 / (f * t) if spec.kind == "train_step" else 0.0)
 
   # Collectives per pass over the layers (one micro-batch, forward or backward, or one decode step): 2
-  # tensor-parallel all-reduces per layer (attention out, MLP out); one FSDP all-gather (reduce-scatter
-  # for gradients) per layer plus one for the embeddings / head (XLA's combiner merges a layer's leaves).
-  tp_colls = 2 * m.n_layers if t > 1 else 0
+  # tensor-parallel all-reduces per layer (attention out, MLP out) and one for the embedding lookup in
+  # the vocab-split table; one FSDP all-gather (reduce-scatter for gradients) per layer plus one for
+  # the embeddings / head (XLA's combiner merges a layer's leaves).
+  tp_colls = 2 * m.n_layers + 1 if t > 1 else 0
   fsdp_colls = m.n_layers + 1 if f > 1 else 0
+  # A decode step also draws its token: over vocab-split logits that takes all-reduces and gathers
+  # (log-softmax max and sum, the drawn token: 4 in the compiled CPU step); and the loop tests whether
+  # every row is done, an all-reduce when the rows are split.
+  draw_colls = (4 if t > 1 and spec.head == "lm" else 0) + (1 if d * f > 1 else 0)
 
   def forward(rows, length, mbs):
-    """(flops, bytes, intra-mesh wire bytes, temp) of a forward over rows x length in mbs micro-batches."""
+    """(flops, bytes, intra-mesh wire bytes, temp) of a forward over rows x length in mbs micro-batches.
+
+    Attention: QK^T and PV over every (query, key) pair, 4 x L x N x H flops per pair: the mask is an
+    explicit array, so neither cuDNN nor XLA skips the masked half. Unfused attention also writes the
+    float32 scores and reads them back (~3 passes of rows x N x T x S x 4 bytes per layer).
+    """
     tok = rows * length
-    flops = tok * (m.dense_flops_per_token() + 2.0 * m.n_layers * m.n_heads * m.head_dim * length) / n
+    flops = tok * (m.dense_flops_per_token(spec.head) + 4.0 * m.n_layers * m.n_heads * m.head_dim * length) / n
     act = tok / (d * f) * m.d_model * cb
     byts = mbs * w_c + act * m.n_layers * 12 + tok / (d * f) * head_width / t * 4 * 3
+    if not spec.fused_attention:
+      byts += tok / (d * f) * length * m.n_heads / t * 4 * 3 * m.n_layers
     comm = mbs * w_c * _ring(f) + 2 * m.n_layers * 2 * _ring(t) * act
     temp = (act / mbs * (8 + 3 * m.d_ff / m.d_model / t) + tok / (d * f) / mbs * head_width / t * 4 * 2
             + (2 * w_c / m.n_layers if f > 1 else 0.0))
@@ -260,7 +313,8 @@ def analytic_counts(spec: CallSpec, layout: Layout) -> CallCost:
   elif spec.kind == "train_step":
     ff, fb, fc, ft = forward(spec.batch, spec.seq_len, k)
     mult = 4.0 if m.remat == "full" else 3.0
-    flops = ff * mult
+    # The chunked LM head's custom backward recomputes its logits: 4 passes whatever the remat.
+    flops = ff * mult + (4.0 - mult) * head_counts(dataclasses.replace(spec, kind="inference"), layout)[0]
     byts = fb * 3 + p / (f * t) * (pb * 3 + 8 * 2 + 4 * 2)
     comm = 2 * fc + k * p * 4 / t * _ring(f) * f / max(f, 1) + 2 * _ring(d) * p * 4 / (f * t)
     act_saved = b_loc / k * spec.seq_len * m.d_model * cb * m.n_layers * (2 if m.remat == "full" else 14)
@@ -272,17 +326,33 @@ def analytic_counts(spec: CallSpec, layout: Layout) -> CallCost:
     s = spec.prompt_len + spec.new_tokens
     pf, pbyt, pc, pt = forward(spec.batch, spec.prompt_len, 1)
     steps = spec.new_tokens
-    s_avg = spec.prompt_len + spec.new_tokens / 2
-    step_flops = spec.batch * (m.dense_flops_per_token() + 4.0 * m.n_layers * m.n_heads * m.head_dim * s_avg) / n
-    kv_read = b_loc * s_avg * m.n_layers * 2 * m.n_kv_heads * m.head_dim * cb / t_kv
+    # Cache slots a decode step reads (and attends over) per row: as the decode loop reads them.
+    s_read = spec.decode_kv_slots or spec.prompt_len + spec.new_tokens / 2
+    attn = 4.0 * m.n_layers * m.n_heads * m.head_dim * s_read
+    step_flops = spec.batch * (m.dense_flops_per_token(spec.head) + attn) / n
+    kv_read = b_loc * s_read * m.n_layers * 2 * m.n_kv_heads * m.head_dim * cb / t_kv
     step_bytes = w_c + kv_read + b_loc * head_width / t * 4
     step_comm = w_c * _ring(f) + 2 * m.n_layers * 2 * _ring(t) * b_loc * m.d_model * cb
     flops, byts, comm = pf + steps * step_flops, pbyt + steps * step_bytes, pc + steps * step_comm
     kv = b_loc * s * m.n_layers * 2 * m.n_kv_heads * m.head_dim * cb / t_kv
     temp = kv + pt
-    colls = (1 + steps) * (tp_colls + fsdp_colls)  # The prefill, then every decode step.
+    colls = (1 + steps) * (tp_colls + fsdp_colls) + steps * draw_colls  # The prefill, then every decode step.
   intra, inter = comm, 0.0
   return CallCost(flops, byts, intra, inter, args, temp, "analytic", steps, spec.kind, float(colls), 0.0)
+
+
+def head_counts(spec: CallSpec, layout: Layout) -> tuple[float, float]:
+  """Per-device (flops, bytes) of the LM head over the call's sequences: the [D, V] matmul and the
+  float32 logits (written, read back for the log-softmax, read for the picked token); a train step
+  runs it 4 times (forward, and the chunked backward's recompute, input and weight gradients) and its
+  logits traffic 3 times. (0, 0) for a scalar head or generation (whose prefill projects one position)."""
+  if spec.head != "lm" or spec.kind == "generate":
+    return 0.0, 0.0
+  m, st = spec.shape, layout.strategy
+  tok = spec.batch * spec.seq_len / (st.data * st.fsdp)
+  flops = tok * 2.0 * m.d_model * m.vocab_size / st.tensor
+  byts = tok * m.vocab_size / st.tensor * 4 * 3
+  return (4 * flops, 3 * byts) if spec.kind == "train_step" else (flops, byts)
 
 
 def split_comm(cost: CallCost, layout: Layout, devices_per_host: int) -> CallCost:
@@ -323,8 +393,9 @@ class Estimator:
 
   def _path(self, spec: CallSpec, layout: Layout, tier: str) -> str:
     import jax
-    # "colls": entries written before CallCost counted collectives (colls_*) are not reused.
-    text = json.dumps([tier, "colls", spec.cache_key(), layout.device_mesh.start, layout.device_mesh.size,
+    # "layered": entries written before the layered decode step was lowered (or before CallCost
+    # counted collectives) are not reused.
+    text = json.dumps([tier, "layered", spec.cache_key(), layout.device_mesh.start, layout.device_mesh.size,
                        str(layout.strategy), layout.rules, jax.__version__, self.profile.devices_per_host])
     return os.path.join(self.cache_dir, hashlib.sha256(text.encode()).hexdigest()[:32] + ".json")
 

@@ -22,7 +22,7 @@ reallocation cost model reads the same file). Fields beyond Hardware's:
 * `calibration_report`: what `--calibrate` timed and how well the estimator matches before and after.
 
     python -m search.profile --out search/profiles/cpu.json             # micro-benchmarks only
-    python -m search.profile --calibrate --out P.json [--base h100_sxm] [--budget 240]
+    python -m search.profile --calibrate --out P.json [--base h100_sxm] [--budget 240] [--cases 'C1; C2']
     python -m search.profile --refit P.json --out P2.json               # fit again from P's records
     python -m search.profile --from-bench bench/results/calls-h100.json --base h100_sxm --out P.json
 
@@ -190,6 +190,9 @@ def main(argv=None) -> None:
                  "GPU, tiny,tiny2 on CPU)")
   p.add_argument("--kinds", default="", help="--calibrate: comma-separated call kinds to time (default: generate,"
                  "inference,train_step)")
+  p.add_argument("--cases", default="", help="--calibrate: ';'-separated cases, timed in this order instead of the "
+                 "default ones (--models / --kinds), e.g. '1.3b generate 0:2/d2f1t1 b128p128n512; 350m values "
+                 "0:2/d2f1t1 b128s640; 1.3b train 0:2/d1f2t1 b32s640 remat=full' (search.calibrate.Case.parse)")
   p.add_argument("--refit", default="", help="fit again from the records of this calibrated profile (no timing)")
   p.add_argument("--from-bench", default="", help="fit --base to the timed calls of a bench/results/calls-<card>.json "
                  "(no timing)")
@@ -227,9 +230,18 @@ def main(argv=None) -> None:
     import jax
 
     from search import calibrate as cal
+    from search.plan import layout_from_text
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
-    cases = cal.default_cases(jax.devices()[0].platform, jax.device_count(), split(args.models),
-                              split(args.kinds) or cal.KINDS)
+    if args.cases:
+      cases = [cal.Case.parse(c) for c in args.cases.split(";") if c.strip()]
+      for c in cases:
+        dm = layout_from_text(c.layout).device_mesh
+        if dm.stop > jax.device_count():
+          raise SystemExit(f"--cases {c.name!r}: needs devices {dm.start}..{dm.stop - 1}, this machine has "
+                           f"{jax.device_count()}")
+    else:
+      cases = cal.default_cases(jax.devices()[0].platform, jax.device_count(), split(args.models),
+                                split(args.kinds) or cal.KINDS)
     micro = {k: getattr(measured, k) for k in MEASURED}
     prof = cal.calibrate(prof, out=args.out, budget_s=args.budget - (time.perf_counter() - t0), reps=args.reps,
                          cases=cases, micro=micro)

@@ -1,6 +1,7 @@
 """`config.plan=search`: the loop asks the search Planner for a plan, runs it, and writes the plan and
 the predicted timeline beside the measured one."""
 
+import functools
 import json
 import os
 import sys
@@ -15,7 +16,11 @@ sys.path.insert(0, os.path.join(ROOT, "configs"))
 import ppo_tiny  # noqa: E402
 
 
-def test_ppo_tiny_with_searched_plan(tmp_path):
+def test_ppo_tiny_with_searched_plan(tmp_path, monkeypatch):
+  from real_jax.runtime import loop
+  # A 3 s MCMC budget instead of 30 s (the plan only has to be valid and run; the search is tested in
+  # tests/test_search.py).
+  monkeypatch.setattr(loop, "search_plan", functools.partial(loop.search_plan, time_budget_s=3.0))
   c = ppo_tiny.get_config()
   c.num_iterations, c.sft_warmup_steps, c.data.batch_size, c.sampling.max_new_tokens = 2, 0, 16, 4
   c.plan = "search"

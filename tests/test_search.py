@@ -172,7 +172,7 @@ def test_cli_writes_plan_and_png(tmp_path):
   from search.plan import ExecutionPlan
   root = os.path.dirname(os.path.dirname(__file__))
   main(["--config", os.path.join(root, "configs/ppo_tiny.py"), "--profile", "h100_sxm", "--out", str(tmp_path),
-        "--steps", "200", "--cache-dir", ""])
+        "--steps", "200", "--cache-dir", "", "--platform", "gpu"])
   plan = ExecutionPlan.load(str(tmp_path / "plan.json"))
   assert len(plan.layouts) == 6
   d = json.loads((tmp_path / "plan.json").read_text())

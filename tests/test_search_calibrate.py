@@ -17,7 +17,7 @@ LARGE = dataclasses.replace(SMALL, d_model=512, n_layers=8, head_dim=128, d_ff=2
 # The "machine": 2 ms per call; matmul and memory time add up (bytes_time), generation 1.8x slower than
 # counted plus 40 us per decode step and layer, train steps 1.3x with half their communication hidden.
 TRUE = PROFILE.replace(step_overhead_s=4e-5, call_overhead_s=2e-3, calibration={
-    "generate": {"time": 1.8, "bytes_time": 0.5}, "inference": {"bytes_time": 1.0},
+    "generate": {"time": 1.8, "bytes_time": 0.6}, "inference": {"bytes_time": 1.0},
     "train_step": {"time": 1.3, "bytes_time": 2.0, "comm_time": 0.5}})
 
 
@@ -52,6 +52,22 @@ def test_fit_recovers_known_time_terms():
   assert round_trip.calibration == fitted.calibration and round_trip == fitted
 
 
+def test_fit_keeps_rates_physical():
+  """Timings that a matmul rate above the measured one, or decode reads above the measured HBM bandwidth,
+  would explain best: the fit stays at the measured rates (`calibrate._floors`)."""
+  fast = TRUE.replace(calibration={"generate": {"time": 3.0, "bytes_time": 0.15}, "inference": {"time": 0.5},
+                                   "train_step": {"time": 1.3, "bytes_time": 2.0, "comm_time": 0.5}})
+  recs = _records({"small": SMALL, "large": LARGE})
+  for r in recs:
+    r["measured_s"] = predict(fast, r)
+  fitted, info = fit(PROFILE, recs)
+  assert info["log_sq_err_after"] < info["log_sq_err_before"]
+  cal = fitted.calibration
+  for kind in ("generate", "inference", "train_step"):
+    assert cal[kind]["time"] >= 0.98, (kind, cal[kind])
+  assert cal["generate"]["time"] * cal["generate"]["bytes_time"] >= 0.98, cal["generate"]
+
+
 def test_report_holds_out_the_largest_model():
   recs = _records({"small": SMALL, "large": LARGE})
   _, rep = report(PROFILE, recs)
@@ -83,13 +99,28 @@ def test_default_cases_fit_the_machine():
     default_cases("cpu", 8, kinds=("decode",))
 
 
+@pytest.mark.parametrize("text", ["1.3b generate 0:2/d2f1t1 b128p128n512", "350m values 0:2/d1f2t1 b128s640",
+                                  "1.3b logprobs 0:1/d1f1t1 b32s256", "1.3b train 0:2/d1f2t1 b32s640 remat=full"])
+def test_case_names_parse(text):
+  assert Case.parse(text).name == text
+
+
+@pytest.mark.parametrize("text, match", [("1.3b generate 0:2/d2f1t1 b128s640", "generation takes bBpPnN"),
+                                         ("1.3b decode 0:2/d2f1t1 b8s8", "expected 'MODEL generate"),
+                                         ("1.3b values 0:2/d2f1t1 b8s8 remat=full", "remat applies to train"),
+                                         ("1.3b values 0:2/d2f1t2 b8s8", "uses 4 devices")])
+def test_case_parse_errors(text, match):
+  with pytest.raises(ValueError, match=match):
+    Case.parse(text)
+
+
 def test_calibrate_cli_on_cpu(tmp_path, capsys):
   from search import calibrate
   from search.profile import main
   out = tmp_path / "cpu_calibrated.json"
-  # The budget lets the first one to three cases run on this (shared, slow) CPU; every case compiles.
-  main(["--calibrate", "--models", "tiny,tiny2", "--kinds", "generate,inference", "--budget", "50", "--reps", "2",
-        "--out", str(out)])
+  # Two named cases (every case compiles; this CPU is shared and slow), the budget a backstop.
+  main(["--calibrate", "--cases", "tiny generate 0:1/d1f1t1 b8p16n8; tiny logprobs 0:2/d1f1t2 b8s32", "--budget", "50",
+        "--reps", "2", "--out", str(out)])
   assert "all_calls:" in capsys.readouterr().out
   prof = Profile.load(str(out))
   assert Profile.from_dict(json.loads(json.dumps(prof.to_dict()))) == prof  # round trip
@@ -97,6 +128,9 @@ def test_calibrate_cli_on_cpu(tmp_path, capsys):
   assert rep["status"] == "fitted" and rep["machine"]["devices"] == 8 and rep["micro"]["matmul_flops"] > 0
   timed = [r for r in rep["records"] if r.get("measured_s")]
   assert timed and timed[0]["name"] == "tiny generate 0:1/d1f1t1 b8p16n8"
+  # Each record says what ran (fp32 on CPU: the segments' cache prefixes, unfused attention).
+  assert timed[0]["decode_kv_slots"] == pytest.approx((2 * 17 + 2 * 19 + 2 * 21 + 22) / 7)
+  assert timed[0]["fused_attention"] is False
   # The fitted calls' error, as the fit measures it (sum of squared log(predicted / measured)), went down.
   fit_info = rep["fit"]
   assert "kept_base" not in fit_info and fit_info["log_sq_err_after"] < 0.5 * fit_info["log_sq_err_before"]
@@ -117,8 +151,7 @@ def test_from_bench_reproduces_the_committed_h100_profile(tmp_path, capsys):
   root = os.path.dirname(os.path.dirname(__file__))
   committed = Profile.load(os.path.join(PROFILE_DIR, "h100_sxm_bench.json"))
   base = tmp_path / "base.json"  # The base it was fitted from (h100_sxm then; that file may be recalibrated since).
-  # It was fitted before the per-collective latency term: its base gets latency 0 (new files: the default).
-  Profile.from_dict({"collective_latency_s": 0.0} | committed.calibration_report["base_profile"]).save(str(base))
+  Profile.from_dict(committed.calibration_report["base_profile"]).save(str(base))
   out = tmp_path / "h100_sxm_bench.json"
   main(["--from-bench", os.path.join(root, "bench/results/calls-h100.json"), "--base", str(base), "--name",
         "h100_sxm_bench", "--out", str(out)])

@@ -31,16 +31,19 @@ def test_latency_scales_with_decode_steps_times_layers_for_tensor_parallel_gener
   t2 = layout_from_text("0:4/d2f1t2")
   for steps, layers in [(8, 6), (64, 6), (64, 12), (512, 24)]:
     spec = _gen(steps, layers)
-    # 2 all-reduces per layer for the prefill and for every decode step, each 10 us wall clock (the kind's
-    # fitted `time` factor 3.0 does not scale it).
-    assert _latency(spec, t2) == pytest.approx((1 + steps) * 2 * layers * COLLECTIVE_LATENCY_S, rel=1e-9)
+    # 2 all-reduces per layer and one for the embedding lookup, for the prefill and every decode step; each
+    # step's draw over vocab-split logits (4) and the loop's stop test over split rows (1); each 10 us wall
+    # clock (the kind's fitted `time` factor 3.0 does not scale it).
+    want = ((1 + steps) * (2 * layers + 1) + steps * 5) * COLLECTIVE_LATENCY_S
+    assert _latency(spec, t2) == pytest.approx(want, rel=1e-9)
   cost = Estimator(PROFILE, mode="analytic", cache_dir="").cost(_gen(1024, 24), t2)
-  assert cost.colls_intra == 1025 * 48 and cost.colls_inter == 0
+  assert cost.colls_intra == 1025 * 49 + 1024 * 5 and cost.colls_inter == 0
 
 
-def test_latency_is_zero_for_data_parallel_generation():
-  for text in ("0:4/d4f1t1", "0:1/d1f1t1", "0:8/d8f1t1"):
-    assert _latency(_gen(256), layout_from_text(text)) == 0.0
+def test_data_parallel_generation_pays_only_the_stop_test():
+  assert _latency(_gen(256), layout_from_text("0:1/d1f1t1")) == 0.0
+  for text in ("0:4/d4f1t1", "0:8/d8f1t1"):  # One all-reduce per decode step: whether every row is done.
+    assert _latency(_gen(256), layout_from_text(text)) == pytest.approx(256 * COLLECTIVE_LATENCY_S)
 
 
 def test_latency_counts_fsdp_and_data_parallel_collectives_of_a_train_step():
@@ -56,7 +59,7 @@ def test_inter_host_latency():
   spec = _gen(512, 24)
   prof = PROFILE.replace(inter_host_collective_latency_s=50e-6)
   assert prof.inter_latency_s == 50e-6 and PROFILE.inter_latency_s == PROFILE.collective_latency_s
-  assert _latency(spec, layout_from_text("0:16/d8f1t2"), prof) == pytest.approx(513 * 48 * 50e-6)
+  assert _latency(spec, layout_from_text("0:16/d8f1t2"), prof) == pytest.approx((513 * 49 + 512 * 5) * 50e-6)
 
 
 def test_hlo_comm_counts():
