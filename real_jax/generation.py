@@ -186,69 +186,24 @@ def filter_logits(logits_BV: jax.Array, top_k: int = 0, top_p: float = 1.0) -> j
   return x
 
 
-def vocab_chunk(v: int) -> int:
-  """The divisor of the vocabulary size in [16, 4096] nearest sqrt(v) (0 if none): the chunk size of
-  the two-level reductions and draw of `sample_token` (151936 = 128 x 1187 -> 1187)."""
-  divs = [d for d in range(16, min(v, 4096) + 1) if v % d == 0]
-  return min(divs, key=lambda d: (abs(d - v ** 0.5), d)) if divs else 0
-
-
-def _chunk_stats(x_BCK: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(max, logsumexp) of each chunk of [B, V / C, C] logits; an all -inf chunk has log-mass -inf."""
-  mx_BC = jnp.max(x_BCK, axis=-1)
-  safe_BC = jnp.where(jnp.isfinite(mx_BC), mx_BC, 0.0)
-  return mx_BC, safe_BC + jnp.log(jnp.sum(jnp.exp(x_BCK - safe_BC[..., None]), axis=-1))
-
-
-def _draw_two_level(key, x_BCK, mass_BC):
-  k_chunk, k_tok = jax.random.split(key)
-  c_B = jax.random.categorical(k_chunk, mass_BC, axis=-1)
-  inside_BK = jnp.take_along_axis(x_BCK, c_B[:, None, None], axis=1)[:, 0]
-  return c_B * x_BCK.shape[-1] + jax.random.categorical(k_tok, inside_BK, axis=-1)
-
-
-def two_level_categorical(key: jax.Array, logits_BV: jax.Array, chunk: int) -> jax.Array:
-  """A draw from softmax(logits) per row, exactly, in two levels: a chunk of `chunk` consecutive
-  tokens by its probability mass, then a token inside it. One pass over the [B, V] logits (each
-  chunk's logsumexp) and B x (V / chunk + chunk) Gumbel draws, where `jax.random.categorical` makes V
-  per row (39M threefry draws a step for 256 rows of Qwen's vocabulary)."""
-  b, v = logits_BV.shape
-  x_BCK = logits_BV.reshape(b, v // chunk, chunk)
-  return _draw_two_level(key, x_BCK, _chunk_stats(x_BCK)[1])
-
-
 def sample_token(key: jax.Array, logits_BV: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
   """(token [B] int32, its log-prob [B] under log_softmax(logits / temperature), unmasked).
 
   The log-prob is the token's scaled logit minus the row's logsumexp: no [B, V] log-softmax is
-  written out (B x V fp32 is 155 MB a step for 256 rows of Qwen's 152k vocabulary). Where the
-  vocabulary splits into chunks (`vocab_chunk`), the row reductions run in two levels (per chunk,
-  then over the chunk results), the argmax and the plain draw too: XLA gives a 152k-long row
-  reduction of 256 rows too few blocks (timed alone on one H100, each such reduction took ~50 us,
-  about 4x one read of the logits: bench/results/sampling-h100.json).
+  written out (B x V fp32 is 155 MB a step for 256 rows of Qwen's 152k vocabulary). A two-level
+  draw over vocabulary chunks (fewer Gumbel draws, shorter row reductions) was slower on one H100
+  (bench/sampling.py), so the draw is `jax.random.categorical` over the whole row.
   """
   scaled = logits_BV.astype(jnp.float32) / jnp.float32(cfg.temperature)
-  b, v = scaled.shape
-  c = vocab_chunk(v)
-  if c:
-    x_BCK = scaled.reshape(b, v // c, c)
-    cmax_BC, mass_BC = _chunk_stats(x_BCK)
-    lse_B = jax.nn.logsumexp(mass_BC, axis=-1)
-  else:
-    lse_B = jax.nn.logsumexp(scaled, axis=-1)
-  if cfg.greedy and c:  # The first maximum: the first chunk holding it, then its first place there.
-    c_B = jnp.argmax(cmax_BC, axis=-1)
-    tok = c_B * c + jnp.argmax(jnp.take_along_axis(x_BCK, c_B[:, None, None], axis=1)[:, 0], axis=-1)
-  elif cfg.greedy:
+  lse_B = jax.nn.logsumexp(scaled, axis=-1)
+  if cfg.greedy:
     tok = jnp.argmax(scaled, axis=-1)
-  elif cfg.top_k and cfg.top_k < v:
+  elif cfg.top_k and cfg.top_k < scaled.shape[-1]:
     # Draw among the k candidates only (sorting k values, not V, for top-p).
     vals, idx = jax.lax.top_k(scaled, cfg.top_k)
     vals = filter_logits(vals, 0, cfg.top_p)
     choice = jax.random.categorical(key, vals, axis=-1)
     tok = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0]
-  elif cfg.top_p >= 1.0 and c:
-    tok = _draw_two_level(key, x_BCK, mass_BC)
   else:
     tok = jax.random.categorical(key, filter_logits(scaled, 0, cfg.top_p), axis=-1)
   tok = tok.astype(jnp.int32)

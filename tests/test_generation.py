@@ -241,10 +241,10 @@ def test_decode_loop_slices_no_weights_and_copies_no_cache(model):
 
 @pytest.mark.parametrize("v", [60, 256])
 def test_two_level_categorical_matches_softmax(v):
-  """The two-level draw (chunk by mass, then token inside) samples softmax(logits) exactly:
+  """bench/sampling.py's two-level draw (chunk by mass, then token inside) samples softmax(logits) exactly:
   empirical frequencies of 20k draws within 5 standard errors of the probabilities (NumPy), for
   peaked and flat rows, with one chunk holding only -inf logits (never drawn)."""
-  from real_jax.generation import two_level_categorical, vocab_chunk
+  from bench.sampling import two_level_categorical, vocab_chunk
   c = vocab_chunk(v)
   assert c and v % c == 0 and 1 < c < v
   rng = np.random.default_rng(v)
@@ -261,9 +261,9 @@ def test_two_level_categorical_matches_softmax(v):
     np.testing.assert_array_less(np.abs(freq - p), 5 * np.sqrt(p * (1 - p) / n) + 1e-4)
 
 
-def test_sample_token_greedy_and_logprob_two_level():
-  """Greedy through the chunked argmax picks NumPy's first maximum (ties across and inside chunks),
-  and every draw's log-prob equals log_softmax(logits / T) at the token (NumPy), V = 256 (chunked)."""
+def test_sample_token_greedy_and_logprob():
+  """Greedy picks NumPy's first maximum (ties included), and every draw's log-prob (scaled logit
+  minus the row's logsumexp) equals log_softmax(logits / T) at the token (NumPy)."""
   rng = np.random.default_rng(7)
   x = rng.normal(size=(6, 256)).astype(np.float32)
   x[1, [40, 200]] = 9.0   # tie in two chunks
