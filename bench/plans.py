@@ -78,7 +78,7 @@ from real_jax.runtime.loop import check_plan_for  # noqa: E402
 from real_jax.runtime.registry import get_program  # noqa: E402
 from real_jax.train_step import init_train_state  # noqa: E402
 from search.estimator import Estimator  # noqa: E402
-from search.plan import ExecutionPlan  # noqa: E402
+from search.plan import ExecutionPlan, layout_to_text  # noqa: E402
 from search.profile import Profile  # noqa: E402
 from search.search import Planner  # noqa: E402
 from search.simulate import SimResult, simulate  # noqa: E402
@@ -204,7 +204,7 @@ def call_terms(planner: Planner, layouts: dict) -> dict[str, dict]:
     spec, cost = planner.specs[c], planner.costs[c][lay]
     scale = spec.repeats * prof.factor(spec.kind, "time")
     terms = {k: v * scale for k, v in cost.parts(prof, spec.shape.n_layers).items()}
-    out[c] = {"layout": str(lay), "terms_s": terms, "flops": cost.flops * spec.repeats,
+    out[c] = {"layout": layout_to_text(lay), "terms_s": terms, "flops": cost.flops * spec.repeats,
               "hbm_bytes": cost.hbm_bytes * spec.repeats,
               "comm_bytes": (cost.comm_intra + cost.comm_inter) * spec.repeats,
               "collectives": (cost.colls_intra + cost.colls_inter) * spec.repeats, "tier": cost.tier,

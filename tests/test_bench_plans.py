@@ -74,6 +74,9 @@ def test_run_bench_tiny(tmp_path):
     assert len(p["iteration_s"]) == 1 and p["finite"] and p["tokens_per_s"] > 0
     assert p["metrics"]["response_len"] == 4 and p["metrics"]["no_eos_frac"] == 1.0  # Forced full length.
     assert set(p["calls"]) == {"actor_gen", "reward_inf", "ref_inf", "critic_inf", "actor_train", "critic_train"}
+    terms = p["predicted_call_terms"]
+    assert set(terms) == set(p["calls"]) and terms["actor_gen"]["layout"] in p["plan"]
+    assert terms["actor_train"]["terms_s"]["compute"] > 0 and terms["actor_gen"]["terms_s"]["steps"] >= 0
     for name, c in p["calls"].items():
       assert c["predicted_s"] > 0 and c["measured_s"] >= 0 and c["measured_wall_s"] >= c["measured_s"], (name, c)
     assert p["timeline"] and all(r["t1"] >= r["t0"] for r in p["timeline"])
