@@ -284,9 +284,10 @@ def analytic_counts(spec: CallSpec, layout: Layout) -> CallCost:
   tp_colls = 2 * m.n_layers + 1 if t > 1 else 0
   fsdp_colls = m.n_layers + 1 if f > 1 else 0
   # A decode step also draws its token: over vocab-split logits that takes all-reduces and gathers
-  # (the row's logsumexp, the chunk masses and the drawn token: 5 in the compiled CPU step of the
-  # two-level sampler); and the loop tests whether every row is done, an all-reduce when rows are split.
-  draw_colls = (5 if t > 1 and spec.head == "lm" else 0) + (1 if d * f > 1 else 0)
+  # (the row's max and logsumexp, the drawn token and its logit: 4 in the compiled CPU step of
+  # `generation.sample_token`; 5 with the two-level draw tried in 0b4d9c2); and the loop tests whether
+  # every row is done, an all-reduce when rows are split.
+  draw_colls = (4 if t > 1 and spec.head == "lm" else 0) + (1 if d * f > 1 else 0)
 
   def forward(rows, length, mbs):
     """(flops, bytes, intra-mesh wire bytes, temp) of a forward over rows x length in mbs micro-batches.

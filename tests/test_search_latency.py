@@ -32,12 +32,12 @@ def test_latency_scales_with_decode_steps_times_layers_for_tensor_parallel_gener
   for steps, layers in [(8, 6), (64, 6), (64, 12), (512, 24)]:
     spec = _gen(steps, layers)
     # 2 all-reduces per layer and one for the embedding lookup, for the prefill and every decode step; each
-    # step's draw over vocab-split logits (5) and the loop's stop test over split rows (1); each 10 us wall
+    # step's draw over vocab-split logits (4) and the loop's stop test over split rows (1); each 10 us wall
     # clock (the kind's fitted `time` factor 3.0 does not scale it).
-    want = ((1 + steps) * (2 * layers + 1) + steps * 6) * COLLECTIVE_LATENCY_S
+    want = ((1 + steps) * (2 * layers + 1) + steps * 5) * COLLECTIVE_LATENCY_S
     assert _latency(spec, t2) == pytest.approx(want, rel=1e-9)
   cost = Estimator(PROFILE, mode="analytic", cache_dir="").cost(_gen(1024, 24), t2)
-  assert cost.colls_intra == 1025 * 49 + 1024 * 6 and cost.colls_inter == 0
+  assert cost.colls_intra == 1025 * 49 + 1024 * 5 and cost.colls_inter == 0
 
 
 def test_data_parallel_generation_pays_only_the_stop_test():
@@ -59,7 +59,7 @@ def test_inter_host_latency():
   spec = _gen(512, 24)
   prof = PROFILE.replace(inter_host_collective_latency_s=50e-6)
   assert prof.inter_latency_s == 50e-6 and PROFILE.inter_latency_s == PROFILE.collective_latency_s
-  assert _latency(spec, layout_from_text("0:16/d8f1t2"), prof) == pytest.approx((513 * 49 + 512 * 6) * 50e-6)
+  assert _latency(spec, layout_from_text("0:16/d8f1t2"), prof) == pytest.approx((513 * 49 + 512 * 5) * 50e-6)
 
 
 def test_hlo_comm_counts():
