@@ -139,9 +139,11 @@ def plan_key(plan: ExecutionPlan) -> tuple:
 
 def colocated_plans(planner: Planner, which: str) -> list[tuple[str, dict]]:
   """Colocated plans (every call on all devices, one (data, fsdp, tensor), each call's predicted-best
-  micro-batch count) for `which`: "all" strategies or a comma list such as "d1f4t1,d2f1t2"."""
+  micro-batch count) for `which`: "all" strategies or a comma list such as "d1f4t1,d2f1t2" (run in
+  that order)."""
   whole = DeviceMesh(0, planner.n)
-  wanted = None if which == "all" else {s.strip() for s in which.split(",") if s.strip()}
+  order = [s.strip() for s in which.split(",") if s.strip()]
+  wanted = None if which == "all" else set(order)
   out = []
   for st in strategies(planner.n):
     name = f"d{st.data}f{st.fsdp}t{st.tensor}"
@@ -156,6 +158,7 @@ def colocated_plans(planner: Planner, which: str) -> list[tuple[str, dict]]:
     else:
       out.append((f"colocated-{name}", lays))
   if wanted is not None:
+    out.sort(key=lambda item: order.index(item[0].removeprefix("colocated-")))
     unknown = wanted - {n.removeprefix("colocated-") for n, _ in out}
     if unknown:
       raise ValueError(f"--colocated {which!r}: no valid colocated plan for {sorted(unknown)} on {planner.n} devices "
@@ -630,7 +633,8 @@ def main(argv=None) -> int:
   ap.add_argument("--batch", type=int, default=None, help="prompts per iteration (default per models)")
   ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128; tiny 16)")
   ap.add_argument("--colocated", default="best",
-                  help="colocated plans to run: best (the Planner's baseline), all, or a list like d1f4t1,d1f1t4")
+                  help="colocated plans to run: best (the Planner's baseline), all, or a list like d1f4t1,d1f1t4 "
+                  "(run in that order, after the searched plan and the baselines)")
   ap.add_argument("--search-steps", type=int, default=20000)
   ap.add_argument("--search-s", type=float, default=60.0, help="MCMC time limit per setting")
   ap.add_argument("--seed", type=int, default=0)
