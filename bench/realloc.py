@@ -265,6 +265,7 @@ def legacy_planner():
 VARIANTS = {
     "old": {"direct": False, "schedule": "serial", "legacy": True},  # the cell-classes implementation
     "packed": {"direct": False},             # today's planner, every cell packed (whole shards too)
+    "direct": {"direct": True},              # today's planner, whole shards as direct classes
     "gather": {"mode": "reshard"},           # all-gather (or any reshard) in the source mesh, no assembly
     "pieces": {"mode": "pieces"},            # no reshard: pieces of the source shards
 }

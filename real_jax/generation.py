@@ -190,9 +190,10 @@ def sample_token(key: jax.Array, logits_BV: jax.Array, cfg: SamplingConfig) -> t
   """(token [B] int32, its log-prob [B] under log_softmax(logits / temperature), unmasked).
 
   The log-prob is the token's scaled logit minus the row's logsumexp: no [B, V] log-softmax is
-  written out (B x V fp32 is 155 MB a step for 256 rows of Qwen's 152k vocabulary). A two-level
-  draw over vocabulary chunks (fewer Gumbel draws, shorter row reductions) was slower on one H100
-  (bench/sampling.py), so the draw is `jax.random.categorical` over the whole row.
+  written out (B x V fp32 is 155 MB a step for 256 rows of Qwen's 152k vocabulary). The draw is
+  `jax.random.categorical` over the whole row. A two-level draw over vocabulary chunks
+  (bench/sampling.py) took 237 against 307 us a draw for 256 rows of Qwen's vocabulary on one H100,
+  under 3% of a decode step; not adopted (bench/results/sampling-h100.json).
   """
   scaled = logits_BV.astype(jnp.float32) / jnp.float32(cfg.temperature)
   lse_B = jax.nn.logsumexp(scaled, axis=-1)

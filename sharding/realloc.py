@@ -39,8 +39,8 @@ General algorithm, per leaf (planning in `sharding/_realloc_plan.py`, pure and c
    each other (same target mesh, dtype and source per target device) form a *class*: per target
    device ONE flat buffer, the cells' elements concatenated in a fixed order, so the buffers of
    all target devices have the same layout. A cell that is a whole I shard on every target device
-   is a *direct* class of its own: that shard is the buffer, with no pack (`direct=False` packs it
-   like the others, as the cell-classes implementation did).
+   is, with `direct=True`, a *direct* class of its own: that shard is the buffer, with no pack (the
+   default `direct=False` packs it like the others: faster on 2x H200, see `DEFAULT_DIRECT`).
 6. Execution, per bucket, with no Python work per leaf: ONE `jit(identity, out_shardings=[I...])`
    per source device list over all the bucket's leaves that need a reshard; per source device
    ONE jitted "pack" that cuts every packed class buffer it serves (its own device's included) out
@@ -131,6 +131,11 @@ __all__ = ["DEFAULT_BUCKET_BYTES", "DEFAULT_SCHEDULE", "PLAN_SCHEDULES", "SCHEDU
 
 DEFAULT_BUCKET_BYTES = 1 << 30
 DEFAULT_SCHEDULE = "auto"  # The schedule realloc_cost predicts faster for the tree (module docstring: Schedule).
+# Direct classes off by default: on 2x H200 (bench/results/realloc-h200x2.json, every cell packed is the
+# "packed" variant there) packing every cell was as fast or faster on 7 of 8 stacked transitions, and
+# on fsdp2 -> single (1 of 2) it reached 0.89 / 0.91 of the raw copy (7B / 1B) against 0.89 / 0.69
+# with direct classes. `direct=True` keeps them.
+DEFAULT_DIRECT = False
 _wait = jax.block_until_ready  # The memory bound's waits (a name of its own for tests).
 
 
@@ -451,7 +456,7 @@ def _unpack_fn(mesh, n_inputs: int, recipe, out_shardings):
 
 @functools.lru_cache(maxsize=64)
 def _programs(specs: tuple[LeafSpec, ...], hw, mode: str, bucket_bytes, me: int, schedule: str = DEFAULT_SCHEDULE,
-              direct: bool = True):
+              direct: bool = DEFAULT_DIRECT):
   """(bucket programs, the schedule to run them with: `schedule`, or the plan's choice for "auto")."""
   tp = plan_tree(specs, hw, mode, bucket_bytes, schedule, direct)
   return [_BucketProgram(specs, bp, me) for bp in tp.buckets], tp.schedule
@@ -461,7 +466,7 @@ _CALLS: dict = {}  # (leaf shapes, dtypes and shardings, targets, options) -> (b
 _MAX_CALLS = 64
 
 
-def _cached_programs(leaves, targets, hw, mode, bucket_bytes, schedule=DEFAULT_SCHEDULE, direct=True):
+def _cached_programs(leaves, targets, hw, mode, bucket_bytes, schedule=DEFAULT_SCHEDULE, direct=DEFAULT_DIRECT):
   """The bucket programs for this call and their schedule, found by one dict lookup when the same
   tree moved before."""
   try:
@@ -482,7 +487,7 @@ def _cached_programs(leaves, targets, hw, mode, bucket_bytes, schedule=DEFAULT_S
 
 def reallocate(tree: Any, target_shardings: Any, *, donate: bool = False,
                bucket_bytes: int | None = DEFAULT_BUCKET_BYTES, hardware: _hw.Hardware | None = None,
-               mode: str = "auto", schedule: str = DEFAULT_SCHEDULE, direct: bool = True) -> Any:
+               mode: str = "auto", schedule: str = DEFAULT_SCHEDULE, direct: bool = DEFAULT_DIRECT) -> Any:
   """Moves every array of `tree` to its target NamedSharding, device to device.
 
   Args:
@@ -498,8 +503,8 @@ def reallocate(tree: Any, target_shardings: Any, *, donate: bool = False,
     schedule: "serial" (each bucket sent and unpacked before the next is sent), "pipelined"
       (bucket b sent before bucket b-1 is unpacked) or "auto" (the one `realloc_cost` predicts
       faster for this tree); see the module docstring.
-    direct: whole intermediate (or source) shards move without a pack (the default); False packs
-      every cell as the implementation did before (kept to compare the two on GPUs).
+    direct: True moves whole intermediate (or source) shards without a pack; False (the default,
+      `DEFAULT_DIRECT`: faster on the 2x H200 run) packs every cell.
 
   Returns:
     A pytree like `tree` whose leaves have exactly the target shardings and bitwise the same values.
@@ -546,7 +551,7 @@ def _per_leaf(shardings, treedef, n):
 def realloc_cost(src_shardings: Any, dst_shardings: Any, tree_shapes: Any,
                  hardware: _hw.Hardware | None = None, mode: str = "auto",
                  bucket_bytes: int | None = DEFAULT_BUCKET_BYTES, schedule: str = DEFAULT_SCHEDULE,
-                 direct: bool = True) -> float:
+                 direct: bool = DEFAULT_DIRECT) -> float:
   """Predicted seconds for `reallocate` to move `tree_shapes` from `src_shardings` to `dst_shardings`.
 
   `tree_shapes` is a pytree of anything with `.shape` and `.dtype` (e.g. `jax.ShapeDtypeStruct`);

@@ -58,7 +58,7 @@ def _programs_of(xs, dst, mode="auto", hardware=None, **kw):
   cache lookup it makes."""
   from sharding import realloc as R
   leaves, _, targets = R._targets_like(xs, dst)
-  opts = {"bucket_bytes": R.DEFAULT_BUCKET_BYTES, "schedule": R.DEFAULT_SCHEDULE, "direct": True, **kw}
+  opts = {"bucket_bytes": R.DEFAULT_BUCKET_BYTES, "schedule": R.DEFAULT_SCHEDULE, "direct": R.DEFAULT_DIRECT, **kw}
   return R._cached_programs(leaves, targets, hardware or R._hw.DEFAULT, mode, opts["bucket_bytes"], opts["schedule"],
                             opts["direct"])
 
@@ -428,17 +428,17 @@ def test_gather_into_one_source_device():
   refs = {"major": _value((8, 6), np.float32, 0), "minor": _value((4, 8, 6), np.float32, 1),
           "minor16": _value((2, 8, 4), jnp.bfloat16, 2)}
   src = {"major": src2.named("fsdp"), "minor": src2.named(None, "fsdp"), "minor16": src2.named(None, "fsdp")}
-  xs, _ = _move(refs, src, one, hardware=BYTES_ONLY, donate=True, schedule="serial")
+  xs, _ = _move(refs, src, one, hardware=BYTES_ONLY, donate=True, schedule="serial", direct=True)
   assert all(x.is_deleted() for x in xs.values())
-  (prog,), _ = _programs_of(xs, one, hardware=BYTES_ONLY, schedule="serial")
+  (prog,), _ = _programs_of(xs, one, hardware=BYTES_ONLY, schedule="serial", direct=True)
   bp = prog.bp
   assert [bp.kinds[k] for k in range(3)] == ["passthrough", "general", "general"]
   inter = bp.leaf_plans[0].inter
   assert inter.is_fully_replicated and list(inter.mesh.devices.flat) == list(src2.mesh.devices.flat)
   assert all(cl.shape is not None for cl in bp.classes) and not prog.packs and len(prog.direct) == 4
   assert len(bp.transfers) == 2 and all(cl.srcs == (jax.devices()[0],) for cl in bp.classes[::2])
-  # The same move with every cell packed (the cell-classes path) gives the same values.
-  _move(refs, src, one, hardware=BYTES_ONLY, direct=False)
+  # The same move with every cell packed (the default) gives the same values.
+  _move(refs, src, one, hardware=BYTES_ONLY)
 
 
 def test_partial_gather_keeps_target_shards():
@@ -479,7 +479,7 @@ def test_direct_path_respects_the_bucket_bound(monkeypatch, schedule):
 
   monkeypatch.setattr(R, "_wait", wait)
   with jax.transfer_guard("disallow"):
-    ys = reallocate(xs, one, bucket_bytes=leaf_bytes, hardware=BYTES_ONLY, schedule=schedule)
+    ys = reallocate(xs, one, bucket_bytes=leaf_bytes, hardware=BYTES_ONLY, schedule=schedule, direct=True)
     jax.block_until_ready(ys)
   jax.tree.map(_check, ys, refs, {k: one for k in refs})
   assert len(extra) == 8 - 2 and max(extra) <= 2 * leaf_bytes and max(extra) > 0, extra
