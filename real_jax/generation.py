@@ -220,6 +220,30 @@ def segment_ends(steps: int, segments: int) -> list[int]:
   return sorted({-(-steps * (j + 1) // segments) for j in range(segments)} - {0})
 
 
+def draw_token(cfg: SamplingConfig, eos_K: jax.Array, rng: jax.Array, t, logits_BV, out_BM, lp_BM, done_B):
+  """Token t from logits_BV into the [B, M] outputs: pad and log-prob 0 for rows already done.
+  Returns (token, live: the rows not yet done before it, i.e. its attention mask, out, log-probs, done)."""
+  tok, lp = sample_token(jax.random.fold_in(rng, t), logits_BV, cfg)
+  tok = jnp.where(done_B, cfg.pad_id, tok)
+  lp = jnp.where(done_B, 0.0, lp)
+  out_BM = jax.lax.dynamic_update_slice_in_dim(out_BM, tok[:, None], t, axis=1)
+  lp_BM = jax.lax.dynamic_update_slice_in_dim(lp_BM, lp[:, None], t, axis=1)
+  live_B = ~done_B
+  done_B = done_B | jnp.any(tok[:, None] == eos_K[None, :], axis=-1)
+  return tok, live_B, out_BM, lp_BM, done_B
+
+
+def layered_decode_step(model, layer_params, cfg: SamplingConfig, eos_K, rng, kv_len, carry):
+  """One iteration of the layered decode loop: token t (at slot P + t) through every layer with the
+  per-layer weights and cache, project, draw token t + 1. `carry` = (t, cache, token, live, out, log-probs,
+  done), returned advanced. The sampler's while loops run it; `plan_inputs` lowers it alone for the
+  plan estimator, so what is priced is what runs."""
+  t, cache, tok, live, out_BM, lp_BM, done = carry
+  h, cache = model.hidden(tok[:, None], attention_mask_BT=live[:, None], cache=cache, layer_params=layer_params,
+                          kv_len=kv_len)
+  return (t + 1, cache) + draw_token(cfg, eos_K, rng, t + 1, model.project(h)[:, 0], out_BM, lp_BM, done)
+
+
 def _sample_fn(graphdef, cfg: SamplingConfig, layout: Layout):
   """The pure function (state, prompt_BP, mask_BP, rng) -> Rollout, traced under `layout`."""
   eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
@@ -247,16 +271,7 @@ def _sample_fn(graphdef, cfg: SamplingConfig, layout: Layout):
       h_BPD, cache = (fwd if layered else model.hidden)(prompt_BP, attention_mask_BT=mask_BP, cache=cache)
       logits_BV = model.project(h_BPD[:, -1:])[:, 0]
 
-      def draw(t, logits_BV, out_BM, lp_BM, done):
-        """Token t from logits_BV; `live`: the rows not yet done before it (its attention mask)."""
-        tok, lp = sample_token(jax.random.fold_in(rng, t), logits_BV, cfg)
-        tok = jnp.where(done, cfg.pad_id, tok)
-        lp = jnp.where(done, 0.0, lp)
-        out_BM = jax.lax.dynamic_update_slice_in_dim(out_BM, tok[:, None], t, axis=1)
-        lp_BM = jax.lax.dynamic_update_slice_in_dim(lp_BM, lp[:, None], t, axis=1)
-        live = ~done
-        done = done | jnp.any(tok[:, None] == eos[None, :], axis=-1)
-        return tok, live, out_BM, lp_BM, done
+      draw = functools.partial(draw_token, cfg, eos, rng)
 
       out_BM = jnp.full((b, m), cfg.pad_id, jnp.int32)
       lp_BM = jnp.zeros((b, m), jnp.float32)
@@ -267,11 +282,7 @@ def _sample_fn(graphdef, cfg: SamplingConfig, layout: Layout):
         c = (jnp.zeros((), jnp.int32), cache) + draw(0, logits_BV, out_BM, lp_BM, done)
 
         def body_for(kv_len):
-          def body(c):
-            t, cache, tok, live, out_BM, lp_BM, done = c
-            h, cache = fwd(tok[:, None], attention_mask_BT=live[:, None], cache=cache, kv_len=kv_len)
-            return (t + 1, cache) + draw(t + 1, model.project(h)[:, 0], out_BM, lp_BM, done)
-          return body
+          return functools.partial(layered_decode_step, model, lps, cfg, eos, rng, kv_len)
 
         # Segment [a, end) runs tokens a..end-1 at slots < P + end - 1: a static read of P + end - 1.
         for end in segment_ends(m - 1, cfg.decode_segments):

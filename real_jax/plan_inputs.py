@@ -41,7 +41,7 @@ from real_jax import inference
 from real_jax._calls import batch_sharding, compute_params, sharding_hook
 from real_jax.dataflow import Graph
 from real_jax.experiment import Experiment
-from real_jax.generation import SamplingConfig, bucket_length, sample_token, sampler, segment_ends
+from real_jax.generation import SamplingConfig, bucket_length, layered_decode_step, sampler, segment_ends
 from real_jax.models import KVCache, abstract_model, activation_constraints, param_count
 from real_jax.models.transformer import decode_on_full_cache, layer_arrays, logits_chunk_size
 from real_jax.optim import make_optimizer
@@ -72,32 +72,21 @@ def _sds(shape, dtype):
 
 
 def _decode_step(graphdef, layout: Layout, sampling: SamplingConfig, kv_len: int):
-  """One iteration of the sampler's layered decode loop (`generation._sample_fn`, decode="layered"):
-  run token t through every layer (per-layer weights, per-layer cache, attention over the first
-  `kv_len` slots or, on GPU in bf16, over the whole cache: `decode_on_full_cache`), project, and draw
-  token t + 1 (`sample_token`, written into the [B, M] outputs).
+  """One iteration of the sampler's layered decode loop (`generation.layered_decode_step`, the
+  function its while loops run): token t through every layer (per-layer weights and cache; attention
+  over the first `kv_len` slots or, on GPU in bf16, the fused kernel over the filled ones:
+  `decode_on_full_cache`), project, draw token t + 1; then the loop's stop test.
 
-  Mirrors the loop body line for line (generation.py keeps it in a closure). Its inputs are what
-  the loop carries or closes over: the compute-dtype state (the embedding and head; the stacked
-  layers go unused and jit prunes them), the per-layer compute-dtype weights that the sampler slices
-  once before its loops, the per-layer cache and the loop's carry.
+  Its inputs are what the loop carries or closes over: the compute-dtype state (the embedding and
+  head; the stacked layers go unused and jit prunes them), the per-layer compute-dtype weights that
+  the sampler slices once before its loops, the per-layer cache and the loop's carry.
   """
   def step(state, lps, cache, t, tok_B, live_B, out_BM, lp_BM, done_B, rng):
     with activation_constraints(sharding_hook(layout)):
       model = nnx.merge(graphdef, state)
-      h, cache = model.hidden(tok_B[:, None], attention_mask_BT=live_B[:, None], cache=cache, layer_params=lps,
-                              kv_len=kv_len)
-      logits_BV = model.project(h)[:, 0]
-      # `draw(t + 1, ...)` of the loop body.
-      t = t + 1
       eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
-      tok, lp = sample_token(jax.random.fold_in(rng, t), logits_BV, sampling)
-      tok = jnp.where(done_B, sampling.pad_id, tok)
-      lp = jnp.where(done_B, 0.0, lp)
-      out_BM = jax.lax.dynamic_update_slice_in_dim(out_BM, tok[:, None], t, axis=1)
-      lp_BM = jax.lax.dynamic_update_slice_in_dim(lp_BM, lp[:, None], t, axis=1)
-      live_B = ~done_B
-      done_B = done_B | jnp.any(tok[:, None] == eos[None, :], axis=-1)
+      t, cache, tok, live_B, out_BM, lp_BM, done_B = layered_decode_step(
+          model, lps, sampling, eos, rng, kv_len, (t, cache, tok_B, live_B, out_BM, lp_BM, done_B))
       # The loop's condition, evaluated once per iteration (an all-reduce when rows are split).
       going = ~jnp.all(done_B)
       return cache, t, tok, live_B, out_BM, lp_BM, done_B, going
