@@ -284,7 +284,8 @@ def _tree_plan(src_sh, dst_sh, shapes, hw, kw, bucket_bytes=DEFAULT_BUCKET_BYTES
   call, ctx = _call_kw(kw)
   with ctx:
     return plan_tree(_specs(src_sh, dst_sh, shapes), call.get("hardware", hw), call.get("mode", "auto"),
-                     bucket_bytes, call.get("schedule", realloc_mod.DEFAULT_SCHEDULE), call.get("direct", True))
+                     bucket_bytes, call.get("schedule", realloc_mod.DEFAULT_SCHEDULE),
+                     call.get("direct", realloc_mod.DEFAULT_DIRECT))
 
 
 def plan_summary(src_sh, dst_sh, shapes, hw, kw=None):
@@ -497,17 +498,18 @@ IMPLEMENTATION = "direct-classes"  # Recorded in results; --fit rebuilds the pla
 LEGACY_IMPLEMENTATION = "cell-classes"  # Before direct classes: its planner (`legacy_planner`), every cell packed.
 
 
-def _measured(rec):
-  """{variant: (reallocate keyword arguments, bucketed, measured seconds)} of a record. Files of the
-  cell-classes implementation had a fixed default schedule (pipelined when the record does not say)."""
+def _measured(rec, direct):
+  """{variant: (reallocate keyword arguments, bucketed, measured seconds)} of a record whose run's default
+  was `direct`. Files of the cell-classes implementation had a fixed default schedule (pipelined when the
+  record does not say)."""
   default = rec.get("schedule_chosen") or rec.get("schedule", "pipelined")
-  out = {"default": ({"schedule": default}, True, rec["reallocate_s"])}
+  out = {"default": ({"schedule": default, "direct": direct}, True, rec["reallocate_s"])}
   for sc in realloc_mod.SCHEDULES:
     if f"reallocate_{sc}_s" in rec:
-      out[sc] = ({"schedule": sc}, True, rec[f"reallocate_{sc}_s"])
-  out["unbucketed"] = ({"schedule": default}, False, rec["reallocate_unbucketed_s"])
+      out[sc] = ({"schedule": sc, "direct": direct}, True, rec[f"reallocate_{sc}_s"])
+  out["unbucketed"] = ({"schedule": default, "direct": direct}, False, rec["reallocate_unbucketed_s"])
   for m, t in rec.get("reallocate_modes_s", {}).items():
-    out[m] = ({"mode": m, "schedule": default}, True, t)
+    out[m] = ({"mode": m, "schedule": default, "direct": direct}, True, t)
   for v, t in rec.get("reallocate_variants_s", {}).items():
     out[v] = (VARIANTS[v], True, t)
   return out
@@ -550,37 +552,45 @@ def _fit_rows(data):
     raise SystemExit(f"results of implementation {data.get('implementation')!r}: neither {IMPLEMENTATION!r} nor "
                      f"{LEGACY_IMPLEMENTATION!r}, whose plans --fit can rebuild")
   run_hw = hw_mod.Hardware.from_dict(data["hardware_default"])
+  # The default call's `direct`: recorded since DEFAULT_DIRECT became False; earlier direct-classes runs
+  # had direct classes on by default.
+  direct = data.get("direct_default", True)
   rows = []
   for rec in data["records"]:
     shapes = param_shapes(rec["model"], rec.get("tree", "per_layer"))
     src_sh, dst_sh = (shardings(shapes, lay) for lay in LAYOUTS[rec["transition"]])
     variants = {}
-    for label, (kw, bucketed, measured) in _measured(rec).items():
+    for label, (kw, bucketed, measured) in _measured(rec, direct).items():
       kw = {**kw, "direct": False, "legacy": True} if legacy else kw
       plan_hw = run_hw if legacy or not kw.get("legacy") else OLD_PROFILE
       call, ctx = _call_kw(kw)
       with ctx:
         tp = plan_tree(_specs(src_sh, dst_sh, shapes), plan_hw, call.get("mode", "auto"), bb if bucketed else None,
-                       call.get("schedule", realloc_mod.DEFAULT_SCHEDULE), call.get("direct", True))
+                       call.get("schedule", realloc_mod.DEFAULT_SCHEDULE), call.get("direct", direct))
       variants[label] = ([b.load for b in tp.buckets], tp.schedule, bucketed, measured)
     rows.append((rec, variants, (variants["unbucketed"][0], rec["reallocate_unbucketed_dispatch_s"])))
   return rows
 
 
-HOST_FIT = ("call_s", "dispatch_s", "collective_host_s")  # by least squares on the host times
-HBM_GRID = tuple(x * 1e11 for x in range(16, 36, 2))       # HBM copy rate, bytes read + written per second
+# By least squares on the host times; call_s (the call's Python prologue) is held at the profile's value,
+# measured as the "python" host phase of slice-only calls: a free constant would absorb the per-program and
+# per-array costs of the general path's calls and overprice every short call (2x H100: 0.91 ms fitted, while a
+# slice-only call returns after 0.3-0.5 ms).
+HOST_FIT = ("dispatch_s", "leaf_arg_s", "collective_host_s")
+HBM_GRID = tuple(x * 1e11 for x in range(16, 46, 2))       # HBM copy rate, bytes read + written per second
 LATENCY_GRID = (0.0, 5e-6, 10e-6, 15e-6, 20e-6, 30e-6, 40e-6, 60e-6)  # device time per collective
 
 
 def fit_host(host_rows, hw):
   """`HOST_FIT` by non-negative least squares on host times (unbucketed calls' time until return: nothing
-  is waited for), the other host terms held at `hw`'s values."""
+  is waited for), the other host terms held at `hw`'s values (the host time is linear in each term)."""
   from scipy.optimize import nnls
   zero = dataclasses.replace(hw, **{k: 0.0 for k in HOST_FIT})
+  units = [dataclasses.replace(zero, **{k: 1.0}) for k in HOST_FIT]
   a, y = [], []
   for loads, h in host_rows:
     fixed = zero.call_s + sum(price(x, zero)[0] for x in loads)
-    a.append([1.0, sum(x.programs for x in loads), sum(x.collectives for x in loads)])
+    a.append([sum(price(x, u)[0] for x in loads) - fixed + zero.call_s for u in units])
     y.append(h - fixed)
   coef, _ = nnls(np.array(a), np.array(y))
   return dataclasses.replace(hw, **dict(zip(HOST_FIT, map(float, coef))))
@@ -615,13 +625,15 @@ def fit(paths):
     with open(path) as f:
       data = json.load(f)
     rows = _fit_rows(data)
-    base = link_profile(data, hw_mod.DEFAULT)
+    lib = hw_mod.for_card(data.get("card", ""))
+    base = link_profile(data, lib)
     full = fit_profile(rows, base)
-    print(f"{path}: {len(rows)} records, implementation {data.get('implementation')}; link from the raw copies: "
+    print(f"{path}: {data.get('card')}, library profile {lib.name}; {len(rows)} records, implementation "
+          f"{data.get('implementation')}, default direct={data.get('direct_default', data.get('implementation') == IMPLEMENTATION)}; link from the raw copies: "
           f"{base.d2d_bandwidth / 1e9:.0f} GB/s, {base.transfer_latency_s * 1e6:.0f} us per transfer")
     print(f"in sample: hbm {full.hbm_bandwidth / 1e12:.1f} TB/s, collective latency {full.collective_latency_s * 1e6:.0f}"
-          f" us, call_s {full.call_s * 1e3:.2f} ms, dispatch_s {full.dispatch_s * 1e6:.0f} us, collective_host_s "
-          f"{full.collective_host_s * 1e6:.0f} us")
+          f" us, call_s {full.call_s * 1e3:.2f} ms (held), dispatch_s {full.dispatch_s * 1e6:.0f} us, leaf_arg_s "
+          f"{full.leaf_arg_s * 1e6:.1f} us, collective_host_s {full.collective_host_s * 1e6:.0f} us")
     print(f"{'tree':9s} {'model':5s} {'transition':24s} {'variant':10s} {'measured':>9s} {'recorded':>8s} "
           f"{'library':>8s} {'in-sample':>9s} {'leave-out':>9s}   (predicted/measured - 1)")
     errs: dict = {}
@@ -629,16 +641,16 @@ def fit(paths):
     for i, (rec, variants, _) in enumerate(rows):
       loo = fit_profile([r for j, r in enumerate(rows) if j != i], base)
       loo_fits.append(loo)
-      lib, ins, out = (_predict(variants, hw) for hw in (hw_mod.DEFAULT, full, loo))
+      lib_e, ins, out = (_predict(variants, hw) for hw in (lib, full, loo))
       for label, (*_, m) in variants.items():
         recorded = rec["predicted_s"] / m - 1 if label == "default" else None
-        for key, e in (("recorded", recorded), ("library", lib[label]), ("in-sample", ins[label]),
+        for key, e in (("recorded", recorded), ("library", lib_e[label]), ("in-sample", ins[label]),
                        ("leave-out", out[label])):
           if e is not None:
             errs.setdefault((label == "default", key), []).append(e)
         rtext = f"{recorded:+8.0%}" if recorded is not None else f"{'':8s}"
         print(f"{rec.get('tree', 'per_layer'):9s} {rec['model']:5s} {rec['transition']:24s} {label:10s} "
-              f"{m * 1e3:7.1f}ms {rtext} {lib[label]:+8.0%} {ins[label]:+9.0%} {out[label]:+9.0%}")
+              f"{m * 1e3:7.1f}ms {rtext} {lib_e[label]:+8.0%} {ins[label]:+9.0%} {out[label]:+9.0%}")
     for name, groups in (("default call", (True,)), ("every timed variant", (True, False))):
       print(f"within 25%, {name}: " + ", ".join(
           f"{key} {_within([e for g in groups for e in errs.get((g, key), [])])}"
@@ -712,12 +724,13 @@ def main():
     if unknown:
       ap.error(f"--transitions: unknown {sorted(unknown)}; known: {', '.join(n for n, *_ in transitions)}")
     transitions = [t for t in transitions if t[0] in names]
-  hw = hw_mod.DEFAULT
   dev = jax.devices()[0]
+  hw = hw_mod.local_default()  # what reallocate plans with when given no profile
   out = {"card": dev.device_kind, "platform": dev.platform, "devices": jax.device_count(), "jax": jax.__version__,
          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
          "implementation": IMPLEMENTATION, "reps": args.reps, "bucket_bytes": DEFAULT_BUCKET_BYTES,
-         "schedule": realloc_mod.DEFAULT_SCHEDULE, "transition_devices": n_dev, "trees": trees,
+         "schedule": realloc_mod.DEFAULT_SCHEDULE, "direct_default": realloc_mod.DEFAULT_DIRECT,
+         "transition_devices": n_dev, "trees": trees,
          "variants": {v: VARIANTS[v] for v in variants}, "hardware_default": hw.to_dict(),
          "hardware_old": OLD_PROFILE.to_dict(), "complete": False, "records": []}
   if os.path.exists(args.out):  # Earlier runs stay in the file, oldest first.

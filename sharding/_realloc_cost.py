@@ -10,9 +10,12 @@ seconds:
   discrete-event simulation of the host thread, one compute stream per device and the links:
 
   - The host dispatches, in the schedule's order, per bucket: the reshard programs (collectives),
-    the packs, the copies, then the unpack; each costs host time (`call_s` once, `dispatch_s` per
-    program, `leaf_arg_s` per program array and per leaf, `transfer_latency_s` per copied buffer,
-    `leaf_assemble_s` per Python-made array). Nothing runs before it is dispatched.
+    the packs, the copies, then the unpack; each costs host time (`call_s` once: the call's Python
+    prologue, flatten and plan lookup; `dispatch_s` per program and per batched `device_put`,
+    `leaf_arg_s` per program array and per leaf, `collective_host_s` per collective,
+    `transfer_latency_s` per copied buffer, `leaf_assemble_s` per Python-made array). Nothing runs
+    before it is dispatched, so a call's first program starts after `call_s` plus its own dispatch:
+    a slice-only call (data2 -> fsdp2) is one short dispatch, then HBM passes.
   - A device's compute stream runs its programs in dispatch order: a reshard program's collectives
     (bytes received per device over the collective bandwidth, `collective_latency_s` per array,
     and the HBM passes of XLA's layout copies and slices, `collective_hbm_bytes`), a pack (its
@@ -87,7 +90,9 @@ def _host_phases(load: BucketLoad, hw: Hardware) -> tuple[float, float, float, f
   coll = (load.collective_programs * hw.dispatch_s + load.collective_arrays * hw.leaf_arg_s
           + load.collectives * hw.collective_host_s)
   pack = load.pack_programs * hw.dispatch_s + load.pack_arrays * hw.leaf_arg_s
-  xfer = load.transfers * hw.transfer_latency_s
+  # The batched `device_put` is one call through the runtime, priced like a program's dispatch, plus
+  # each copied buffer (host phases of the 2x H100 and 2x H200 runs: 0.2-0.4 ms for ONE buffer).
+  xfer = (load.transfers > 0) * hw.dispatch_s + load.transfers * hw.transfer_latency_s
   rest = ((load.programs - load.collective_programs - load.pack_programs) * hw.dispatch_s
           + (load.program_arrays - load.collective_arrays - load.pack_arrays) * hw.leaf_arg_s
           + load.assembled_arrays * hw.leaf_assemble_s)

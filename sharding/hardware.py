@@ -33,7 +33,7 @@ Bandwidth conventions (all in bytes per second):
 (`sharding/_realloc_cost.py`): the host dispatching bucket after bucket, one compute stream per
 device, the links.
 
-`H100_SXM` is the default, from measurements on H100 SXM (NVLink) with jax 0.11.2 (DESIGN.md
+`H100_SXM` is the default, and `H200` the H200's (`for_card` picks by `jax.Device.device_kind`), from measurements on H100 SXM (NVLink) with jax 0.11.2 (DESIGN.md
 section 4); `bench/realloc.py --fit` checks it against benchmark runs (see bench/README.md).
 """
 
@@ -116,33 +116,84 @@ class Hardware:
 #   tensor2 -> fsdp4: 6.74 GB per source GPU in 24.8 ms): a machine of that kind wants its own profile.
 # * transfer_latency_s 19 us per copied buffer: the same raw copies, (time - bytes at 389 GB/s) / transfers,
 #   the median over the run's 16 records (4x H100: 28 us).
-# * hbm_bandwidth 2.6 TB/s, collective_latency_s 20 us: fitted to every timed variant of the 2x H100 run
-#   (mean |log(predicted / measured)|, a grid; the link terms above held); leave one record out: 2.4-2.6
-#   TB/s, 15-20 us. Between the 2.15 TB/s of a jitted elementwise pass (calls-h100.json) and the ~3 TB/s
+# * hbm_bandwidth 2.4 TB/s, collective_latency_s 20 us: fitted to every timed variant of the 2x H100 run
+#   (mean |log(predicted / measured)|, a grid; the link and host terms held); leave one record out: 2.2-2.4
+#   TB/s, 20-30 us. Between the 2.15 TB/s of a jitted elementwise pass (calls-h100.json) and the ~3 TB/s
 #   of a plain device copy, as copies and transposes should be.
-# * call_s 0.91 ms, dispatch_s 232 us per program, collective_host_s 23 us per collective: non-negative
-#   least squares on that run's 16 unbucketed calls' host times (time until return, nothing waited for;
-#   `host_phases_s` shows the reshard program's dispatch growing ~20-80 us per collective); leave one
-#   record out: 0.65-1.08 ms, 187-301 us, 22-25 us. The 4x H100 run's per-layer calls (11 ms each, no
-#   host phases recorded) fit call_s 7.7 ms instead: host time is the least portable term.
-# * leaf_arg_s 3 us per program array and leaf_assemble_s 30 us per Python-made array: CPU measurements of
-#   the cell-classes implementation (bench/README.md), not separable in the GPU runs.
+# * call_s 0.06 ms: the call's Python prologue, the "python" host phase of that run's slice-only calls
+#   (data2 -> fsdp2: 0.05-0.07 ms). An earlier least-squares fit with a free call_s put 0.91 ms there: it
+#   absorbed the per-program and per-array host time of the general path and overpriced short calls.
+# * dispatch_s 236 us per program and per batched device_put, leaf_arg_s 4.8 us per program array,
+#   collective_host_s 21 us per collective: non-negative least squares on that run's 16 unbucketed calls'
+#   host times (time until return, nothing waited for; `host_phases_s` shows one device_put of one buffer
+#   at 0.2-0.3 ms, as much as a program); leave one record out: 216-260 us, 4.4-4.9 us, 19-22 us. The 4x
+#   H100 run's per-layer calls (11 ms each whatever their counts, no host phases recorded) do not fit
+#   these: host time is the least portable term.
+# * leaf_assemble_s 30 us per Python-made array: CPU measurements of the cell-classes implementation
+#   (bench/README.md), not separable in the GPU runs.
 # * inter-host 400 Gb/s InfiniBand per GPU (not measured).
 H100_SXM = Hardware(
     name="h100_sxm",
     devices_per_host=8,
     d2d_bandwidth=389e9,
     inter_host_bandwidth=45e9,
-    hbm_bandwidth=2.6e12,
+    hbm_bandwidth=2.4e12,
     intra_mesh_collective_bandwidth=389e9,
     transfer_latency_s=19e-6,
     d2d_device_bandwidth=389e9,
-    dispatch_s=232e-6,
+    dispatch_s=236e-6,
     collective_latency_s=20e-6,
-    leaf_arg_s=3e-6,
+    leaf_arg_s=4.8e-6,
     leaf_assemble_s=30e-6,
-    call_s=0.91e-3,
-    collective_host_s=23e-6,
+    call_s=0.06e-3,
+    collective_host_s=21e-6,
 )
 
+# H200 (141 GB HBM3e, NVLink 4), jax 0.11.2, the 2x H200 run (bench/results/realloc-h200x2.json), same methods:
+# * d2d_bandwidth (and per device, and the collectives) 386 GB/s, transfer_latency_s 33 us: that run's raw
+#   copies (7B single (1 of 2) -> fsdp2: 13.5 GB one way in 34.9 ms; latency the median of what each record
+#   leaves per transfer). The NVLink is the H100's: the same speed as the 2x H100 run's 389 GB/s.
+# * hbm_bandwidth 3.2 TB/s, collective_latency_s 30 us: the grid fit over every timed variant of the run;
+#   leave one record out 3.0-3.2 TB/s, 10-60 us. 1.33x the H100's 2.4 (datasheets: 4.8 / 3.35 = 1.43).
+# * call_s 0.075 ms: the "python" phase of the run's slice-only calls (0.06 and 0.09 ms).
+# * dispatch_s 270 us, leaf_arg_s 6.8 us, collective_host_s 53 us: least squares on the run's 8 unbucketed
+#   host times; leave one out 222-363 us, 0-11 us, 43-66 us (this machine's host is slower per program).
+H200 = Hardware(
+    name="h200",
+    devices_per_host=8,
+    d2d_bandwidth=386e9,
+    inter_host_bandwidth=45e9,
+    hbm_bandwidth=3.2e12,
+    intra_mesh_collective_bandwidth=386e9,
+    transfer_latency_s=33e-6,
+    d2d_device_bandwidth=386e9,
+    dispatch_s=270e-6,
+    collective_latency_s=30e-6,
+    leaf_arg_s=6.8e-6,
+    leaf_assemble_s=30e-6,
+    call_s=0.075e-3,
+    collective_host_s=53e-6,
+)
+
+PROFILES = {"h100": H100_SXM, "h200": H200}  # by card: `for_card`
 DEFAULT = H100_SXM
+
+
+def for_card(device_kind: str) -> Hardware:
+  """The profile of a card, by `jax.Device.device_kind` ("NVIDIA H200", "NVIDIA H100 80GB HBM3"):
+  the first of `PROFILES` whose key the name contains (case-insensitive); `DEFAULT` for any other card
+  (CPU included), since realloc_cost needs some profile to rank plans."""
+  kind = device_kind.lower()
+  return next((hw for key, hw in PROFILES.items() if key in kind), DEFAULT)
+
+
+_LOCAL: list = []
+
+
+def local_default() -> Hardware:
+  """`for_card` of this process's first device (cached): the profile `reallocate`, `realloc_cost` and
+  `plans` use when given none, so a call on H200s plans and prices with `H200`."""
+  if not _LOCAL:
+    import jax
+    _LOCAL.append(for_card(jax.devices()[0].device_kind))
+  return _LOCAL[0]

@@ -497,7 +497,7 @@ def reallocate(tree: Any, target_shardings: Any, *, donate: bool = False,
     donate: delete the source arrays once their data is on its way (see module docstring).
     bucket_bytes: peak-memory bound: leaves move in buckets of at most this many bytes, with at
       most two buckets' intermediates alive. None: no bound, no waiting.
-    hardware: the profile the planner prices candidate plans with (default `hardware.DEFAULT`).
+    hardware: the profile the planner prices candidate plans with (default: the card's, `hardware.local_default()`).
     mode: "auto" (same-device fast path, else the cheapest plan), or force "reshard" or "pieces"
       plans for every leaf (see module docstring).
     schedule: "serial" (each bucket sent and unpacked before the next is sent), "pipelined"
@@ -511,7 +511,7 @@ def reallocate(tree: Any, target_shardings: Any, *, donate: bool = False,
   """
   if schedule not in PLAN_SCHEDULES:
     raise ValueError(f"schedule must be one of {PLAN_SCHEDULES}, got {schedule!r}")
-  hw = hardware or _hw.DEFAULT
+  hw = hardware or _hw.local_default()
   leaves, treedef, targets = _targets_like(tree, target_shardings)
   progs, schedule = _cached_programs(leaves, targets, hw, mode, bucket_bytes, schedule, direct)
   pipelined = schedule == "pipelined"
@@ -567,7 +567,7 @@ def realloc_cost(src_shardings: Any, dst_shardings: Any, tree_shapes: Any,
   The result is the time until every output is ready; `schedule="auto"` the faster schedule's.
   The constants and their sources are in `sharding/hardware.py`.
   """
-  hw = hardware or _hw.DEFAULT
+  hw = hardware or _hw.local_default()
   leaves, treedef = jax.tree.flatten(tree_shapes)
   specs = tuple(LeafSpec(tuple(x.shape), np.dtype(x.dtype).name, s, d)
                 for x, s, d in zip(leaves, _per_leaf(src_shardings, treedef, len(leaves)),
@@ -579,7 +579,7 @@ def plans(tree: Any, target_shardings: Any, hardware: _hw.Hardware | None = None
           mode: str = "auto") -> Sequence[LeafPlan]:
   """The per-leaf plans of the general path (for inspection, tests and benchmarks; leaves on the
   same-device fast path get one too, priced as if they took the general path)."""
-  hw = hardware or _hw.DEFAULT
+  hw = hardware or _hw.local_default()
   leaves, _, targets = _targets_like(tree, target_shardings)
   _check_targets(targets)
   return [_plan(x, t, hw, mode) for x, t in zip(leaves, targets)]

@@ -4,6 +4,7 @@ Reference values are numpy arrays made on the host side before anything is place
 placed with device_put *outside* the transfer guard and never read back before reallocating.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -59,7 +60,7 @@ def _programs_of(xs, dst, mode="auto", hardware=None, **kw):
   from sharding import realloc as R
   leaves, _, targets = R._targets_like(xs, dst)
   opts = {"bucket_bytes": R.DEFAULT_BUCKET_BYTES, "schedule": R.DEFAULT_SCHEDULE, "direct": R.DEFAULT_DIRECT, **kw}
-  return R._cached_programs(leaves, targets, hardware or R._hw.DEFAULT, mode, opts["bucket_bytes"], opts["schedule"],
+  return R._cached_programs(leaves, targets, hardware or R._hw.local_default(), mode, opts["bucket_bytes"], opts["schedule"],
                             opts["direct"])
 
 
@@ -483,3 +484,30 @@ def test_direct_path_respects_the_bucket_bound(monkeypatch, schedule):
     jax.block_until_ready(ys)
   jax.tree.map(_check, ys, refs, {k: one for k in refs})
   assert len(extra) == 8 - 2 and max(extra) <= 2 * leaf_bytes and max(extra) > 0, extra
+
+
+def test_host_terms_by_hand():
+  """The host clock of a call, by hand (`_realloc_cost` docstring): `call_s` once (the Python prologue),
+  then per bucket `dispatch_s` per program AND per batched device_put, `leaf_arg_s` per program array,
+  `transfer_latency_s` per copied buffer. A slice-only bucket (one same-device program, 4 arrays, 2 GB of
+  HBM passes per device) starts its program after call_s + its dispatch: 1 + 2 + 4 * 0.25 = 4 s of
+  host, then 2 s of HBM. A packed bucket: pack (1 + 2 arrays * 0.25), device_put (1 + 2 buffers * 0.5),
+  unpack (1 + 1 array * 0.25) = 4.75 s of host after call_s; the copies start when the host has
+  dispatched them (1 + 1.5 + 2 = 4.5 s; the pack, 1 s from 2.5, is done) and take 2 s, then the unpack
+  (1 s): 7.5 s."""
+  from sharding._realloc_cost import BucketLoad, timeline
+  from sharding.hardware import H200, for_card
+  d0, d1 = jax.devices()[:2]
+  hw = Hardware("t", 8, 1.0, 1.0, 2.0, 1.0, 0.5, 1.0, dispatch_s=2.0, collective_latency_s=0.0, leaf_arg_s=0.25,
+                leaf_assemble_s=0.0, call_s=1.0)
+  sliced = BucketLoad(collective_bytes=0, collectives=0, packed={}, pairs={}, built={}, programs=1, transfers=0,
+                      assembled_arrays=0, program_arrays=4, collective_hbm_bytes=4, collective_devices=(d0, d1),
+                      collective_programs=1, collective_arrays=4)
+  assert timeline([sliced], hw, waits=False) == (4.0, 6.0)
+  fast = dataclasses.replace(hw, dispatch_s=1.0)
+  packed = BucketLoad(collective_bytes=0, collectives=0, packed={d0: 1}, pairs={(d0, d1): 2, (d1, d0): 2},
+                      built={d1: 1}, programs=2, transfers=2, assembled_arrays=0, program_arrays=3, pack_programs=1,
+                      pack_arrays=2, holds_intermediates=True)
+  assert timeline([packed], fast, waits=False) == (5.75, 7.5)
+  assert for_card("NVIDIA H200") is H200 and for_card("NVIDIA H100 80GB HBM3") is H100_SXM
+  assert for_card("cpu") is H100_SXM
