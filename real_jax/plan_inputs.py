@@ -120,17 +120,13 @@ def decode_kv_slots(cfg, sampling: SamplingConfig, prompt_len: int, platform: st
 
   Where the step runs the fused kernel over the per-layer cache (`decode_on_full_cache`: bf16/fp16 on
   GPU, attention_impl not "xla"): the whole cache (P + M - 1 slots), or, where the model hands the
-  kernel the filled length (`models.transformer.fused_decode_attention`, when present), the mean
+  kernel the filled length (`models.transformer.FUSED_DECODE_READS_FILLED`), the mean
   filled length P + M / 2 (step t reads P + t + 1 slots). Otherwise the step-weighted mean of the
   segments' static prefixes. (`sampling.decode == "stacked"` reads all P + M slots.)"""
   if sampling.decode != "layered":
     return float(prompt_len + sampling.max_new_tokens)
   segs, slots = decode_schedule(sampling, prompt_len)
-  platform = platform or jax.default_backend()
-  if platform == jax.default_backend():
-    full = decode_on_full_cache(cfg, cfg.dtype)
-  else:  # The same condition for another machine's backend.
-    full = cfg.attention_impl != "xla" and jnp.dtype(cfg.dtype) != jnp.float32 and platform == "gpu"
+  full = decode_on_full_cache(cfg, cfg.dtype, platform)
   steps = sum(n for n, _ in segs)
   if not steps:
     return float(slots)
@@ -141,9 +137,9 @@ def decode_kv_slots(cfg, sampling: SamplingConfig, prompt_len: int, platform: st
 
 def _fused_decode_reads_filled() -> bool:
   """Whether the model's fused decode step passes the kernel the filled cache length (so cuDNN stops
-  reading there): `models.transformer.fused_decode_attention` exists for that."""
+  reading there): `models.transformer.FUSED_DECODE_READS_FILLED`."""
   from real_jax.models import transformer
-  return hasattr(transformer, "fused_decode_attention")
+  return transformer.FUSED_DECODE_READS_FILLED
 
 
 def fused_attention(cfg, platform: str | None = None) -> bool:

@@ -129,8 +129,8 @@ def fused_decode_attention(q_B1NH: Array, k_BSKH: Array, v_BSKH: Array, mask_BS:
   kernel's key/value sequence lengths, so cuDNN stops reading there: timed alone on one H100, half
   the slots filled took 0.8 of the time of all of them (bench/results/decode-attention-h100.json);
   None reads every slot (the mask still decides). Folding each kv head's query heads into the query
-  axis (G query rows, K heads: the keys and values read once per kv head) was slower there (64 against
-  39 us a layer for Qwen2.5-0.5B's shape: 7x fewer, longer blocks), so the query heads stay heads.
+  axis (G query rows, K heads: the keys and values read once per kv head) was slower there (66 against
+  44 us a layer for Qwen2.5-0.5B's shape: 7x fewer, longer blocks), so the query heads stay heads.
   Returns [B, 1, N, H].
   """
   b, t = q_B1NH.shape[:2]
@@ -149,16 +149,24 @@ def fused_decode_attention(q_B1NH: Array, k_BSKH: Array, v_BSKH: Array, mask_BS:
     return jax.nn.dot_product_attention(q_B1NH, k_BSKH, v_BSKH, mask=mask, implementation="xla", **kw)
 
 
-def decode_on_full_cache(cfg: ModelConfig, dtype) -> bool:
+# The fused decode step hands the kernel the filled cache length (`fused_decode_attention`'s kv_len),
+# so cuDNN reads P + t + 1 slots at step t, not the whole buffer. The plan estimator prices decode
+# reads by it (`plan_inputs.decode_kv_slots`).
+FUSED_DECODE_READS_FILLED = True
+
+
+def decode_on_full_cache(cfg: ModelConfig, dtype, platform: str | None = None) -> bool:
   """Whether a decode step over a per-layer cache uses the fused (cuDNN) attention kernel on the
   whole cache (write the new slot, then attend) rather than `decode_attention` on a static prefix.
 
-  Yes for bf16/fp16 on GPU unless `cfg.attention_impl == "xla"`. Timed alone on one H100
+  Yes for bf16/fp16 on GPU (`platform`, default this machine's backend) unless
+  `cfg.attention_impl == "xla"`. Timed alone on one H100
   (bench/results/decode-attention-h100.json), cuDNN read a 511-slot cache 3.9x faster than the
   multiply-reduce form for Qwen2.5-0.5B's shape (256 rows, 2 kv heads: 48.5 vs 190 us a layer) and
   1.27x for LLaMA-7B's (64 rows, 32 kv heads).
   """
-  return (cfg.attention_impl != "xla" and jnp.dtype(dtype) != jnp.float32 and jax.default_backend() == "gpu")
+  platform = platform or jax.default_backend()
+  return cfg.attention_impl != "xla" and jnp.dtype(dtype) != jnp.float32 and platform == "gpu"
 
 
 def decode_attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array,
