@@ -63,7 +63,7 @@ def fold_decode_attention(q_B1NH, k_BSKH, v_BSKH, mask_BS, impl):
   """Fused attention of one query token per row with the G = N / K query heads of each kv head
   folded into the query axis (the kernel sees G query rows and K heads, so each (row, kv head) block
   reads its keys and values once). Timed as the `fold` form; slower than plain cuDNN on one H100 at
-  Qwen2.5-0.5B's shape (64 against 39 us a layer), so not the library's path."""
+  Qwen2.5-0.5B's shape (66 against 44 us a layer), so not the library's path."""
   import jax
   import jax.numpy as jnp
   b, _, n, h = q_B1NH.shape

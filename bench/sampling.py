@@ -23,7 +23,7 @@ SHAPES = {"qwen2.5-0.5b-b256": (256, 151936), "llama-7b-b64": (64, 32000)}
 
 
 def vocab_chunk(v: int) -> int:
-  """The divisor of v in [16, 4096] nearest sqrt(v) (0 if none): 151936 = 128 x 1187 -> 1187."""
+  """The divisor of v in [16, 4096] nearest sqrt(v) (0 if none): 151936 = 128 x 1187 -> 128, 32000 -> 160."""
   divs = [d for d in range(16, min(v, 4096) + 1) if v % d == 0]
   return min(divs, key=lambda d: (abs(d - v ** 0.5), d)) if divs else 0
 

@@ -119,9 +119,8 @@ def decode_kv_slots(cfg, sampling: SamplingConfig, prompt_len: int, platform: st
   machine's backend).
 
   Where the step runs the fused kernel over the per-layer cache (`decode_on_full_cache`: bf16/fp16 on
-  GPU, attention_impl not "xla"): the whole cache (P + M - 1 slots), or, where the model hands the
-  kernel the filled length (`models.transformer.FUSED_DECODE_READS_FILLED`), the mean
-  filled length P + M / 2 (step t reads P + t + 1 slots). Otherwise the step-weighted mean of the
+  GPU, attention_impl not "xla"), which the model hands the filled length (`fused_decode_attention`'s
+  kv_len): the mean filled length P + M / 2 (step t reads P + t + 1 slots). Otherwise the step-weighted mean of the
   segments' static prefixes. (`sampling.decode == "stacked"` reads all P + M slots.)"""
   if sampling.decode != "layered":
     return float(prompt_len + sampling.max_new_tokens)
@@ -131,15 +130,8 @@ def decode_kv_slots(cfg, sampling: SamplingConfig, prompt_len: int, platform: st
   if not steps:
     return float(slots)
   if full:
-    return prompt_len + sampling.max_new_tokens / 2 if _fused_decode_reads_filled() else float(slots)
+    return prompt_len + sampling.max_new_tokens / 2
   return sum(n * kv for n, kv in segs) / steps
-
-
-def _fused_decode_reads_filled() -> bool:
-  """Whether the model's fused decode step passes the kernel the filled cache length (so cuDNN stops
-  reading there): `models.transformer.FUSED_DECODE_READS_FILLED`."""
-  from real_jax.models import transformer
-  return transformer.FUSED_DECODE_READS_FILLED
 
 
 def fused_attention(cfg, platform: str | None = None) -> bool:
@@ -195,7 +187,7 @@ def lower_generate(cfg, sampling: SamplingConfig, rows: int, prompt_len: int):
   XLA counts each while body once, so `main` holds the prefill, the first draw and one decode step
   per segment. The other steps, sum over segments of (steps - 1), are priced by one decode step
   (`lower_decode_step`) lowered at their step-weighted mean cache prefix (flops and bytes are linear
-  in it; on GPU in bf16 the step reads the whole cache whatever the prefix). Every layer loop of the
+  in it; on GPU in bf16 the fused kernel stops at the filled length, `decode_kv_slots`). Every layer loop of the
   layered sampler is a Python loop (all L layers in the HLO): no layer-loop correction.
   """
   if sampling.decode != "layered":

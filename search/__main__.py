@@ -42,7 +42,8 @@ def main(argv=None) -> int:
   p.add_argument("--cache-dir", default=None)
   p.add_argument("--platform", default=None, choices=("gpu", "cpu", "tpu"),
                  help="the accelerator the plan is for (default: this machine's): decides which kernels the "
-                 "analytic estimator prices, e.g. gpu: cuDNN attention and a decode step over the whole KV cache")
+                 "analytic estimator prices, e.g. gpu: cuDNN attention, and a decode step that reads the filled part of the "
+                 "KV cache")
   args = p.parse_args(argv)
 
   from search.estimator import Estimator

@@ -343,8 +343,14 @@ def _predict_terms(params: list[_Param], u: np.ndarray, recs: Sequence[dict], te
   return np.asarray(out)
 
 
-def _floors(params: list[_Param], u: np.ndarray, kinds: Sequence[str], profile: Profile) -> np.ndarray:
-  """Log-excess of each fitted rate over the profile's measured one (0 where it is not faster).
+def _floors(params: list[_Param], u: np.ndarray, kinds: Sequence[str], profile: Profile,
+            rates: dict | None = None) -> np.ndarray:
+  """Log-excess of each fitted rate over the machine's measured one (0 where it is not faster).
+
+  rates: the rates measured on the machine being calibrated (`calibrate`'s micro-benchmarks:
+  `matmul_flops`, `hbm_bandwidth`); the profile's own where absent. With `--base` the profile holds
+  another card's rates, so on a faster card (H200 against an H100 base: HBM 4.0 against 2.58 TB/s)
+  the floors sit at profile rate / measured rate, below 1.
 
   The time model's coefficient of the flops time is `time`: below 1 the calls would run matmuls
   faster than the profile's measured matmul rate. For generation the coefficient of the HBM time is
@@ -354,14 +360,17 @@ def _floors(params: list[_Param], u: np.ndarray, kinds: Sequence[str], profile: 
   under-predicts long generation, whose KV reads grow with the sequence (the 1-GPU profile that
   predicted bench/results/plans-h100.json fitted time x bytes_time = 0.57). `fit` adds these, times
   FLOOR, to its residuals. (Inference and train bytes are coarse activation estimates: no floor.)"""
+  rates = rates or {}
+  lo_t = profile.matmul_flops / float(rates.get("matmul_flops") or profile.matmul_flops)
+  lo_bt = profile.hbm_bandwidth / float(rates.get("hbm_bandwidth") or profile.hbm_bandwidth)
   val = {(p.name, p.kind): p.base * math.exp(x) for p, x in zip(params, u)}
   out = []
   for kind in kinds:
     cal = profile.calibration.get(kind, {})
     t = val.get(("time", kind), float(cal.get("time", 1.0)))
-    out.append(min(0.0, math.log(t)))
+    out.append(min(0.0, math.log(t / lo_t)))
     if kind == "generate":
-      out.append(min(0.0, math.log(t * val.get(("bytes_time", kind), float(cal.get("bytes_time", 1.0))))))
+      out.append(min(0.0, math.log(t * val.get(("bytes_time", kind), float(cal.get("bytes_time", 1.0))) / lo_bt)))
   return np.asarray(out)
 
 
@@ -393,11 +402,11 @@ def _log_err(pred: np.ndarray, meas: np.ndarray) -> float:
   return float(np.sum(np.log(pred / meas) ** 2))
 
 
-def fit(profile: Profile, recs: Sequence[dict]) -> tuple[Profile, dict[str, Any]]:
+def fit(profile: Profile, recs: Sequence[dict], rates: dict | None = None) -> tuple[Profile, dict[str, Any]]:
   """The profile with fitted time terms (module docstring, step 3) and what was fitted.
 
   recs: timed records (with `measured_s`, no `error`). Count factors (`flops`, `bytes`, `comm`,
-  `memory`) are kept.
+  `memory`) are kept. rates: the machine's measured rates, for the floors (`_floors`).
   """
   recs = [r for r in recs if r.get("measured_s")]
   if not recs:
@@ -410,7 +419,7 @@ def fit(profile: Profile, recs: Sequence[dict]) -> tuple[Profile, dict[str, Any]
 
   def resid(u):
     pred = _predict_terms(params, u, recs, terms, profile)
-    return np.concatenate([np.log(pred / meas), math.sqrt(REG) * u, FLOOR * _floors(params, u, kinds, profile)])
+    return np.concatenate([np.log(pred / meas), math.sqrt(REG) * u, FLOOR * _floors(params, u, kinds, profile, rates)])
 
   before = np.asarray([predict(profile, r) for r in recs])
   u = _levenberg_marquardt(resid, np.zeros(len(params)))
@@ -448,23 +457,23 @@ def _errors(pred: Sequence[float], meas: Sequence[float]) -> dict[str, float]:
           "max_abs_rel_err": max(rel) if rel else float("nan")}
 
 
-def report(base: Profile, records: Sequence[dict]) -> tuple[Profile, dict[str, Any]]:
+def report(base: Profile, records: Sequence[dict], rates: dict | None = None) -> tuple[Profile, dict[str, Any]]:
   """Fits `base` to the timed records; returns the fitted profile and the calibration report parts
   (per record: predicted before, after, leave-one-out and by the size-extrapolation fit, with their
   relative errors; summaries of |relative error| per set)."""
   timed = [r for r in records if r.get("measured_s")]
-  fitted, info = fit(base, timed)
+  fitted, info = fit(base, timed, rates)
   models = list(dict.fromkeys(r["model"] for r in timed))
   held: dict[str, Any] = {"note": "needs timed calls of at least two model shapes"}
   hold_fit = None
   if len(models) >= 2:
     train = [r for r in timed if r["model"] != models[-1]]
-    hold_fit, hold_info = fit(base, train)
+    hold_fit, hold_info = fit(base, train, rates)
     held = {"fit_on": models[:-1], "held_out": models[-1], "fit": hold_info}
   loo = {}
   if len(timed) >= 2:
     for i, r in enumerate(timed):
-      others, _ = fit(base, timed[:i] + timed[i + 1:])
+      others, _ = fit(base, timed[:i] + timed[i + 1:], rates)
       loo[id(r)] = predict(others, r)
   out = []
   for r0 in records:
@@ -542,7 +551,7 @@ def calibrate(base: Profile, *, out: str = "", budget_s: float = 240.0, reps: in
     save(base, head | {"status": f"timing: {len(records)} of {len(cases)} cases", "records": records,
                        "skipped": skipped})
   _BUILT.clear()
-  fitted, rep = report(base, records)
+  fitted, rep = report(base, records, micro)
   rep = head | {"status": "fitted", "wall_s": time.perf_counter() - t0, "skipped": skipped} | rep
   notes = (f"{base.notes} | calibrated against {len(rep['records'])} timed calls on {mach['device_kind']} "
            f"x{mach['devices']} (jax {mach['jax']}, {head['date']}): see calibration_report").strip(" |")
@@ -563,7 +572,7 @@ def refit(path: str, base: Profile | None = None) -> Profile:
     if "base_profile" not in rep:
       raise ValueError(f"{path}: calibration_report has no base_profile; pass the base profile (--base)")
     base = Profile.from_dict(rep["base_profile"])
-  fitted, new = report(base, rep["records"])
+  fitted, new = report(base, rep["records"], rep.get("micro"))
   rep.update(new, status="refitted", base=base.name)
   return fitted.replace(calibration_report=rep)
 
@@ -599,9 +608,10 @@ def bench_records(path: str) -> list[dict]:
       continue
     axes = dict(kv.split("=") for kv in r["layout"].split(","))
     d, f, t = (int(axes.get(a, 1)) for a in ("data", "fsdp", "tensor"))
-    case = Case(r["model"], "train_step", "lm", f"0:{d * f * t}/d{d}f{f}t{t}", r["batch"], seq_len=r["seq"])
+    case = Case(r["model"], "train_step", "lm", f"0:{d * f * t}/d{d}f{f}t{t}", r["batch"], seq_len=r["seq"],
+                remat=r["remat"])
     shape = model_shape(get_config(r["model"], dtype="bfloat16", param_dtype="float32", remat=r["remat"]), "lm")
-    out.append({"name": f"{case.name} remat={r['remat']}", **dataclasses.asdict(case),
+    out.append({"name": case.name, **dataclasses.asdict(case),
                 "shape": dataclasses.asdict(shape), "fused_attention": r.get("attention") == "cudnn",
                 "measured_s": r["step_s"], "source": path})
   return out

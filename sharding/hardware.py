@@ -181,10 +181,10 @@ DEFAULT = H100_SXM
 
 def for_card(device_kind: str) -> Hardware:
   """The profile of a card, by `jax.Device.device_kind` ("NVIDIA H200", "NVIDIA H100 80GB HBM3"):
-  the first of `PROFILES` whose key the name contains (case-insensitive); `DEFAULT` for any other card
+  the first of `PROFILES` whose key is a word of the name (case-insensitive); `DEFAULT` for any other card
   (CPU included), since realloc_cost needs some profile to rank plans."""
-  kind = device_kind.lower()
-  return next((hw for key, hw in PROFILES.items() if key in kind), DEFAULT)
+  words = set(device_kind.lower().replace("-", " ").split())  # "gh200" is not "h200"
+  return next((hw for key, hw in PROFILES.items() if key in words), DEFAULT)
 
 
 _LOCAL: list = []

@@ -56,8 +56,9 @@ General algorithm, per leaf (planning in `sharding/_realloc_plan.py`, pure and c
    programs are cached by the leaves' (shapes, dtypes, shardings) and the targets: a repeated
    reallocation finds them with one dict lookup and only dispatches. No host round trip.
 
-Targets inside the source mesh ("gather" transitions, e.g. fsdp2 -> one of its devices): two plans
-compete per leaf, and the HBM passes decide. (a) All-gather (or gather partly) in the source mesh
+Targets inside the source mesh ("gather" transitions, e.g. fsdp2 -> one of its devices): with
+`direct=True` two plans compete per leaf, and the HBM passes decide (with the default
+`direct=False`, (b) below is the packed general path instead). (a) All-gather (or gather partly) in the source mesh
 into an intermediate whose shards on the target devices are the target shards, then keep those
 buffers (pass-through): NCCL writes the result straight, no further copy, when the gathered
 dimension is the array's major one. Along a minor dimension XLA:GPU copies the operand into and
@@ -196,9 +197,9 @@ def _spec(x, target: NamedSharding) -> LeafSpec:
   return LeafSpec(tuple(x.shape), np.dtype(x.dtype).name, x.sharding, target)
 
 
-def _plan(x, target: NamedSharding, hw, mode="auto") -> LeafPlan:
+def _plan(x, target: NamedSharding, hw, mode="auto", direct: bool = DEFAULT_DIRECT) -> LeafPlan:
   s = _spec(x, target)
-  return plan_leaf(s.shape, np.dtype(s.dtype).itemsize, s.src, s.dst, hw, mode)
+  return plan_leaf(s.shape, np.dtype(s.dtype).itemsize, s.src, s.dst, hw, mode, direct)
 
 
 def _local_order(s: NamedSharding, me: int) -> dict[jax.Device, int]:
@@ -576,10 +577,11 @@ def realloc_cost(src_shardings: Any, dst_shardings: Any, tree_shapes: Any,
 
 
 def plans(tree: Any, target_shardings: Any, hardware: _hw.Hardware | None = None,
-          mode: str = "auto") -> Sequence[LeafPlan]:
-  """The per-leaf plans of the general path (for inspection, tests and benchmarks; leaves on the
-  same-device fast path get one too, priced as if they took the general path)."""
+          mode: str = "auto", direct: bool = DEFAULT_DIRECT) -> Sequence[LeafPlan]:
+  """The per-leaf plans of the general path as `reallocate` with the same arguments makes them (for
+  inspection, tests and benchmarks; leaves on the same-device fast path get one too, priced as if
+  they took the general path)."""
   hw = hardware or _hw.local_default()
   leaves, _, targets = _targets_like(tree, target_shardings)
   _check_targets(targets)
-  return [_plan(x, t, hw, mode) for x, t in zip(leaves, targets)]
+  return [_plan(x, t, hw, mode, direct) for x, t in zip(leaves, targets)]

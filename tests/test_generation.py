@@ -266,8 +266,8 @@ def test_sample_token_greedy_and_logprob():
   minus the row's logsumexp) equals log_softmax(logits / T) at the token (NumPy)."""
   rng = np.random.default_rng(7)
   x = rng.normal(size=(6, 256)).astype(np.float32)
-  x[1, [40, 200]] = 9.0   # tie in two chunks
-  x[2, [33, 34]] = 9.0    # tie inside one chunk
+  x[1, [40, 200]] = 9.0   # tied maxima far apart
+  x[2, [33, 34]] = 9.0    # tied neighbours
   x[3, :] = 0.0           # all tied
   for cfg in (SamplingConfig(max_new_tokens=1, greedy=True, temperature=0.7),
               SamplingConfig(max_new_tokens=1, temperature=0.7)):

@@ -68,6 +68,25 @@ def test_fit_keeps_rates_physical():
   assert cal["generate"]["time"] * cal["generate"]["bytes_time"] >= 0.98, cal["generate"]
 
 
+def test_floors_follow_the_measured_rates_of_a_faster_card():
+  """Calibrating against a base profile of a slower card: with the machine's measured rates given
+  (HBM and matmul 2x the profile's), the floors sit at half the profile's times, so a card that reads
+  and multiplies twice as fast is fitted as such; without them the fit is held at the profile's rates."""
+  fast = TRUE.replace(calibration={"generate": {"time": 0.5, "bytes_time": 1.0}, "inference": {"time": 0.5},
+                                   "train_step": {"time": 0.5}})
+  recs = _records({"small": SMALL, "large": LARGE})
+  for r in recs:
+    r["measured_s"] = predict(fast, r)
+  rates = {"matmul_flops": 2 * PROFILE.matmul_flops, "hbm_bandwidth": 2 * PROFILE.hbm_bandwidth}
+  held, _ = fit(PROFILE, recs)
+  freed, info = fit(PROFILE, recs, rates)
+  g = freed.calibration["generate"]
+  assert g["time"] * g["bytes_time"] == pytest.approx(0.5, rel=0.05), g
+  assert freed.calibration["train_step"]["time"] == pytest.approx(0.5, rel=0.05)
+  assert info["log_sq_err_after"] < 1e-3
+  assert held.calibration["generate"]["time"] * held.calibration["generate"]["bytes_time"] >= 0.98
+
+
 def test_report_holds_out_the_largest_model():
   recs = _records({"small": SMALL, "large": LARGE})
   _, rep = report(PROFILE, recs)

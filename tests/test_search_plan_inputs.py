@@ -53,19 +53,17 @@ def test_decode_step_is_one_iteration_of_the_sampler_loop():
   assert step["n_intra"] == delta["n_intra"] > 0
 
 
-def test_generation_parts_and_schedule(monkeypatch):
+def test_generation_parts_and_schedule():
   sc = SamplingConfig(max_new_tokens=9, bucket=16)
   segs, slots = pi.decode_schedule(sc, 16)
   assert segs == [(2, 17), (2, 19), (2, 21), (2, 23)] and slots == 24  # Tokens 0..7 run; token 8 is drawn.
   parts = pi.lower_generate(CFG, sc, 8, 16)(Layout.on(0))
   assert parts["decode_extra"] == 4 and parts["layer_loop"] == "unrolled" and "decode" in parts
   # What the analytic tier is told per platform: CPU (and fp32) reads the segments' prefixes; bf16 on GPU
-  # reads the whole cache every step and runs fused attention.
+  # runs fused attention and its decode step reads the filled slots only (step t: slots 0 .. 16 + t).
   assert pi.decode_kv_slots(CFG, sc, 16, "cpu") == pytest.approx((17 + 19 + 21 + 23) / 4)
   bf16 = dataclasses.replace(CFG, dtype="bfloat16")
-  monkeypatch.setattr(pi, "_fused_decode_reads_filled", lambda: False)
-  assert pi.decode_kv_slots(bf16, sc, 16, "gpu") == 24 and pi.fused_attention(bf16, "gpu")
-  monkeypatch.setattr(pi, "_fused_decode_reads_filled", lambda: True)  # Step t reads slots 0 .. 16 + t.
+  assert pi.fused_attention(bf16, "gpu")
   assert pi.decode_kv_slots(bf16, sc, 16, "gpu") == pytest.approx(sum(16 + t + 1 for t in range(8)) / 8)
   assert pi.decode_kv_slots(dataclasses.replace(bf16, attention_impl="xla"), sc, 16, "gpu") == 20
   assert not pi.fused_attention(bf16, "cpu") and not pi.fused_attention(CFG, "gpu")

@@ -149,12 +149,6 @@ def fused_decode_attention(q_B1NH: Array, k_BSKH: Array, v_BSKH: Array, mask_BS:
     return jax.nn.dot_product_attention(q_B1NH, k_BSKH, v_BSKH, mask=mask, implementation="xla", **kw)
 
 
-# The fused decode step hands the kernel the filled cache length (`fused_decode_attention`'s kv_len),
-# so cuDNN reads P + t + 1 slots at step t, not the whole buffer. The plan estimator prices decode
-# reads by it (`plan_inputs.decode_kv_slots`).
-FUSED_DECODE_READS_FILLED = True
-
-
 def decode_on_full_cache(cfg: ModelConfig, dtype, platform: str | None = None) -> bool:
   """Whether a decode step over a per-layer cache uses the fused (cuDNN) attention kernel on the
   whole cache (write the new slot, then attend) rather than `decode_attention` on a static prefix.
@@ -345,8 +339,9 @@ def _layer(cfg: ModelConfig, inv_freq, x_BTD, p, positions_BT, mask_BTS, kv_in, 
     zero = jnp.zeros((), jnp.int32)
     start = (zero, jnp.asarray(index, jnp.int32), zero, zero)
     if q.shape[1] == 1 and old_mask_BS is not None and decode_on_full_cache(cfg, dt):
-      # Decode step through the fused kernel: write the new slot in place, then attend over the whole
-      # buffer (a static prefix would be copied out for the custom call, costing more than it saves).
+      # Decode step through the fused kernel: write the new slot in place, then attend over the buffer
+      # up to the filled length (index + 1: the kernel stops reading there; a static prefix slice would
+      # be copied out for the custom call, costing more than it saves).
       k_l = jax.lax.dynamic_update_slice(k_l, k.astype(k_l.dtype), start)
       v_l = jax.lax.dynamic_update_slice(v_l, v.astype(v_l.dtype), start)
       own_BS = jnp.arange(k_l.shape[1], dtype=jnp.int32)[None, :] == jnp.asarray(index, jnp.int32)
