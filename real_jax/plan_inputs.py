@@ -43,7 +43,7 @@ from real_jax.dataflow import Graph
 from real_jax.experiment import Experiment
 from real_jax.generation import SamplingConfig, bucket_length, layered_decode_step, sampler, segment_ends
 from real_jax.models import KVCache, abstract_model, activation_constraints, param_count
-from real_jax.models.transformer import decode_on_full_cache, layer_arrays, logits_chunk_size
+from real_jax.models.transformer import attention_kernel, decode_on_full_cache, layer_arrays, logits_chunk_size
 from real_jax.optim import make_optimizer
 from real_jax.train_step import TrainState, make_train_step
 from search import CallSpec, ModelShape
@@ -135,13 +135,11 @@ def decode_kv_slots(cfg, sampling: SamplingConfig, prompt_len: int, platform: st
 
 
 def fused_attention(cfg, platform: str | None = None) -> bool:
-  """Whether full-sequence attention runs as a fused kernel on `platform` (`models.transformer.attention`:
-  cuDNN for bf16/fp16 on GPU unless attention_impl is "xla"; XLA's unfused path otherwise)."""
-  platform = platform or jax.default_backend()
-  impl = cfg.attention_impl
-  if impl is not None:
-    return impl == "cudnn"
-  return jnp.dtype(cfg.dtype) != jnp.float32 and platform == "gpu"
+  """Whether full-sequence attention runs as a fused kernel on `platform`
+  (`models.transformer.attention_kernel`: cuDNN for bf16/fp16 on GPU unless attention_impl says
+  otherwise; XLA's unfused path otherwise). A cuDNN trace failure, where `attention` falls back to
+  XLA, is not foreseen here."""
+  return attention_kernel(cfg.attention_impl, cfg.dtype, platform) == "cudnn"
 
 
 def lower_decode_step(cfg, sampling: SamplingConfig, rows: int, prompt_len: int, kv_len: int, layout: Layout):

@@ -103,16 +103,26 @@ def apply_rope(x_BTnH: Array, positions_BT: Array, inv_freq: Array) -> Array:
   return out.astype(x_BTnH.dtype)
 
 
+def attention_kernel(impl: str | None, dtype, platform: str | None = None) -> str:
+  """The attention implementation `attention` (and the fused decode step) names for `impl` (a model's
+  `attention_impl`; None = auto) at compute `dtype` on `platform` (default this machine's backend).
+
+  Auto is cuDNN's fused kernel, named explicitly, for bf16/fp16 on GPU: left to
+  `implementation=None`, JAX 0.11 runs the XLA path, which on one H100 made a Qwen2.5-0.5B train step
+  1.3x slower and ran out of memory at 32 rows x 512 tokens (bench/results/train-qwen-h100.json). XLA
+  everywhere else. The plan estimator prices kernels by the same rule (`plan_inputs.fused_attention`).
+  """
+  if impl is not None:
+    return impl
+  platform = platform or jax.default_backend()
+  return "xla" if jnp.dtype(dtype) == jnp.float32 or platform != "gpu" else "cudnn"
+
+
 def attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, impl: str | None) -> Array:
   """Grouped-query attention through `jax.nn.dot_product_attention` (cuDNN on GPU where it applies)."""
   mask = mask_BTS[:, None, :, :]
   auto = impl is None
-  if auto:
-    # cuDNN's fused kernel (bf16/fp16 on GPU), named explicitly: left to `implementation=None`, JAX
-    # 0.11 runs the XLA path, which on one H100 made a Qwen2.5-0.5B train step 1.3x slower and ran
-    # out of memory at 32 rows x 512 tokens (bench/results/train-qwen-h100.json). XLA where cuDNN
-    # does not apply.
-    impl = "xla" if q_BTNH.dtype == jnp.float32 or jax.default_backend() != "gpu" else "cudnn"
+  impl = attention_kernel(impl, q_BTNH.dtype)  # cuDNN on GPU for bf16/fp16; XLA if cuDNN fails to trace
   try:
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, implementation=impl)
   except (NotImplementedError, ValueError, RuntimeError):
@@ -139,8 +149,7 @@ def fused_decode_attention(q_B1NH: Array, k_BSKH: Array, v_BSKH: Array, mask_BS:
   kw = {} if kv_len is None else {"key_value_seq_lengths": jnp.full((b,), kv_len, jnp.int32)}
   mask = mask_BS[:, None, None, :]
   auto = impl is None
-  if auto:
-    impl = "xla" if q_B1NH.dtype == jnp.float32 or jax.default_backend() != "gpu" else "cudnn"
+  impl = attention_kernel(impl, q_B1NH.dtype)
   try:
     return jax.nn.dot_product_attention(q_B1NH, k_BSKH, v_BSKH, mask=mask, implementation=impl, **kw)
   except (NotImplementedError, ValueError, RuntimeError):
@@ -151,7 +160,8 @@ def fused_decode_attention(q_B1NH: Array, k_BSKH: Array, v_BSKH: Array, mask_BS:
 
 def decode_on_full_cache(cfg: ModelConfig, dtype, platform: str | None = None) -> bool:
   """Whether a decode step over a per-layer cache uses the fused (cuDNN) attention kernel on the
-  whole cache (write the new slot, then attend) rather than `decode_attention` on a static prefix.
+  per-layer buffer (write the new slot, then attend up to the filled length: `fused_decode_attention`)
+  rather than `decode_attention` on a static prefix.
 
   Yes for bf16/fp16 on GPU (`platform`, default this machine's backend) unless
   `cfg.attention_impl == "xla"`. Timed alone on one H100
