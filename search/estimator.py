@@ -289,21 +289,26 @@ def analytic_counts(spec: CallSpec, layout: Layout) -> CallCost:
   # every row is done, an all-reduce when rows are split.
   draw_colls = (4 if t > 1 and spec.head == "lm" else 0) + (1 if d * f > 1 else 0)
 
-  def forward(rows, length, mbs):
+  def forward(rows, length, mbs, head_positions=None):
     """(flops, bytes, intra-mesh wire bytes, temp) of a forward over rows x length in mbs micro-batches.
 
     Attention: QK^T and PV over every (query, key) pair, 4 x L x N x H flops per pair: the mask is an
     explicit array, so neither cuDNN nor XLA skips the masked half. Unfused attention also writes the
     float32 scores and reads them back (~3 passes of rows x N x T x S x 4 bytes per layer).
+    head_positions: positions whose head (and logits) are computed, default all rows x length (the
+    sampler's prefill projects only each row's last position: rows).
     """
     tok = rows * length
-    flops = tok * (m.dense_flops_per_token(spec.head) + 4.0 * m.n_layers * m.n_heads * m.head_dim * length) / n
+    head_tok = tok if head_positions is None else head_positions
+    head_flops = 2.0 * m.d_model * head_width
+    flops = (tok * (m.dense_flops_per_token(spec.head) - head_flops
+                    + 4.0 * m.n_layers * m.n_heads * m.head_dim * length) + head_tok * head_flops) / n
     act = tok / (d * f) * m.d_model * cb
-    byts = mbs * w_c + act * m.n_layers * 12 + tok / (d * f) * head_width / t * 4 * 3
+    byts = mbs * w_c + act * m.n_layers * 12 + head_tok / (d * f) * head_width / t * 4 * 3
     if not spec.fused_attention:
       byts += tok / (d * f) * length * m.n_heads / t * 4 * 3 * m.n_layers
     comm = mbs * w_c * _ring(f) + 2 * m.n_layers * 2 * _ring(t) * act
-    temp = (act / mbs * (8 + 3 * m.d_ff / m.d_model / t) + tok / (d * f) / mbs * head_width / t * 4 * 2
+    temp = (act / mbs * (8 + 3 * m.d_ff / m.d_model / t) + head_tok / (d * f) / mbs * head_width / t * 4 * 2
             + (2 * w_c / m.n_layers if f > 1 else 0.0))
     return flops, byts, comm, temp
 
@@ -325,7 +330,7 @@ def analytic_counts(spec: CallSpec, layout: Layout) -> CallCost:
     colls = k * (2 * tp_colls + 3 * fsdp_colls) + (m.n_layers + 1 if d > 1 else 0)
   else:
     s = spec.prompt_len + spec.new_tokens
-    pf, pbyt, pc, pt = forward(spec.batch, spec.prompt_len, 1)
+    pf, pbyt, pc, pt = forward(spec.batch, spec.prompt_len, 1, head_positions=spec.batch)  # Last position only.
     steps = spec.new_tokens
     # Cache slots a decode step reads (and attends over) per row: as the decode loop reads them.
     s_read = spec.decode_kv_slots or spec.prompt_len + spec.new_tokens / 2
