@@ -93,6 +93,7 @@ def execute(path: str, params: dict) -> None:
 
 if __name__ != "__main__":
   import pytest
+  from conftest import cache_env
 
   NAMES = sorted(TINY)
 
@@ -140,6 +141,7 @@ if __name__ != "__main__":
     env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg",
                XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    env.update(cache_env())  # This run's compilation cache (tests/conftest.py): one process, 8 devices.
     proc = subprocess.run([sys.executable, __file__, str(NOTEBOOKS / name), json.dumps(params)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
