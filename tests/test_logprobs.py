@@ -176,6 +176,18 @@ def test_unrolled_layers_equal_scanned():
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6, rtol=1e-5)
 
 
+def _np_one_token_attention(q_B1NH, k_BSKH, v_BSKH, seen_BS):
+  """NumPy softmax attention of one query token per row over the slots `seen_BS` marks, query head n
+  using kv head n // G."""
+  b, _, n, h = q_B1NH.shape
+  k = k_BSKH.shape[2]
+  sc = np.einsum("bkgh,bskh->bkgs", q_B1NH.reshape(b, k, n // k, h), k_BSKH) / np.sqrt(h)
+  sc = np.where(seen_BS[:, None, None, :], sc, -np.inf)
+  p = np.exp(sc - sc.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum("bkgs,bskh->bkgh", p, v_BSKH).reshape(b, 1, n, h)
+
+
 @pytest.mark.parametrize("g", [1, 3])
 def test_decode_attention_dot_equals_reduce_form(g):
   """The batched-matmul decode attention (timed by bench/decode_attention.py) against the library's
@@ -195,12 +207,7 @@ def test_decode_attention_dot_equals_reduce_form(g):
   keys = np.concatenate([kc, kn], 1)                       # [B, S + 1, K, H]
   vals = np.concatenate([vc, vn], 1)
   seen = np.concatenate([mask[:, 0], np.ones((b, 1), bool)], 1)
-  qg = q.reshape(b, k, g, h)
-  sc = np.einsum("bkgh,bskh->bkgs", qg, keys) / np.sqrt(h)
-  sc = np.where(seen[:, None, None, :], sc, -np.inf)
-  p = np.exp(sc - sc.max(-1, keepdims=True))
-  p /= p.sum(-1, keepdims=True)
-  want = np.einsum("bkgs,bskh->bkgh", p, vals).reshape(b, 1, k * g, h)
+  want = _np_one_token_attention(q, keys, vals, seen)
   np.testing.assert_allclose(a, want, atol=1e-5)
   np.testing.assert_allclose(d, want, atol=1e-5)
 
@@ -222,13 +229,7 @@ def test_fused_decode_attention_stops_at_kv_len(g):
   mask[:, kv_len - 1] = True  # the token's own slot
   mask[1, kv_len:] = True
   got = np.asarray(jax.jit(fused_decode_attention, static_argnums=5)(q, kc, vc, mask, jnp.int32(kv_len), "xla"))
-  seen = mask & (np.arange(s)[None, :] < kv_len)
-  qg = q.reshape(b, k, g, h)
-  sc = np.einsum("bkgh,bskh->bkgs", qg, kc) / np.sqrt(h)
-  sc = np.where(seen[:, None, None, :], sc, -np.inf)
-  p = np.exp(sc - sc.max(-1, keepdims=True))
-  p /= p.sum(-1, keepdims=True)
-  want = np.einsum("bkgs,bskh->bkgh", p, vc).reshape(b, 1, k * g, h)
+  want = _np_one_token_attention(q, kc, vc, mask & (np.arange(s)[None, :] < kv_len))
   np.testing.assert_allclose(got, want, atol=1e-5)
   folded = np.asarray(fold_decode_attention(q, kc[:, :kv_len], vc[:, :kv_len], mask[:, :kv_len], "xla"))
   np.testing.assert_allclose(folded, want, atol=1e-5)

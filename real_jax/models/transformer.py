@@ -118,17 +118,21 @@ def attention_kernel(impl: str | None, dtype, platform: str | None = None) -> st
   return "xla" if jnp.dtype(dtype) == jnp.float32 or platform != "gpu" else "cudnn"
 
 
-def attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, impl: str | None) -> Array:
-  """Grouped-query attention through `jax.nn.dot_product_attention` (cuDNN on GPU where it applies)."""
+def attention(q_BTNH: Array, k_BSKH: Array, v_BSKH: Array, mask_BTS: Array, impl: str | None,
+              kv_lengths_B: Array | None = None) -> Array:
+  """Grouped-query attention through `jax.nn.dot_product_attention` (cuDNN on GPU where it applies;
+  XLA if cuDNN fails to trace and the choice was automatic). kv_lengths_B: keys at and beyond each
+  row's length are never read (the kernel's key/value sequence lengths); None: all S."""
   mask = mask_BTS[:, None, :, :]
+  kw = {} if kv_lengths_B is None else {"key_value_seq_lengths": kv_lengths_B}
   auto = impl is None
-  impl = attention_kernel(impl, q_BTNH.dtype)  # cuDNN on GPU for bf16/fp16; XLA if cuDNN fails to trace
+  impl = attention_kernel(impl, q_BTNH.dtype)
   try:
-    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, implementation=impl)
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, implementation=impl, **kw)
   except (NotImplementedError, ValueError, RuntimeError):
     if not auto or impl == "xla":
       raise
-    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, implementation="xla")
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, implementation="xla", **kw)
 
 
 def fused_decode_attention(q_B1NH: Array, k_BSKH: Array, v_BSKH: Array, mask_BS: Array, kv_len: Array | None,
@@ -146,16 +150,8 @@ def fused_decode_attention(q_B1NH: Array, k_BSKH: Array, v_BSKH: Array, mask_BS:
   b, t = q_B1NH.shape[:2]
   if t != 1:
     raise ValueError(f"fused_decode_attention: one query token per row, got T={t}")
-  kw = {} if kv_len is None else {"key_value_seq_lengths": jnp.full((b,), kv_len, jnp.int32)}
-  mask = mask_BS[:, None, None, :]
-  auto = impl is None
-  impl = attention_kernel(impl, q_B1NH.dtype)
-  try:
-    return jax.nn.dot_product_attention(q_B1NH, k_BSKH, v_BSKH, mask=mask, implementation=impl, **kw)
-  except (NotImplementedError, ValueError, RuntimeError):
-    if not auto or impl == "xla":
-      raise
-    return jax.nn.dot_product_attention(q_B1NH, k_BSKH, v_BSKH, mask=mask, implementation="xla", **kw)
+  lengths = None if kv_len is None else jnp.full((b,), kv_len, jnp.int32)
+  return attention(q_B1NH, k_BSKH, v_BSKH, mask_BS[:, None, :], impl, lengths)
 
 
 def decode_on_full_cache(cfg: ModelConfig, dtype, platform: str | None = None) -> bool:
