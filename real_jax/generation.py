@@ -319,16 +319,24 @@ def model_config(graphdef, state):
   return nnx.merge(graphdef, state).cfg
 
 
-def _constrain_cache(cache: KVCache, layout: Layout) -> KVCache:
-  """The cache laid out like its logical axes say (batch over data/fsdp, kv_heads over tensor)."""
+def cache_shardings(cache: KVCache, layout: Layout) -> KVCache:
+  """A KVCache of shardings for `cache` (arrays or shapes): as its logical axes say (batch over
+  data/fsdp, kv_heads over tensor); the index replicated."""
   names = KVCache.logical_axes(cache.per_layer, len(cache.k) if cache.per_layer else 0)
 
-  def c(x, n):
-    return jax.lax.with_sharding_constraint(x, activation_sharding(layout, n, tuple(x.shape)))
+  def s(x, n):
+    return activation_sharding(layout, n, tuple(x.shape))
 
   def kv(xs, ns):
-    return tuple(map(c, xs, ns)) if cache.per_layer else c(xs, ns)
-  return KVCache(kv(cache.k, names.k), kv(cache.v, names.v), c(cache.valid, names.valid), cache.index)
+    return tuple(map(s, xs, ns)) if cache.per_layer else s(xs, ns)
+  return KVCache(kv(cache.k, names.k), kv(cache.v, names.v), s(cache.valid, names.valid), layout.replicated())
+
+
+def _constrain_cache(cache: KVCache, layout: Layout) -> KVCache:
+  """The cache laid out as `cache_shardings` says."""
+  sh = cache_shardings(cache, layout)
+  c = jax.lax.with_sharding_constraint
+  return KVCache(c(cache.k, sh.k), c(cache.v, sh.v), c(cache.valid, sh.valid), cache.index)
 
 
 def generate(model, prompt_BP, prompt_mask_BP, rng: jax.Array, config: SamplingConfig,

@@ -41,13 +41,14 @@ from real_jax import inference
 from real_jax._calls import batch_sharding, compute_params, sharding_hook
 from real_jax.dataflow import Graph
 from real_jax.experiment import Experiment
-from real_jax.generation import SamplingConfig, bucket_length, layered_decode_step, sampler, segment_ends
+from real_jax.generation import (SamplingConfig, bucket_length, cache_shardings, layered_decode_step, sampler,
+                                 segment_ends)
 from real_jax.models import KVCache, abstract_model, activation_constraints, param_count
 from real_jax.models.transformer import attention_kernel, decode_on_full_cache, layer_arrays, logits_chunk_size
 from real_jax.optim import make_optimizer
 from real_jax.train_step import TrainState, make_train_step
 from search import CallSpec, ModelShape
-from sharding import Layout, activation_sharding, shardings_for
+from sharding import Layout, shardings_for
 
 PROMPT_BUCKET = 16  # the runtime's SamplingConfig bucket
 
@@ -144,7 +145,7 @@ def fused_attention(cfg, platform: str | None = None) -> bool:
 
 def lower_decode_step(cfg, sampling: SamplingConfig, rows: int, prompt_len: int, kv_len: int, layout: Layout):
   """One iteration of the layered decode loop (`_decode_step`) lowered under `layout` on abstract
-  inputs, with the shardings the sampler gives them (the cache as `_constrain_cache` lays it out; the
+  inputs, with the shardings the sampler gives them (the cache's `generation.cache_shardings`; the
   carry's [B] and [B, M] arrays batch-split), the cache and outputs donated (updated in place)."""
   graphdef, state = _abstract(cfg, "lm")
   _, slots = decode_schedule(sampling, prompt_len)
@@ -156,10 +157,7 @@ def lower_decode_step(cfg, sampling: SamplingConfig, rows: int, prompt_len: int,
   stacked_sh = nnx.merge(graphdef, st_sh).layers.arrays()
   lps_sh = [{k: _layer_sharding(sh) for k, sh in stacked_sh.items()} for _ in range(cfg.n_layers)]
   cache = jax.eval_shape(lambda: KVCache.zeros(cfg, rows, slots, per_layer=True))
-  names = KVCache.logical_axes(per_layer=True, n_layers=cfg.n_layers)
-  kv = lambda xs, ns: tuple(activation_sharding(layout, n, tuple(x.shape)) for x, n in zip(xs, ns))  # noqa: E731
-  csh = KVCache(kv(cache.k, names.k), kv(cache.v, names.v),
-                activation_sharding(layout, names.valid, tuple(cache.valid.shape)), layout.replicated())
+  csh = cache_shardings(cache, layout)
   b1, bm = batch_sharding(layout, (rows,)), batch_sharding(layout, (rows, m))
   rep = layout.replicated()
   carry_sh = (csh, rep, b1, b1, bm, bm, b1)
