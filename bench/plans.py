@@ -535,8 +535,9 @@ def write_json(path: str, doc: dict) -> None:
 
 def run_bench(settings: list[tuple[str, int]], *, out: str, profile: Profile, devices: int | None = None,
               warmup: int = 1, iters: int = 3, budget: float = math.inf, batch: int | None = None,
-              prompt: int | None = None, colocated: str = "best", search_steps: int = 20000,
-              search_s: float = 60.0, seed: int = 0, log=print, t_start: float | None = None,
+              prompt: int | None = None, colocated: str = "best", only: tuple[str, ...] = (),
+              search_steps: int = 20000, search_s: float = 60.0, seed: int = 0, log=print,
+              t_start: float | None = None,
               merge: dict | None = None) -> dict:
   """Plans and runs every setting; rewrites `out` after every plan run; returns the document.
 
@@ -592,6 +593,9 @@ def run_bench(settings: list[tuple[str, int]], *, out: str, profile: Profile, de
           rec["measured_over_predicted"] = rec["measured_s"] / rec["predicted_s"]
         continue
       local[key] = rec
+      if only and rec["name"] not in only:
+        rec["status"] = "skipped (--only)"
+        continue
       if time.perf_counter() - t_start > budget:
         rec["status"] = "skipped (budget)"
         continue
@@ -635,6 +639,8 @@ def main(argv=None) -> int:
   ap.add_argument("--colocated", default="best",
                   help="colocated plans to run: best (the Planner's baseline), all, or a list like d1f4t1,d1f1t4 "
                   "(run in that order, after the searched plan and the baselines)")
+  ap.add_argument("--only", default="", help="comma list of plan names to run (e.g. disaggregated); the others "
+                  "are planned and predicted but not run")
   ap.add_argument("--search-steps", type=int, default=20000)
   ap.add_argument("--search-s", type=float, default=60.0, help="MCMC time limit per setting")
   ap.add_argument("--seed", type=int, default=0)
@@ -668,7 +674,8 @@ def main(argv=None) -> int:
     print(f"--merge {args.merge}: no such file; writing this run's settings only", flush=True)
   doc = run_bench(settings, out=out, profile=profile, devices=args.devices or None, warmup=args.warmup,
                   iters=args.iters, budget=args.budget, batch=args.batch, prompt=args.prompt,
-                  colocated=args.colocated, search_steps=args.search_steps, search_s=args.search_s, seed=args.seed,
+                  colocated=args.colocated, only=tuple(n for n in args.only.split(",") if n),
+                  search_steps=args.search_steps, search_s=args.search_s, seed=args.seed,
                   log=lambda m: print(m, flush=True), t_start=t_start, merge=merge)
   for st in doc["settings"]:
     if st["name"] not in {f"{m}:{g}" for m, g in settings}:

@@ -154,3 +154,53 @@ def test_engine_moves_nothing_between_layouts_that_place_parameters_alike():
   other = Layout(DeviceMesh(0, 8), Strategy(data=2, tensor=4))
   moved = engine.params_in("actor", other)
   assert moved is not params and [r.kind for r in engine.timeline] == ["realloc"]
+
+
+def test_engine_forwards_outputs_to_later_calls_before_dispatching_the_next_call():
+  """A batch goes to every later consumer's layout right after its producer is dispatched, so a copy
+  off the producer's device is not queued behind another call dispatched there in between."""
+  import jax
+  import jax.numpy as jnp
+
+  from real_jax.dataflow import Call, CallKind, Graph
+  from real_jax.runtime.engine import Engine
+  from search.plan import ExecutionPlan
+  from sharding import DeviceMesh, Layout, Strategy, activation_sharding
+
+  first, other = Layout(DeviceMesh(0, 2), Strategy(data=2)), Layout(DeviceMesh(4, 4), Strategy(data=2, tensor=2))
+  graph = Graph([Call("make", "a", CallKind.GENERATE, ("prompts",), ("x",), batch=4),
+                 Call("busy", "a", CallKind.INFERENCE, ("x",), ("y",), batch=4),
+                 Call("use", "b", CallKind.INFERENCE, ("x",), ("z",), batch=4)], models=("a", "b"))
+  events = []
+
+  def make(engine, call, layout, params, args):
+    events.append("make")
+    return {"x": args["prompts"] * 2}
+
+  def busy(engine, call, layout, params, args):
+    events.append("busy")
+    return {"y": args["x"] + 1}
+
+  def use(engine, call, layout, params, args):
+    events.append("use")
+    assert args["x"].sharding == engine.move_batch({"x": args["x"]}, layout)["x"].sharding
+    return {"z": args["x"] - 1}
+
+  plan = ExecutionPlan({"make": first, "busy": first, "use": other})
+  engine = Engine(graph, plan, {}, {"make": make, "busy": busy, "use": use}, validate=False)
+  moves = []
+  move_batch = engine.move_batch
+
+  def logged(arrays, layout):
+    moves.append((tuple(sorted(arrays)), layout, len(events)))
+    return move_batch(arrays, layout)
+
+  engine.move_batch = logged
+  prompts = jax.device_put(jnp.arange(8.0).reshape(4, 2), activation_sharding(first, ("batch", None), (4, 2)))
+  data = engine.run_iteration({"prompts": prompts})
+  # x reached "use"'s layout after "make" and before "busy" was dispatched.
+  x_to_other = [n for keys, lay, n in moves if keys == ("x",) and lay == other]
+  assert x_to_other and x_to_other[0] == 1, moves
+  assert events == ["make", "busy", "use"]
+  np.testing.assert_array_equal(np.asarray(data["z"]), np.arange(8.0).reshape(4, 2) * 2 - 1)
+  assert {d.id for d in data["z"].sharding.device_set} == {4, 5, 6, 7}

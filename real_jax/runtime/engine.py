@@ -6,7 +6,12 @@
   `sharding.reallocate`. Copies are cached per (parameter version, layout): consecutive calls under
   one layout move nothing, and a trained model's copies are dropped when its parameters change.
 * Batch arrays produced by one call are moved to the next call's mesh the same way (batch axis over
-  data x fsdp), never through the host.
+  data x fsdp), never through the host, and *as soon as they are produced*: right after a call is
+  dispatched, its outputs are forwarded to the layout of every later call that reads them. A copy out
+  of a device is ordered behind the work already queued on that device, so moving a batch only when
+  its consumer is dispatched would make it wait for unrelated calls dispatched in between (on 4x H200,
+  disaggregated PPO: the critic's train step waited 1.5 s for the actor's, on another GPU, because its
+  tokens left the generation GPU only after the actor's train step there).
 * Calls are dispatched asynchronously in topological order; JAX runs calls on disjoint meshes
   concurrently. A watcher thread waits for each call's outputs and records its end time, so the
   timeline shows real overlap without the main thread ever blocking on it. Only a call that needs
@@ -205,11 +210,14 @@ class Engine:
   def run_iteration(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
     """Runs every call once in topological order; returns all produced keys (dispatched arrays)."""
     data = dict(inputs)
-    for name in self.graph.order:
+    order = self.graph.order
+    forwarded: dict[tuple[str, Layout], Any] = {}  # (key, a later call's layout) -> the array moved there
+    self._forward(data, order, forwarded)
+    for i, name in enumerate(order):
       call = self.graph[name]
       layout = self.plan[name]
       params = self.params_in(call.model, layout) if call.model in self.slots else None
-      args = self.move_batch({k: data[k] for k in call.inputs if k in data}, layout)
+      args = self.move_batch({k: forwarded.get((k, layout), data[k]) for k in call.inputs if k in data}, layout)
       rec = Record(self.iteration, name, "call", (layout.device_mesh.start, layout.device_mesh.size), self.now())
       out = self.functions[name](self, call, layout, params, args)
       missing = [k for k in call.outputs if k not in out]
@@ -218,11 +226,22 @@ class Engine:
       data.update(out)
       self.timeline.append(rec)
       self._watch(rec, (out, self.slots[call.model].params if call.kind is CallKind.TRAIN_STEP else None))
+      self._forward({k: out[k] for k in call.outputs}, order[i + 1:], forwarded)
       if call.model in self.slots and call.model in self.plan.offload and call.kind is not CallKind.TRAIN_STEP:
         self._maybe_offload_after(call.model, name)
     self.wait()
     self.iteration += 1
     return data
+
+  def _forward(self, produced: Mapping[str, Any], later: list[str], forwarded: dict) -> None:
+    """Dispatches the moves of `produced` arrays to the layouts of the `later` calls that read them
+    (in call order, so every process of a multi-controller run issues the same moves)."""
+    for consumer in later:
+      layout = self.plan[consumer]
+      keys = [k for k in self.graph[consumer].inputs if k in produced and (k, layout) not in forwarded]
+      if keys:
+        moved = self.move_batch({k: produced[k] for k in keys}, layout)
+        forwarded.update({(k, layout): v for k, v in moved.items()})
 
   def _maybe_offload_after(self, model: str, name: str) -> None:
     later = self.graph.order[self.graph.order.index(name) + 1:]
