@@ -8,7 +8,7 @@
 # Env overrides: DEVICES (default: every GPU nvidia-smi lists), SETTINGS (bench/plans.py --settings, default
 # 1.3b:512), COLOCATED (its --colocated; default d{N}f1t1,d1f1t{N},d1f{N}t1 on 2 GPUs, best on more),
 # CALIBRATE=0 (skip step 1), CASES (calibration cases, `python -m search.profile --cases`; default: the
-# 1.3B/350M calls of the setting's layouts at generation CAL_GEN, default 512), CAL_BUDGET (its --budget,
+# 1.3B/350M calls of the setting's layouts at generation CAL_GEN, default 512; see step 1), CAL_BUDGET (its --budget,
 # default 160), CAL_S (its timeout, default 215), PROFILE (profile for step 2 when step 1 is skipped or fails;
 # default search/profiles/h100_sxm_bench.json), END_S (wall seconds the whole script may use, default 530),
 # ITERS (timed iterations per plan, default 2), PY (python, default python3).
@@ -37,14 +37,23 @@ LOG=$OUT/run.log
 mkdir -p .jax_cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $LOG 2>&1
 
-# 1. Calibration (~3 min): the calls of the 1.3b bench setting on all N GPUs, generation first (the largest
-# error so far); each case compiles once (the colocated data=N generation then hits the persistent cache in
-# step 2). Base h100_sxm_bench: kinds the budget cuts keep its factors.
+# 1. Calibration (~3 min on 2 GPUs; give it CAL_BUDGET=300 CAL_S=360 on 4): the calls of the 1.3b bench
+# setting, generation first (the largest error so far); each case compiles once (the colocated generation
+# then hits the persistent cache in step 2). Base h100_sxm_bench: kinds the budget cuts keep its factors.
 PROFILE_USED=$FALLBACK
 if [ "${CALIBRATE:-1}" = 1 ]; then
-  CASES=${CASES:-"1.3b generate 0:$N/d${N}f1t1 b128p128n$G; 1.3b generate 0:$N/d1f1t$N b128p128n$G;\
- 1.3b train 0:$N/d1f${N}t1 b32s$S remat=full; 1.3b logprobs 0:$N/d${N}f1t1 b128s$S; 350m values 0:$N/d${N}f1t1 b128s$S;\
- 350m train 0:$N/d1f${N}t1 b32s$S remat=full; 1.3b generate 0:$N/d1f${N}t1 b128p128n$G"}
+  if [ "$N" = 2 ]; then
+    DEFAULT_CASES="1.3b generate 0:2/d2f1t1 b128p128n$G; 1.3b generate 0:2/d1f1t2 b128p128n$G;\
+ 1.3b train 0:2/d1f2t1 b32s$S remat=full; 1.3b logprobs 0:2/d2f1t1 b128s$S; 350m values 0:2/d2f1t1 b128s$S;\
+ 350m train 0:2/d1f2t1 b32s$S remat=full; 1.3b generate 0:2/d1f2t1 b128p128n$G"
+  else  # The 4x H200 run's cases (search/profiles/h200_4gpu.json) for the 1.3b setting, plus one GPU alone
+    # (the disaggregated plan's generation and 350M train step: predicted +16..24% and 2x off without them).
+    DEFAULT_CASES="1.3b generate 0:$N/d1f1t$N b128p128n$G; 1.3b generate 0:$N/d${N}f1t1 b128p128n$G;\
+ 1.3b train 0:$N/d1f${N}t1 b32s$S remat=full; 1.3b logprobs 0:$N/d${N}f1t1 b128s$S; 350m values 0:$N/d1f${N}t1 b128s$S;\
+ 350m train 0:$N/d1f${N}t1 b32s$S remat=full; 1.3b generate 0:1/d1f1t1 b128p128n$G; 350m train 0:1/d1f1t1 b32s$S remat=full;\
+ 1.3b train 0:$N/d${N}f1t1 b32s$S remat=full; 1.3b generate 0:$N/d2f1t$((N / 2)) b128p128n$G"
+  fi
+  CASES=${CASES:-$DEFAULT_CASES}
   echo "== [$SECONDS s] calibrate" >> $LOG
   timeout ${CAL_S:-215} $PY -m search.profile --calibrate --base h100_sxm_bench --name ${CARD}_${N}gpu --budget ${CAL_BUDGET:-160} --reps 3 \
     --cases "$CASES" --out $CAL >> $LOG 2>&1
