@@ -3,12 +3,15 @@ r"""PPO throughput settings of `bench/plans.py` (searched plan vs heuristics on 
     python -m search --config configs/ppo_bench.py:models=1.3b,gen=1024 --devices 4
     python -m real_jax.train --config configs/ppo_bench.py:models=tiny,gen=8 --workdir /tmp/ppo_bench
 
-Presets (`:key=value,...`): models=1.3b|7b|tiny, gen=<new tokens>, batch=<prompts per iteration>
+Presets (`:key=value,...`): models=1.3b|7b|7b7b|tiny, gen=<new tokens>, batch=<prompts per iteration>
 (default per models), prompt=<prompt tokens> (default 128; tiny: 16).
 
 * models=1.3b: actor and reference 1.3B-shaped (`real_jax.models` preset "1.3b"), critic and reward
   350M-shaped; 128 prompts per iteration.
 * models=7b: actor and reference LLaMA-2-7B-shaped, critic and reward 1.3B-shaped; 64 prompts.
+* models=7b7b: all four models LLaMA-2-7B-shaped (the ReaL paper's smallest setting); 64 prompts. Planned
+  on 4x H200 (`search/profiles/h200_4gpu.json`) at gen=1024: 1.23x predicted over colocated tensor=4, with
+  reward and reference inference side by side on two GPUs each; not yet run.
 * models=tiny: the "tiny" preset everywhere; 16 prompts (CPU smoke runs).
 
 Random-init models with a random reward *model*: this measures throughput, not learning. bf16
@@ -27,6 +30,7 @@ MODELS = {
     # name: (actor/ref preset, critic/reward preset, prompts per iteration)
     "1.3b": ("1.3b", "350m", 128),
     "7b": ("7b", "1.3b", 64),
+    "7b7b": ("7b", "7b", 64),
     "tiny": ("tiny", "tiny", 16),
 }
 
@@ -77,6 +81,6 @@ def get_config(arg=None):
 
   from real_jax import config_lib as cl
 
-  args = cl.parse_arg(arg, models=("1.3b", "7b", "tiny"), gen=int, batch=int, prompt=int, plan=str)
+  args = cl.parse_arg(arg, models=tuple(MODELS), gen=int, batch=int, prompt=int, plan=str)
   return ml_collections.ConfigDict(experiment_dict(args["models"], args["gen"] or 512, batch=args["batch"],
                                                    prompt=args["prompt"], plan=args["plan"] or "colocated"))
