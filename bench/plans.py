@@ -592,10 +592,10 @@ def run_bench(settings: list[tuple[str, int]], *, out: str, profile: Profile, de
         if rec["measured_s"] and math.isfinite(rec["predicted_s"]):
           rec["measured_over_predicted"] = rec["measured_s"] / rec["predicted_s"]
         continue
-      local[key] = rec
-      if only and rec["name"] not in only:
+      if only and rec["name"] not in only:  # Not registered in `local`: an identical plan named in --only runs.
         rec["status"] = "skipped (--only)"
         continue
+      local[key] = rec
       if time.perf_counter() - t_start > budget:
         rec["status"] = "skipped (budget)"
         continue

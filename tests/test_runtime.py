@@ -156,39 +156,30 @@ def test_engine_moves_nothing_between_layouts_that_place_parameters_alike():
   assert moved is not params and [r.kind for r in engine.timeline] == ["realloc"]
 
 
-def test_engine_forwards_outputs_to_later_calls_before_dispatching_the_next_call():
-  """A batch goes to every later consumer's layout right after its producer is dispatched, so a copy
-  off the producer's device is not queued behind another call dispatched there in between."""
-  import jax
-  import jax.numpy as jnp
-
+def _three_call_engine(second_on_source: bool):
+  """make (devices 0-1) -> x; then a call that does not read x, on make's devices or on the reader's;
+  then use (devices 4-7) reads x. Returns the engine, the layouts, and the logs of calls and moves."""
   from real_jax.dataflow import Call, CallKind, Graph
   from real_jax.runtime.engine import Engine
   from search.plan import ExecutionPlan
-  from sharding import DeviceMesh, Layout, Strategy, activation_sharding
+  from sharding import DeviceMesh, Layout, Strategy
 
   first, other = Layout(DeviceMesh(0, 2), Strategy(data=2)), Layout(DeviceMesh(4, 4), Strategy(data=2, tensor=2))
   graph = Graph([Call("make", "a", CallKind.GENERATE, ("prompts",), ("x",), batch=4),
-                 Call("busy", "a", CallKind.INFERENCE, ("x",), ("y",), batch=4),
+                 Call("other_work", "a", CallKind.INFERENCE, ("prompts",), ("y",), batch=4),
                  Call("use", "b", CallKind.INFERENCE, ("x",), ("z",), batch=4)], models=("a", "b"))
-  events = []
+  events, moves = [], []
 
-  def make(engine, call, layout, params, args):
-    events.append("make")
-    return {"x": args["prompts"] * 2}
+  def fn(out_key, f):
+    def call(engine, call, layout, params, args):
+      events.append(call.name)
+      return {out_key: f(args)}
+    return call
 
-  def busy(engine, call, layout, params, args):
-    events.append("busy")
-    return {"y": args["x"] + 1}
-
-  def use(engine, call, layout, params, args):
-    events.append("use")
-    assert args["x"].sharding == engine.move_batch({"x": args["x"]}, layout)["x"].sharding
-    return {"z": args["x"] - 1}
-
-  plan = ExecutionPlan({"make": first, "busy": first, "use": other})
-  engine = Engine(graph, plan, {}, {"make": make, "busy": busy, "use": use}, validate=False)
-  moves = []
+  functions = {"make": fn("x", lambda a: a["prompts"] * 2), "other_work": fn("y", lambda a: a["prompts"] + 1),
+               "use": fn("z", lambda a: a["x"] - 1)}
+  plan = ExecutionPlan({"make": first, "other_work": first if second_on_source else other, "use": other})
+  engine = Engine(graph, plan, {}, functions, validate=False)
   move_batch = engine.move_batch
 
   def logged(arrays, layout):
@@ -196,11 +187,38 @@ def test_engine_forwards_outputs_to_later_calls_before_dispatching_the_next_call
     return move_batch(arrays, layout)
 
   engine.move_batch = logged
+  return engine, first, other, events, moves
+
+
+@pytest.mark.parametrize("second_on_source", [True, False])
+def test_engine_moves_a_batch_before_its_source_devices_get_other_work(second_on_source):
+  """A copy is ordered behind the work queued on its source and target devices. So x leaves make's
+  devices before another call is queued there (not at use's dispatch, behind that call), and if the
+  call in between runs on use's devices instead, x moves only at use's dispatch (not before it, which
+  would make that unrelated call wait for make)."""
+  import jax
+  import jax.numpy as jnp
+
+  from sharding import activation_sharding
+
+  engine, first, other, events, moves = _three_call_engine(second_on_source)
   prompts = jax.device_put(jnp.arange(8.0).reshape(4, 2), activation_sharding(first, ("batch", None), (4, 2)))
   data = engine.run_iteration({"prompts": prompts})
-  # x reached "use"'s layout after "make" and before "busy" was dispatched.
+  assert events == ["make", "other_work", "use"]
   x_to_other = [n for keys, lay, n in moves if keys == ("x",) and lay == other]
-  assert x_to_other and x_to_other[0] == 1, moves
-  assert events == ["make", "busy", "use"]
+  assert x_to_other and x_to_other[0] == (1 if second_on_source else 2), moves  # (then a no-op at use)
   np.testing.assert_array_equal(np.asarray(data["z"]), np.arange(8.0).reshape(4, 2) * 2 - 1)
   assert {d.id for d in data["z"].sharding.device_set} == {4, 5, 6, 7}
+
+
+def test_engine_ignores_an_input_that_a_call_produces():
+  """A caller's stale value for a produced key never reaches a reader: the produced one does."""
+  import jax
+  import jax.numpy as jnp
+
+  from sharding import activation_sharding
+
+  engine, first, other, _, _ = _three_call_engine(True)
+  prompts = jax.device_put(jnp.arange(8.0).reshape(4, 2), activation_sharding(first, ("batch", None), (4, 2)))
+  data = engine.run_iteration({"prompts": prompts, "x": prompts * 0 - 100})
+  np.testing.assert_array_equal(np.asarray(data["z"]), np.arange(8.0).reshape(4, 2) * 2 - 1)

@@ -9,7 +9,7 @@
 # 1.3b:512), COLOCATED (its --colocated; default d{N}f1t1,d1f1t{N},d1f{N}t1 on 2 GPUs, best on more),
 # CALIBRATE=0 (skip step 1), CASES (calibration cases, `python -m search.profile --cases`; default: the
 # 1.3B/350M calls of the setting's layouts at generation CAL_GEN, default 512; see step 1), CAL_BUDGET (its --budget,
-# default 160), CAL_S (its timeout, default 215), PROFILE (profile for step 2 when step 1 is skipped or fails;
+# default 160 on 2 GPUs, 330 on more), CAL_S (its timeout, default CAL_BUDGET + 55), PROFILE (profile for step 2 when step 1 is skipped or fails;
 # default search/profiles/h100_sxm_bench.json), END_S (wall seconds the whole script may use, default 530),
 # ITERS (timed iterations per plan, default 2), PY (python, default python3).
 #
@@ -27,6 +27,7 @@ export JAX_COMPILATION_CACHE_DIR=$PWD/.jax_cache JAX_PERSISTENT_CACHE_MIN_COMPIL
 PY=${PY:-python3}
 SETTINGS=${SETTINGS:-1.3b:512}
 N=${DEVICES:-$(nvidia-smi -L | wc -l)}
+case "$N" in 2|4|8) ;; *) [ -n "${CASES:-}" ] || { echo "no default calibration cases for $N GPUs: set CASES (or DEVICES=2, 4 or 8)" >&2; exit 2; };; esac
 if [ "$N" = 2 ]; then COLOCATED=${COLOCATED:-d2f1t1,d1f1t2,d1f2t1}; else COLOCATED=${COLOCATED:-best}; fi
 G=${CAL_GEN:-512}
 S=$((128 + G))
@@ -37,17 +38,18 @@ LOG=$OUT/run.log
 mkdir -p .jax_cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $LOG 2>&1
 
-# 1. Calibration (~3 min on 2 GPUs; give it CAL_BUDGET=300 CAL_S=360 on 4): the calls of the 1.3b bench
-# setting, generation first (the largest error so far); each case compiles once (the colocated generation
-# then hits the persistent cache in step 2). Base h100_sxm_bench: kinds the budget cuts keep its factors.
+# 1. Calibration (~3.5 min on 2 GPUs; on 4 the 10 default cases need ~5.5 min, so the plans get what is
+# left of END_S: run them in a second call, CALIBRATE=0 PROFILE=$OUT/<card>_4gpu.json): the calls of the
+# 1.3b bench setting, generation first (the largest error so far); each case compiles once (the colocated
+# generation then hits the persistent cache in step 2). Base h100_sxm_bench: kinds the budget cuts keep its factors.
 PROFILE_USED=$FALLBACK
 if [ "${CALIBRATE:-1}" = 1 ]; then
   if [ "$N" = 2 ]; then
     DEFAULT_CASES="1.3b generate 0:2/d2f1t1 b128p128n$G; 1.3b generate 0:2/d1f1t2 b128p128n$G;\
  1.3b train 0:2/d1f2t1 b32s$S remat=full; 1.3b logprobs 0:2/d2f1t1 b128s$S; 350m values 0:2/d2f1t1 b128s$S;\
  350m train 0:2/d1f2t1 b32s$S remat=full; 1.3b generate 0:2/d1f2t1 b128p128n$G"
-  else  # The 4x H200 run's cases (search/profiles/h200_4gpu.json) for the 1.3b setting, plus one GPU alone
-    # (the disaggregated plan's generation and 350M train step: predicted +16..24% and 2x off without them).
+  else  # The 4x H200 run's cases (search/profiles/h200_4gpu.json) for the 1.3b setting, plus one GPU alone:
+    # the disaggregated plan's generation (128 rows on one GPU) was predicted 16-24% low without it.
     DEFAULT_CASES="1.3b generate 0:$N/d1f1t$N b128p128n$G; 1.3b generate 0:$N/d${N}f1t1 b128p128n$G;\
  1.3b train 0:$N/d1f${N}t1 b32s$S remat=full; 1.3b logprobs 0:$N/d${N}f1t1 b128s$S; 350m values 0:$N/d1f${N}t1 b128s$S;\
  350m train 0:$N/d1f${N}t1 b32s$S remat=full; 1.3b generate 0:1/d1f1t1 b128p128n$G; 350m train 0:1/d1f1t1 b32s$S remat=full;\
@@ -55,7 +57,8 @@ if [ "${CALIBRATE:-1}" = 1 ]; then
   fi
   CASES=${CASES:-$DEFAULT_CASES}
   echo "== [$SECONDS s] calibrate" >> $LOG
-  timeout ${CAL_S:-215} $PY -m search.profile --calibrate --base h100_sxm_bench --name ${CARD}_${N}gpu --budget ${CAL_BUDGET:-160} --reps 3 \
+  if [ "$N" = 2 ]; then CAL_BUDGET=${CAL_BUDGET:-160}; else CAL_BUDGET=${CAL_BUDGET:-330}; fi
+  timeout ${CAL_S:-$((CAL_BUDGET + 55))} $PY -m search.profile --calibrate --base h100_sxm_bench --name ${CARD}_${N}gpu --budget $CAL_BUDGET --reps 3 \
     --cases "$CASES" --out $CAL >> $LOG 2>&1
   echo "calibrate exit $? at $SECONDS s" >> $LOG
   # fitted: use it; cut off before its fit (timeout) with timed cases: fit those (numbers only, seconds).

@@ -22,6 +22,7 @@ NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 CARD=$(echo "$NAME" | grep -oiE 'h200|h100|a100|b200' | head -1 | tr 'A-Z' 'a-z')
 CARD=${CARD:-gpu}
 N=${DEVICES:-$(nvidia-smi -L | wc -l)}
+case "$N" in 2|4) ;; *) echo "bench/realloc.py has transitions for 2 or 4 GPUs; this machine has $N (set DEVICES=2 or 4)" >&2; exit 2;; esac
 RES="$OUT/realloc-${CARD}x${N}.json"
 rm -f "$RES"  # fresh: no previous_runs
 timeout $(( ${BUDGET:-110} + 40 )) python3 bench/realloc.py --devices $N --tree stacked --models ${MODELS:-7b,1b} --variants ${VARIANTS:-direct,old} \

@@ -6,12 +6,14 @@
   `sharding.reallocate`. Copies are cached per (parameter version, layout): consecutive calls under
   one layout move nothing, and a trained model's copies are dropped when its parameters change.
 * Batch arrays produced by one call are moved to the next call's mesh the same way (batch axis over
-  data x fsdp), never through the host, and *as soon as they are produced*: right after a call is
-  dispatched, its outputs are forwarded to the layout of every later call that reads them. A copy out
-  of a device is ordered behind the work already queued on that device, so moving a batch only when
-  its consumer is dispatched would make it wait for unrelated calls dispatched in between (on 4x H200,
-  disaggregated PPO: the critic's train step waited 1.5 s for the actor's, on another GPU, because its
-  tokens left the generation GPU only after the actor's train step there).
+  data x fsdp), never through the host. A move is ordered behind the work already queued on both its
+  source and its target devices, so it is issued at the latest point that queues it behind nothing
+  unrelated on the source: when its reader is dispatched, or earlier, just before another call is
+  dispatched on the devices that hold the array. Moving only at the reader's dispatch made, e.g., the
+  critic's train step in a disaggregated PPO plan (4x H200) wait for the actor's train step on another
+  GPU, which had been queued first on the generation GPU holding the critic's tokens; moving right after
+  the producer would instead make every call dispatched later on the reader's devices wait for the
+  producer.
 * Calls are dispatched asynchronously in topological order; JAX runs calls on disjoint meshes
   concurrently. A watcher thread waits for each call's outputs and records its end time, so the
   timeline shows real overlap without the main thread ever blocking on it. Only a call that needs
@@ -211,13 +213,22 @@ class Engine:
     """Runs every call once in topological order; returns all produced keys (dispatched arrays)."""
     data = dict(inputs)
     order = self.graph.order
-    forwarded: dict[tuple[str, Layout], Any] = {}  # (key, a later call's layout) -> the array moved there
-    self._forward(data, order, forwarded)
+    last_reader = {(k, self.plan[n]): i for i, n in enumerate(order) for k in self.graph[n].inputs}
+    pending: dict[tuple[str, Layout], frozenset] = {}  # (key, a later reader's layout) -> devices holding it
+    moved: dict[tuple[str, Layout], Any] = {}  # (key, layout) -> the array moved there, until its last reader
+    self._note_moves({k: v for k, v in data.items() if k not in self.graph.producer}, order, pending, moved)
     for i, name in enumerate(order):
       call = self.graph[name]
       layout = self.plan[name]
+      busy = set(layout.device_mesh.devices())
+      if call.model in self.slots:
+        busy |= set(self.slots[call.model].home.device_mesh.devices())
+      self._issue_moves(data, pending, moved, lambda key, lay, src: src & busy or (lay == layout and key in call.inputs))
       params = self.params_in(call.model, layout) if call.model in self.slots else None
-      args = self.move_batch({k: forwarded.get((k, layout), data[k]) for k in call.inputs if k in data}, layout)
+      args = self.move_batch({k: moved.get((k, layout), data[k]) for k in call.inputs if k in data}, layout)
+      for k in call.inputs:
+        if last_reader.get((k, layout)) == i:
+          moved.pop((k, layout), None)
       rec = Record(self.iteration, name, "call", (layout.device_mesh.start, layout.device_mesh.size), self.now())
       out = self.functions[name](self, call, layout, params, args)
       missing = [k for k in call.outputs if k not in out]
@@ -226,22 +237,29 @@ class Engine:
       data.update(out)
       self.timeline.append(rec)
       self._watch(rec, (out, self.slots[call.model].params if call.kind is CallKind.TRAIN_STEP else None))
-      self._forward({k: out[k] for k in call.outputs}, order[i + 1:], forwarded)
+      self._note_moves({k: out[k] for k in call.outputs}, order[i + 1:], pending, moved)
       if call.model in self.slots and call.model in self.plan.offload and call.kind is not CallKind.TRAIN_STEP:
         self._maybe_offload_after(call.model, name)
     self.wait()
     self.iteration += 1
     return data
 
-  def _forward(self, produced: Mapping[str, Any], later: list[str], forwarded: dict) -> None:
-    """Dispatches the moves of `produced` arrays to the layouts of the `later` calls that read them
-    (in call order, so every process of a multi-controller run issues the same moves)."""
+  def _note_moves(self, produced: Mapping[str, Any], later, pending: dict, moved: dict) -> None:
+    """Records the moves the `later` calls will need of the `produced` arrays (issued by `_issue_moves`)."""
     for consumer in later:
       layout = self.plan[consumer]
-      keys = [k for k in self.graph[consumer].inputs if k in produced and (k, layout) not in forwarded]
-      if keys:
-        moved = self.move_batch({k: produced[k] for k in keys}, layout)
-        forwarded.update({(k, layout): v for k, v in moved.items()})
+      for k in self.graph[consumer].inputs:
+        x = produced.get(k)
+        if isinstance(x, jax.Array) and (k, layout) not in pending and (k, layout) not in moved:
+          pending[(k, layout)] = frozenset(x.sharding.device_set)
+
+  def _issue_moves(self, data: Mapping[str, Any], pending: dict, moved: dict, due: Callable) -> None:
+    """Dispatches the pending moves for which `due(key, layout, source devices)` holds, in the order
+    they were recorded (the same on every process of a multi-controller run)."""
+    for (k, lay), src in list(pending.items()):
+      if due(k, lay, src):
+        del pending[(k, lay)]
+        moved[(k, lay)] = self.move_batch({k: data[k]}, lay)[k]
 
   def _maybe_offload_after(self, model: str, name: str) -> None:
     later = self.graph.order[self.graph.order.index(name) + 1:]
