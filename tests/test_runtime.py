@@ -222,3 +222,24 @@ def test_engine_ignores_an_input_that_a_call_produces():
   prompts = jax.device_put(jnp.arange(8.0).reshape(4, 2), activation_sharding(first, ("batch", None), (4, 2)))
   data = engine.run_iteration({"prompts": prompts, "x": prompts * 0 - 100})
   np.testing.assert_array_equal(np.asarray(data["z"]), np.arange(8.0).reshape(4, 2) * 2 - 1)
+
+
+@pytest.mark.parametrize("strategy", [dict(data=4), dict(fsdp=2, tensor=2), dict(tensor=4), dict(data=2, fsdp=2)])
+def test_take_rows_places_the_mini_batch_as_a_batch_of_the_layout(strategy):
+  """One program gathers a mini-batch's rows and leaves them where the train step reads them."""
+  import jax
+
+  from real_jax.runtime.engine import batch_target
+  from real_jax.runtime.program import take_rows
+  from sharding import DeviceMesh, Layout, Strategy
+
+  layout = Layout(DeviceMesh(2, 4), Strategy(**strategy))
+  rng = np.random.default_rng(sum(strategy.values()))
+  host = {"tokens": rng.integers(0, 50, (16, 6)).astype(np.int32), "adv": rng.normal(size=(16,)).astype(np.float32),
+          "mask": rng.random((16, 6)) < 0.5}
+  batch = {k: jax.device_put(v, batch_target(layout, v.shape)) for k, v in host.items()}
+  idx = np.sort(rng.permutation(16)[:8])
+  out = take_rows(batch, idx, layout)
+  for k, v in host.items():
+    np.testing.assert_array_equal(np.asarray(out[k]), v[idx])
+    assert out[k].sharding == batch_target(layout, (8,) + v.shape[1:]), (k, out[k].sharding)

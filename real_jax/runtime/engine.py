@@ -173,8 +173,7 @@ class Engine:
       if not isinstance(x, jax.Array):
         out[k] = x
         continue
-      target = activation_sharding(layout, ("batch",) + (None,) * (x.ndim - 1), tuple(x.shape)) if x.ndim else \
-          layout.replicated()
+      target = batch_target(layout, tuple(x.shape))
       if x.sharding == target:
         out[k] = x
       elif isinstance(x.sharding, jax.sharding.NamedSharding):
@@ -273,6 +272,11 @@ class Engine:
     if drop:
       self.timeline = [r for r in self.timeline if r.iteration > iteration]
     return out
+
+
+def batch_target(layout: Layout, shape: tuple[int, ...]) -> jax.sharding.NamedSharding:
+  """Where a batch array of `shape` goes under `layout`: rows over data x fsdp, the rest replicated."""
+  return activation_sharding(layout, ("batch",) + (None,) * (len(shape) - 1), shape) if shape else layout.replicated()
 
 
 def check_plan(graph: Graph, plan: ExecutionPlan, params: Mapping[str, Any]) -> None:
