@@ -243,3 +243,57 @@ def test_take_rows_places_the_mini_batch_as_a_batch_of_the_layout(strategy):
   for k, v in host.items():
     np.testing.assert_array_equal(np.asarray(out[k]), v[idx])
     assert out[k].sharding == batch_target(layout, (8,) + v.shape[1:]), (k, out[k].sharding)
+
+
+def test_ppo_train_batch_is_made_on_the_calls_devices():
+  """The per-row kl_coef the PPO train calls add is placed under the call's layout, not on
+  jax.devices()[0] (where, in a disaggregated plan, it would queue behind another model's steps)."""
+  import types
+
+  import jax
+
+  from real_jax.runtime.engine import batch_target
+  from real_jax.runtime.ppo import TRAIN_KEYS, PPOProgram
+  from sharding import DeviceMesh, Layout, Strategy
+
+  class Probe(PPOProgram):
+    def __init__(self):  # Only what _train reads.
+      self.kl_coef, self.config = 0.25, types.SimpleNamespace(ppo_epochs=1, mini_batches=2)
+
+    def train(self, engine, layout, role, loss_fn, batch, **kw):
+      self.batch = batch
+      return {}
+
+  layout = Layout(DeviceMesh(6, 2), Strategy(data=2))
+  args = {k: jax.device_put(np.zeros((4, 3), np.float32), batch_target(layout, (4, 3))) for k in TRAIN_KEYS}
+  probe = Probe()
+  probe._train(None, layout, args, "critic", None, {})
+  kl = probe.batch["kl_coef"]
+  assert kl.sharding == batch_target(layout, (4,)), kl.sharding
+  np.testing.assert_array_equal(np.asarray(kl), np.full((4,), 0.25, np.float32))
+
+
+def test_engine_moves_a_batch_once_for_readers_that_differ_only_in_micro_batches(monkeypatch):
+  import jax
+  import jax.numpy as jnp
+
+  import real_jax.runtime.engine as E
+  from real_jax.dataflow import Call, CallKind, Graph
+  from search.plan import ExecutionPlan
+  from sharding import DeviceMesh, Layout, Strategy, activation_sharding
+
+  src, dst = Layout(DeviceMesh(0, 2), Strategy(data=2)), Layout(DeviceMesh(4, 2), Strategy(data=2))
+  dst_m2 = Layout(DeviceMesh(4, 2), Strategy(data=2, micro_batches=2))
+  graph = Graph([Call("make", "a", CallKind.GENERATE, ("prompts",), ("x",), batch=4),
+                 Call("r1", "b", CallKind.INFERENCE, ("x",), ("y",), batch=4),
+                 Call("r2", "b", CallKind.INFERENCE, ("x",), ("z",), batch=4)], models=("a", "b"))
+  fns = {"make": lambda e, c, l, p, a: {"x": a["prompts"] + 1}, "r1": lambda e, c, l, p, a: {"y": a["x"] * 2},
+         "r2": lambda e, c, l, p, a: {"z": a["x"] * 3}}
+  engine = E.Engine(graph, ExecutionPlan({"make": src, "r1": dst, "r2": dst_m2}), {}, fns, validate=False)
+  calls = []
+  real = E.reallocate
+  monkeypatch.setattr(E, "reallocate", lambda x, t, **kw: calls.append(t) or real(x, t, **kw))
+  prompts = jax.device_put(jnp.arange(4.0), activation_sharding(src, ("batch",), (4,)))
+  data = engine.run_iteration({"prompts": prompts})
+  assert len(calls) == 1, calls
+  np.testing.assert_array_equal(np.asarray(data["z"]), (np.arange(4.0) + 1) * 3)

@@ -212,22 +212,24 @@ class Engine:
     """Runs every call once in topological order; returns all produced keys (dispatched arrays)."""
     data = dict(inputs)
     order = self.graph.order
-    last_reader = {(k, self.plan[n]): i for i, n in enumerate(order) for k in self.graph[n].inputs}
-    pending: dict[tuple[str, Layout], frozenset] = {}  # (key, a later reader's layout) -> devices holding it
+    last_reader = {(k, _batch_layout(self.plan[n])): i for i, n in enumerate(order) for k in self.graph[n].inputs}
+    # Keyed by (key, a later reader's layout without micro-batching: `_batch_layout`).
+    pending: dict[tuple[str, Layout], frozenset] = {}  # -> the devices holding the array, until issued
     moved: dict[tuple[str, Layout], Any] = {}  # (key, layout) -> the array moved there, until its last reader
     self._note_moves({k: v for k, v in data.items() if k not in self.graph.producer}, order, pending, moved)
     for i, name in enumerate(order):
       call = self.graph[name]
       layout = self.plan[name]
+      where = _batch_layout(layout)
       busy = set(layout.device_mesh.devices())
       if call.model in self.slots:
         busy |= set(self.slots[call.model].home.device_mesh.devices())
-      self._issue_moves(data, pending, moved, lambda key, lay, src: src & busy or (lay == layout and key in call.inputs))
+      self._issue_moves(data, pending, moved, lambda key, lay, src: src & busy or (lay == where and key in call.inputs))
       params = self.params_in(call.model, layout) if call.model in self.slots else None
-      args = self.move_batch({k: moved.get((k, layout), data[k]) for k in call.inputs if k in data}, layout)
+      args = self.move_batch({k: moved.get((k, where), data[k]) for k in call.inputs if k in data}, layout)
       for k in call.inputs:
-        if last_reader.get((k, layout)) == i:
-          moved.pop((k, layout), None)
+        if last_reader.get((k, where)) == i:
+          moved.pop((k, where), None)
       rec = Record(self.iteration, name, "call", (layout.device_mesh.start, layout.device_mesh.size), self.now())
       out = self.functions[name](self, call, layout, params, args)
       missing = [k for k in call.outputs if k not in out]
@@ -246,7 +248,7 @@ class Engine:
   def _note_moves(self, produced: Mapping[str, Any], later, pending: dict, moved: dict) -> None:
     """Records the moves the `later` calls will need of the `produced` arrays (issued by `_issue_moves`)."""
     for consumer in later:
-      layout = self.plan[consumer]
+      layout = _batch_layout(self.plan[consumer])
       for k in self.graph[consumer].inputs:
         x = produced.get(k)
         if isinstance(x, jax.Array) and (k, layout) not in pending and (k, layout) not in moved:
@@ -272,6 +274,13 @@ class Engine:
     if drop:
       self.timeline = [r for r in self.timeline if r.iteration > iteration]
     return out
+
+
+def _batch_layout(layout: Layout) -> Layout:
+  """`layout` as far as batch placement goes (micro-batching does not change where rows live)."""
+  if layout.strategy.micro_batches == 1:
+    return layout
+  return dataclasses.replace(layout, strategy=dataclasses.replace(layout.strategy, micro_batches=1))
 
 
 def batch_target(layout: Layout, shape: tuple[int, ...]) -> jax.sharding.NamedSharding:

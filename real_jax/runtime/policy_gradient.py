@@ -142,7 +142,7 @@ class RLOOProgram(_CriticFree):
   def advantages(self, args):
     c = self.exp.rloo
     return _rloo_adv(args["scores"], args["logprob_mask"], args["logprobs"], args["ref_logprobs"],
-                     jnp.float32(c.kl_coef), c.group_size, c.kl_estimator, c.kl_coef > 0)
+                     np.float32(c.kl_coef), c.group_size, c.kl_estimator, c.kl_coef > 0)
 
   def loss_fn(self):
     return bind(_reinforce_loss, self.exp.rloo.loss_agg, float(self.sampling.temperature))
@@ -178,7 +178,7 @@ class ReMaxProgram(_CriticFree):
   def advantages(self, args):
     c = self.exp.remax
     return _remax_adv(args["scores"], args["greedy_scores"], args["logprob_mask"], args["logprobs"],
-                      args["ref_logprobs"], jnp.float32(c.kl_coef), c.kl_estimator, c.kl_coef > 0)
+                      args["ref_logprobs"], np.float32(c.kl_coef), c.kl_estimator, c.kl_coef > 0)
 
   def loss_fn(self):
     return bind(_reinforce_loss, self.exp.remax.loss_agg, float(self.sampling.temperature))

@@ -17,10 +17,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from real_jax.algorithms import (PPOConfig, aggregation_weight, ppo_actor_loss, ppo_advantages,
                                  ppo_critic_loss)
 from real_jax.dataflow import Call, Graph
+from real_jax.runtime.engine import batch_target
 from real_jax.runtime.program import ROLLOUT_KEYS, G, I, Program, T, bind, host
 from real_jax.runtime.registry import register_program
 from real_jax.train_step import LOSS_WEIGHT
@@ -103,12 +105,15 @@ class PPOProgram(Program):
   def _advantages(self, args):
     mask = args["logprob_mask"].astype(jnp.float32)
     return _ppo_adv(args["scores"], args["logprobs"], args["ref_logprobs"], args["values"], mask,
-                    args["no_eos"], jnp.float32(self.kl_coef), self.config)
+                    args["no_eos"], np.float32(self.kl_coef), self.config)
 
   def _train(self, engine, layout, args, role, loss_fn, extra):
     batch = {k: args[k] for k in TRAIN_KEYS}
     batch.update(extra)
-    batch["kl_coef"] = jnp.full((batch["tokens"].shape[0],), self.kl_coef, jnp.float32)
+    # Made on the call's own devices: a jnp array would be made on jax.devices()[0] behind whatever is
+    # queued there (in a disaggregated plan, the actor's train steps), and the critic's step would wait.
+    rows = batch["tokens"].shape[0]
+    batch["kl_coef"] = jax.device_put(np.full((rows,), self.kl_coef, np.float32), batch_target(layout, (rows,)))
     m = self.train(engine, layout, role, loss_fn, batch, epochs=self.config.ppo_epochs,
                    mini_batches=self.config.mini_batches)
     return {f"{role}_stats": m}
