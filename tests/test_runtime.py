@@ -243,6 +243,12 @@ def test_take_rows_places_the_mini_batch_as_a_batch_of_the_layout(strategy):
   for k, v in host.items():
     np.testing.assert_array_equal(np.asarray(out[k]), v[idx])
     assert out[k].sharding == batch_target(layout, (8,) + v.shape[1:]), (k, out[k].sharding)
+  # The next mini-batch (other rows, an equal but fresh Layout) reuses the compiled gather: no compile per step.
+  from real_jax.runtime.program import _gather
+  cached = _gather._cache_size()
+  again = take_rows(batch, np.sort(rng.permutation(16)[:8]), Layout(DeviceMesh(2, 4), Strategy(**strategy)))
+  assert _gather._cache_size() == cached
+  assert again["tokens"].sharding == out["tokens"].sharding
 
 
 def test_ppo_train_batch_is_made_on_the_calls_devices():
