@@ -550,7 +550,8 @@ def run_bench(settings: list[tuple[str, int]], *, out: str, profile: Profile, de
   if n > jax.device_count():
     raise ValueError(f"--devices {n}: this machine has {jax.device_count()} devices")
   pool = ModelPool()
-  doc = {**header(), "profile": profile.name, "profile_calibration": profile.calibration, "devices_used": n,
+  doc = {**header(), "profile": profile.name, "profile_calibration": profile.calibration,
+         "profile_memory_bytes": profile.memory_bytes, "devices_used": n,
          "args": {"settings": ",".join(f"{m}:{g}" for m, g in settings), "warmup": warmup, "iters": iters,
                   "budget_s": budget if math.isfinite(budget) else None, "colocated": colocated,
                   "search_steps": search_steps, "seed": seed},
@@ -661,7 +662,7 @@ def main(argv=None) -> int:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   settings = parse_settings(args.settings)
-  profile = Profile.load(args.profile)
+  profile = Profile.load(args.profile).on_local_devices(log=lambda m: print(m, flush=True))
   out = args.out or os.path.join(REPO, "bench", "results",
                                  f"plans-{header()['card']}{'-smoke' if args.smoke else ''}.json")
   print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}, profile {profile.name}; "

@@ -4,7 +4,11 @@ A profile is a JSON file (`search/profiles/*.json`) that is also a valid `shardi
 reallocation cost model reads the same file). Fields beyond Hardware's:
 
 * `matmul_flops`: achieved dense bf16 (GPU) / f32 (CPU) matmul rate per device, FLOP/s.
-* `memory_bytes`: usable device memory per device.
+* `memory_bytes`: device memory per device that the allocator hands out (`on_local_devices`).
+* `memory_reserve`: the share of it plans leave free (default 0.05) for what the simulator does not
+  count (batch arrays, a call's outputs while the next runs) and for the allocator's fragmentation: XLA
+  asks for a call's temporaries as one buffer (13 GiB for a 7B model's inference), which must find one
+  free range. `usable_memory_bytes` is what a plan's peak must fit.
 * `call_overhead_s`: fixed cost of dispatching one jitted call (a kind's fitted value overrides it).
 * `step_overhead_s`: fixed cost of one decode step per layer (kernel launches; decode is latency bound).
 * `host_bandwidth`: device <-> host memory, bytes/s (frozen models resting in host memory).
@@ -66,6 +70,7 @@ class Profile:
   host_bandwidth: float = 20e9
   collective_latency_s: float = COLLECTIVE_LATENCY_S
   inter_host_collective_latency_s: float | None = None
+  memory_reserve: float = 0.05
   calibration: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
   notes: str = dataclasses.field(default="", compare=False)
   calibration_report: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
@@ -74,6 +79,11 @@ class Profile:
   def hardware(self) -> Hardware:
     return Hardware(self.name, self.devices_per_host, self.d2d_bandwidth, self.inter_host_bandwidth,
                     self.hbm_bandwidth, self.intra_mesh_collective_bandwidth, self.transfer_latency_s)
+
+  @property
+  def usable_memory_bytes(self) -> float:
+    """What a plan's peak per device must fit: `memory_bytes` less the reserve."""
+    return self.memory_bytes * (1.0 - self.memory_reserve)
 
   @property
   def inter_latency_s(self) -> float:
@@ -112,6 +122,39 @@ class Profile:
 
   def replace(self, **kw) -> Profile:
     return dataclasses.replace(self, **kw)
+
+  def on_local_devices(self, devices=None, *, log=None) -> Profile:
+    """This profile with `memory_bytes` set to what the local accelerators' allocator allows.
+
+    A plan run on this machine must fit the memory JAX will actually hand out, which is the card's
+    memory times XLA_PYTHON_CLIENT_MEM_FRACTION (0.75 unless set), not the memory of the card the
+    profile was first measured on (an H200 profile calibrated from an H100 base kept 76 GB). On CPU
+    (planning a GPU cluster from a CPU machine) the profile is returned unchanged.
+    """
+    mem = local_memory_bytes(devices)
+    if mem is None or mem == self.memory_bytes:
+      return self
+    if log:
+      log(f"profile {self.name}: memory_bytes {self.memory_bytes / 2**30:.1f} GiB -> {mem / 2**30:.1f} GiB "
+          "(this machine's allocator limit)")
+    return self.replace(memory_bytes=mem)
+
+
+def local_memory_bytes(devices=None) -> float | None:
+  """The smallest allocator limit (`memory_stats()["bytes_limit"]`) of the local accelerators, or None
+  on CPU or where the runtime does not report it."""
+  if devices is None:
+    import jax
+    devices = jax.local_devices()
+  limits = []
+  for d in devices:
+    if d.platform == "cpu":
+      return None
+    try:
+      limits.append(float(d.memory_stats()["bytes_limit"]))
+    except (AttributeError, KeyError, TypeError, RuntimeError):
+      return None
+  return min(limits) if limits else None
 
 
 def _timeit(fn, *, reps: int = 5) -> float:
@@ -223,7 +266,8 @@ def main(argv=None) -> None:
   measured = measure(args.name)
   prof = measured
   if args.base:
-    prof = Profile.load(args.base)
+    # The base's rates are kept (module docstring), but not its memory: that is this machine's card.
+    prof = Profile.load(args.base).on_local_devices(log=print)
     if args.name:
       prof = prof.replace(name=args.name)
   if args.calibrate:

@@ -75,12 +75,13 @@ class Planner:
           memo[k] = (cost, spec.repeats * cost.seconds(self.profile, spec.shape.n_layers)
                      * self.profile.factor(spec.kind, "time"))
         cost, s = memo[k]
-        if cost.temp_bytes + cost.arg_bytes > self.profile.memory_bytes:
+        if cost.temp_bytes + cost.arg_bytes > self.profile.usable_memory_bytes:
           continue  # Cannot fit even alone.
         secs[lay], costs[lay] = s, cost
         keep.append(lay)
       if not keep:
-        raise ValueError(f"call {c!r}: no layout fits {self.profile.memory_bytes / 2**30:.0f} GiB per device")
+        raise ValueError(f"call {c!r}: no layout fits {self.profile.usable_memory_bytes / 2**30:.0f} GiB per device "
+                         f"(memory_bytes less the {self.profile.memory_reserve:.0%} reserve)")
       self.cands[c], self.secs[c], self.costs[c] = keep, secs, costs
       by_mesh: dict[DeviceMesh, list[Layout]] = {}
       for lay in keep:

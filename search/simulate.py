@@ -7,15 +7,17 @@ its *home* layout (its last train call's layout; a frozen model's first call's l
 another placement first needs a reallocation task, home -> call layout, that occupies the devices of
 both meshes. Layouts are compared by `space.placement` (the parameters' devices and shards): a call
 that differs from home only in micro-batches (or in an equivalent rule set name) runs on the home
-parameters, with no task and no extra copy; a reallocation priced at zero adds no task either. The
-moved copy is cached until the model's parameters change, so a reallocation is counted once per
-parameter version and placement. Frozen models listed in the plan's `offload` rest in host memory and
-are loaded (host bandwidth) before each of their calls.
+parameters, with no task and no extra copy; a reallocation priced at zero adds no task either. As in
+`real_jax.runtime.Engine`, the moved copy lives from its reallocation until the last call of the same
+iteration that reads that placement (a model keeps at most one copy), so a placement read by several
+calls of an iteration is moved once, and a frozen model read away from home is moved every iteration.
+Frozen models listed in the plan's `offload` rest in host memory and are loaded (host bandwidth)
+before each of their calls.
 
 Memory per device: resident parameters of every model in its home layout (+ optimizer state for
-trained models), plus, while a call runs, its transient bytes (activations / KV cache / gathered
-weights) and the reallocated copy when its placement is not home's. A plan whose peak exceeds the
-profile's `memory_bytes` on any device is infeasible (time = inf).
+trained models), the reallocated copies alive at the time (above), and, while a call runs, its
+transient bytes (activations / KV cache / gathered weights). A plan whose peak exceeds the profile's
+`usable_memory_bytes` on any device is infeasible (time = inf).
 """
 
 from __future__ import annotations
@@ -98,10 +100,18 @@ def simulate(tasks: Sequence[Task], specs: Mapping[str, CallSpec], layouts: Mapp
   peak = mem.copy()
   end: dict[tuple[int, str], float] = {}
   ready = {m: 0.0 for m in homes}       # when the model's current version is available
-  copies: dict[str, set] = {m: set() for m in homes}  # layouts holding the current version
+  copies: dict[str, dict] = {m: {} for m in homes}  # placement of the current version -> the layout holding it
+  # The last task of each iteration reading a model under a placement: its copy is dropped after it.
+  last_reader = {(it, specs[n].model, placement(layouts[n])): k for k, ((it, n), _) in enumerate(tasks)}
+
+  def drop(model: str, where) -> None:
+    lay = copies[model].pop(where)
+    mem[lay.device_mesh.start:lay.device_mesh.stop] -= resident_bytes(specs_of[model], lay, False)
+
+  specs_of = {specs[n].model: specs[n] for n in reversed(order)}
   events: list[Event] = []
   total_realloc = 0.0
-  for (it, name), deps in tasks:
+  for k, ((it, name), deps) in enumerate(tasks):
     spec, lay = specs[name], layouts[name]
     model, dm = spec.model, lay.device_mesh
     t_dep = max((end[d] for d in deps if d in end), default=0.0)
@@ -120,7 +130,10 @@ def simulate(tasks: Sequence[Task], specs: Mapping[str, CallSpec], layouts: Mapp
         events.append(Event(f"load {model}", "load", it, t0, t0 + dur, dm.start, dm.size))
     elif not at_home and placement(lay) not in copies[model]:
       dur = realloc(model, home, lay)
-      copies[model].add(placement(lay))
+      for where in list(copies[model]):
+        drop(model, where)
+      copies[model][placement(lay)] = lay
+      mem[dm.start:dm.stop] += resident_bytes(specs_of[model], lay, False)
       if dur > 0.0:
         h = home.device_mesh
         both = np.concatenate([free[h.start:h.stop], free[dm.start:dm.stop]])
@@ -131,8 +144,6 @@ def simulate(tasks: Sequence[Task], specs: Mapping[str, CallSpec], layouts: Mapp
         t_ready = t0 + dur
         if record:
           events.append(Event(f"{model}", "realloc", it, t0, t0 + dur, h.start, h.size, dm.start, dm.size))
-    if not at_home and not (model in offload and model not in trained):
-      extra = resident_bytes(spec, lay, False)
     t0 = max(t_dep, t_ready, float(free[dm.start:dm.stop].max()))
     t1 = t0 + seconds[name]
     free[dm.start:dm.stop] = t1
@@ -140,16 +151,19 @@ def simulate(tasks: Sequence[Task], specs: Mapping[str, CallSpec], layouts: Mapp
     c = costs[name]
     np.maximum(peak[dm.start:dm.stop], mem[dm.start:dm.stop] + c.temp_bytes + extra +
                (0.0 if at_home or spec.kind != "train_step" else c.arg_bytes), out=peak[dm.start:dm.stop])
+    if not at_home and last_reader[(it, model, placement(lay))] == k and placement(lay) in copies[model]:
+      drop(model, placement(lay))
     if spec.kind == "train_step":
       ready[model] = t1
-      copies[model] = set()
+      for where in list(copies[model]):
+        drop(model, where)
     if record:
       events.append(Event(name, "call", it, t0, t1, dm.start, dm.size))
   makespan = max(end.values(), default=0.0)
   iters = 1 + max((i for (i, _), _ in tasks), default=0)
-  feasible = bool(peak.max() <= profile.memory_bytes)
+  feasible = bool(peak.max() <= profile.usable_memory_bytes)
   reason = "" if feasible else (f"device {int(peak.argmax())} needs {peak.max() / 2**30:.1f} GiB > "
-                                f"{profile.memory_bytes / 2**30:.1f} GiB")
+                                f"{profile.usable_memory_bytes / 2**30:.1f} GiB usable")
   time = makespan / iters if feasible else math.inf
   return SimResult(time, makespan, iters, {n: seconds[n] for n in order}, total_realloc, peak, feasible, reason,
                    events)

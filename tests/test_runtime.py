@@ -303,3 +303,82 @@ def test_engine_moves_a_batch_once_for_readers_that_differ_only_in_micro_batches
   data = engine.run_iteration({"prompts": prompts})
   assert len(calls) == 1, calls
   np.testing.assert_array_equal(np.asarray(data["z"]), (np.arange(4.0) + 1) * 3)
+
+
+def _copy_engine(layouts, **kw):
+  """Model m (home: first call's layout) read by calls c0, c1, ... under `layouts`; each call records
+  which (version, layout) copies the model holds while it is dispatched."""
+  from flax import nnx
+
+  from real_jax.dataflow import Call, CallKind, Graph
+  from real_jax.models import create_model, get_config
+  from real_jax.runtime.engine import Engine, ModelSlot
+  from search.plan import ExecutionPlan
+
+  names = [f"c{i}" for i in range(len(layouts))]
+  _, params = nnx.split(create_model(get_config("tiny"), layouts[0]))
+  slot = ModelSlot("m", None, params, layouts[0])
+  graph = Graph([Call(n, "m", CallKind.INFERENCE) for n in names], models=("m",))
+  held = []
+
+  def fn(engine, call, layout, p, args):
+    held.append((call.name, sorted(str(k[1].strategy) for k in slot._copies)))
+    return {}
+  engine = Engine(graph, ExecutionPlan(dict(zip(names, layouts))), {"m": slot}, {n: fn for n in names},
+                  validate=False, **kw)
+  return engine, slot, held
+
+
+def test_engine_drops_a_parameter_copy_after_its_last_reader_of_the_iteration():
+  """A copy lives from its reallocation to its last reader in the iteration (then the next calls run
+  without it: the simulator's memory model); readers that differ only in micro-batches share it."""
+  from sharding import DeviceMesh, Layout, Strategy
+
+  home = Layout(DeviceMesh(0, 8), Strategy(fsdp=8))
+  t4, t4_m2 = (Layout(DeviceMesh(0, 8), Strategy(data=2, tensor=4, micro_batches=k)) for k in (1, 2))
+  engine, slot, held = _copy_engine([home, t4, t4_m2, home])
+  engine.run_iteration({})
+  t4s = str(t4.strategy)
+  assert held == [("c0", []), ("c1", [t4s]), ("c2", [t4s]), ("c3", [])], held
+  assert [r.kind for r in engine.timeline].count("realloc") == 1 and not slot._copies
+  engine.run_iteration({})  # The next iteration moves it again (it was dropped).
+  assert [r.kind for r in engine.timeline].count("realloc") == 2 and not slot._copies
+
+
+def test_engine_raises_a_call_that_failed_on_its_devices(monkeypatch):
+  import real_jax.runtime.engine as E
+  from sharding import DeviceMesh, Layout, Strategy
+
+  lay = Layout(DeviceMesh(0, 8), Strategy(fsdp=8))
+  engine, _, _ = _copy_engine([lay, lay])
+  real = E.jax.block_until_ready
+
+  def fail_c0(tree):
+    if engine.timeline and engine.timeline[-1].name == "c0":
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 13.15GiB")
+    return real(tree)
+  monkeypatch.setattr(E.jax, "block_until_ready", fail_c0)
+  with pytest.raises(E.CallFailed, match="call 'c0' failed on its devices: RuntimeError: RESOURCE_EXHAUSTED"):
+    engine.run_iteration({})
+
+
+def test_engine_exits_when_the_main_thread_stays_blocked_after_a_device_failure(monkeypatch):
+  """The main thread stuck in JAX behind a failed program never reaches `wait`: the engine exits."""
+  import threading
+
+  import real_jax.runtime.engine as E
+  from sharding import DeviceMesh, Layout, Strategy
+
+  lay = Layout(DeviceMesh(0, 8), Strategy(fsdp=8))
+  engine, _, _ = _copy_engine([lay], abort_after_s=0.05)
+  exited = threading.Event()
+  monkeypatch.setattr(E.os, "_exit", lambda status: exited.set() if status == E.ABORT_EXIT_STATUS else None)
+  engine._failed("actor_train", RuntimeError("out of memory"))
+  assert exited.wait(5.0)
+  # Raised in time by the main thread, the error cancels the exit.
+  engine, _, _ = _copy_engine([lay], abort_after_s=0.5)
+  exited.clear()
+  engine._failed("c0", RuntimeError("out of memory"))
+  with pytest.raises(E.CallFailed, match="'c0'"):
+    engine.wait()
+  assert not exited.wait(1.0)

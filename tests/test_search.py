@@ -278,3 +278,50 @@ def test_zero_priced_reallocation_adds_no_task():
   r = simulate(tasks, specs, lays, {"gen": 1.0, "inf": 1.0, "train": 1.0}, costs, PROFILE, 8,
                lambda model, src, dst: 0.0, record=True)
   assert not [e for e in r.events if e.kind == "realloc"] and r.makespan == pytest.approx(9.0)
+
+
+def test_a_copy_occupies_memory_until_its_last_reader_of_the_iteration():
+  """Frozen model f (home data=8 on 0-7) read under tensor=4 on 0-3 by r1 and r3; an unrelated call r2
+  on 0-3 runs between them and must see f's copy, r4 after r3 must not; each iteration moves f again."""
+  from search.simulate import resident_bytes
+  big = ModelShape(1024, 4, 8, 8, 128, 4096, 1000, params=100_000_000, param_bytes=2)
+  f = dict(seq_len=32)
+  specs = {n: CallSpec(n, m, "inference", 8 if m == "f" else 64, big, **f)
+           for n, m in [("r0", "f"), ("r1", "f"), ("r2", "g"), ("r3", "f"), ("r4", "g")]}
+  home, t4 = Layout.on(0, data=8), Layout.on(0, tensor=4)
+  order = ["r0", "r1", "r2", "r3", "r4"]
+  tasks = [((i, n), [(i, order[j - 1])] if j else ([(i - 1, "r4")] if i else [])) for i in range(2)
+           for j, n in enumerate(order)]
+  est = Estimator(PROFILE, mode="analytic", cache_dir="")
+  secs = {n: 1.0 for n in specs}
+  prof = PROFILE.replace(memory_bytes=1e12)
+
+  def run(lays):
+    costs = {n: est.cost(specs[n], lays[n]) for n in specs}
+    return simulate(tasks, specs, lays, secs, costs, prof, 8, ReallocPricer(specs, prof), record=True), costs
+
+  lays = {"r0": home, "r1": t4, "r2": t4, "r3": t4, "r4": t4}
+  r, costs = run(lays)
+  f_home, g_home, copy = (resident_bytes(specs["r0"], home, False), resident_bytes(specs["r2"], t4, False),
+                          resident_bytes(specs["r1"], t4, False))
+  assert costs["r2"].temp_bytes > costs["r1"].temp_bytes
+  assert r.peak_memory[0] == pytest.approx(f_home + g_home + copy + costs["r2"].temp_bytes)  # r2 beside the copy
+  assert r.peak_memory[5] == pytest.approx(f_home + costs["r0"].temp_bytes)
+  assert [e.kind for e in r.events].count("realloc") == 2  # once per iteration
+  # r3 under home instead: r1 is the copy's last reader, so r2 runs without it.
+  r, costs = run(lays | {"r3": home})
+  assert r.peak_memory[0] == pytest.approx(f_home + g_home + max(copy + costs["r1"].temp_bytes,
+                                                                 costs["r2"].temp_bytes, costs["r3"].temp_bytes))
+
+
+def test_estimator_counts_the_compute_dtype_copy_of_fp32_parameters():
+  """Calls cast stored fp32 parameters to bf16 up front; XLA keeps the cast shard for the call."""
+  import dataclasses
+  f32, bf16 = SHAPE, dataclasses.replace(SHAPE, param_bytes=2)
+  est = Estimator(PROFILE, mode="analytic", cache_dir="")
+  for kind, lay in [("inference", Layout.on(0, fsdp=2, tensor=2)), ("generate", Layout.on(0, tensor=4)),
+                    ("train_step", Layout.on(0, fsdp=4))]:
+    a, b = (est.cost(CallSpec("c", "m", kind, 8, s, **(dict(prompt_len=16, new_tokens=16) if kind == "generate"
+                                                         else dict(seq_len=32))), lay) for s in (f32, bf16))
+    st = lay.strategy
+    assert a.temp_bytes - b.temp_bytes == pytest.approx(SHAPE.params * 2 / (st.fsdp * st.tensor)), kind

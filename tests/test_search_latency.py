@@ -81,3 +81,28 @@ def test_old_profiles_load_with_the_default(tmp_path):
   assert Profile.load(str(p)).collective_latency_s == 4e-6
   round_trip = Profile.from_dict(json.loads(json.dumps(Profile.load(str(p)).to_dict())))
   assert round_trip == Profile.load(str(p))
+
+
+class _Dev:
+  def __init__(self, platform, limit=None):
+    self.platform, self._limit = platform, limit
+
+  def memory_stats(self):
+    if self._limit is None:
+      raise RuntimeError("memory_stats is not supported")
+    return {"bytes_limit": self._limit, "bytes_in_use": 0}
+
+
+def test_on_local_devices_takes_the_smallest_accelerator_limit_and_leaves_cpu_planning_alone():
+  from search.profile import local_memory_bytes
+  gpus = [_Dev("gpu", 105e9), _Dev("gpu", 104e9)]
+  logged = []
+  p = PROFILE.on_local_devices(gpus, log=logged.append)
+  assert p.memory_bytes == 104e9 and p.matmul_flops == PROFILE.matmul_flops
+  assert "104e9" not in logged[0] and "0.9 GiB -> 96.9 GiB" in logged[0]
+  # CPU (planning for a cluster from this machine), or a runtime without memory_stats: the profile's own.
+  assert PROFILE.on_local_devices([_Dev("cpu", 5e9)]) is PROFILE
+  assert PROFILE.on_local_devices([_Dev("gpu")]) is PROFILE
+  assert local_memory_bytes([]) is None
+  # This process's (fake CPU) devices.
+  assert PROFILE.on_local_devices() is PROFILE

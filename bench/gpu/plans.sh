@@ -11,7 +11,8 @@
 # 1.3B/350M calls of the setting's layouts at generation CAL_GEN, default 512; see step 1), CAL_BUDGET (its --budget,
 # default 160 on 2 GPUs, 330 on more), CAL_S (its timeout, default CAL_BUDGET + 55), PROFILE (profile for step 2 when step 1 is skipped or fails;
 # default search/profiles/h100_sxm_bench.json), END_S (wall seconds the whole script may use, default 530),
-# ITERS (timed iterations per plan, default 2), PY (python, default python3).
+# ITERS (timed iterations per plan, default 2), PY (python, default python3), MEM_FRACTION (JAX's share of each
+# card's memory, default 0.9).
 #
 # Results under $OUT (CARD = h200 or h100, read from nvidia-smi): plans-${CARD}x${N}.json (bench/plans.py),
 # ${CARD}_${N}gpu.json (the calibrated profile with its calibration_report), run.log (both steps' output and
@@ -22,6 +23,9 @@ set -u
 SECONDS=0
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -q H200 && echo h200 || echo h100)
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+# JAX hands out 75% of a card's memory unless told; planned peaks are checked against what it hands out
+# (Profile.on_local_devices), so give it the share a long training job would.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${MEM_FRACTION:-0.9}
 export JAX_COMPILATION_CACHE_DIR=$PWD/.jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0.5 \
   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 PY=${PY:-python3}

@@ -3,8 +3,12 @@
 * Every model rests in a *home* layout: its train layout (the plan's layout of its last TRAIN_STEP
   call) or, for frozen models, the layout of its first call.
 * Before a call, the engine makes the model's parameters available in the call's layout with
-  `sharding.reallocate`. Copies are cached per (parameter version, layout): consecutive calls under
-  one layout move nothing, and a trained model's copies are dropped when its parameters change.
+  `sharding.reallocate`. A copy is kept per (parameter version, layout without micro-batching) until
+  the last call of the iteration that reads it has been dispatched, then dropped (JAX keeps its buffers
+  until that call has run): consecutive calls under one layout move nothing, and no copy occupies
+  memory during the calls after its last reader. Keeping copies longer had a 7B critic's replicated
+  inference copy and the actor's generation copy resident through the critic's train step on 4x H200,
+  which ran out of memory in a plan the simulator (which counts a copy only while it is read) fitted.
 * Batch arrays produced by one call are moved to the next call's mesh the same way (batch axis over
   data x fsdp), never through the host. A move is ordered behind the work already queued on both its
   source and its target devices, so it is issued at the latest point that queues it behind nothing
@@ -18,6 +22,12 @@
   concurrently. A watcher thread waits for each call's outputs and records its end time, so the
   timeline shows real overlap without the main thread ever blocking on it. Only a call that needs
   host data (a rule-based reward decoding text) blocks, and only on its own inputs.
+* A call that fails on the device (e.g. out of memory) is raised by the next dispatch or `wait`, as
+  `CallFailed` naming the call. A failed program can leave calls queued behind it waiting forever in a
+  collective whose peers never start (seen on 4x H200: an out-of-memory train step on GPUs 2-3, then
+  the next program on GPUs 0-1 stuck in NCCL's rendezvous), with the main thread blocked inside JAX.
+  So if the main thread has not raised the error within `abort_after_s`, the engine prints it and
+  exits the process (status 70) instead of holding the devices forever; None turns this off.
 * Frozen models whose name the plan lists in `offload` rest in host memory between their calls.
 
 The engine knows nothing of any algorithm: a *program* (e.g. `real_jax.runtime.ppo`) supplies one
@@ -27,6 +37,8 @@ function per call, `fn(engine, call, layout, inputs) -> outputs`.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -38,6 +50,13 @@ from flax import nnx
 from real_jax.dataflow import CallKind, Graph
 from search.plan import ExecutionPlan
 from sharding import Layout, activation_sharding, reallocate, shardings_for
+
+
+class CallFailed(RuntimeError):
+  """A dispatched call (or reallocation) failed while running on its devices."""
+
+
+ABORT_EXIT_STATUS = 70
 
 
 @dataclasses.dataclass
@@ -88,7 +107,7 @@ class Engine:
   """Executes iterations of `graph` under `plan` with one function per call."""
 
   def __init__(self, graph: Graph, plan: ExecutionPlan, slots: Mapping[str, ModelSlot],
-               functions: Mapping[str, Callable], *, validate: bool = True):
+               functions: Mapping[str, Callable], *, validate: bool = True, abort_after_s: float | None = 120.0):
     plan.check_covers([c.name for c in graph.calls])
     self.graph, self.plan = graph, plan
     self.slots = dict(slots)
@@ -99,6 +118,9 @@ class Engine:
     self.timeline: list[Record] = []
     self._same_placement: dict[tuple, bool] = {}
     self._watchers: list[threading.Thread] = []
+    self._errors: list[tuple[str, BaseException]] = []
+    self._abort_timer: threading.Timer | None = None
+    self.abort_after_s = abort_after_s
     self._t0 = time.perf_counter()
     self.iteration = 0
     if validate:
@@ -117,17 +139,47 @@ class Engine:
 
   def _watch(self, record: Record, tree: Any) -> None:
     def wait():
-      jax.block_until_ready(tree)
+      try:
+        jax.block_until_ready(tree)
+      except Exception as e:  # noqa: BLE001 (a device error of any type: re-raised by the main thread)
+        self._failed(record.name, e)
       record.end = self.now()
     t = threading.Thread(target=wait, daemon=True)
     t.start()
     self._watchers.append(t)
 
+  def _failed(self, name: str, error: BaseException) -> None:
+    self._errors.append((name, error))
+    if self.abort_after_s is not None and self._abort_timer is None:
+      self._abort_timer = threading.Timer(self.abort_after_s, self._abort)
+      self._abort_timer.daemon = True
+      self._abort_timer.start()
+
+  def _abort(self) -> None:
+    name, e = self._errors[0]
+    print(f"real_jax engine: call {name!r} failed on its devices ({type(e).__name__}: {e}) and the main thread "
+          f"is still blocked {self.abort_after_s:.0f} s later (calls queued behind a failed program can wait "
+          f"forever in a collective); exiting with status {ABORT_EXIT_STATUS}", file=sys.stderr, flush=True)
+    os._exit(ABORT_EXIT_STATUS)
+
+  def raise_if_failed(self) -> None:
+    """Raises `CallFailed` for the first call that failed on its devices (and stops the abort timer)."""
+    if not self._errors:
+      return
+    if self._abort_timer is not None:
+      self._abort_timer.cancel()
+    name, e = self._errors[0]
+    others = [n for n, _ in self._errors[1:]]
+    raise CallFailed(f"call {name!r} failed on its devices: {type(e).__name__}: {e}" +
+                     (f" (also failed: {others})" if others else "")) from e
+
   def wait(self) -> None:
-    """Blocks until every dispatched call has finished (end of an iteration)."""
+    """Blocks until every dispatched call has finished (end of an iteration); raises `CallFailed` if
+    one failed."""
     for t in self._watchers:
       t.join()
     self._watchers.clear()
+    self.raise_if_failed()
 
   # -- placement -------------------------------------------------------------------------------
 
@@ -138,7 +190,7 @@ class Engine:
       self._restore_from_host(slot)
     if layout == slot.home or self._placed_as_home(slot, layout):
       return slot.params
-    key = (slot.version, layout)
+    key = (slot.version, _batch_layout(layout))
     if key not in slot._copies:
       rec = Record(self.iteration, f"{model}:{slot.home}->{layout}", "realloc",
                    (min(slot.home.device_mesh.start, layout.device_mesh.start),
@@ -217,7 +269,10 @@ class Engine:
     pending: dict[tuple[str, Layout], frozenset] = {}  # -> the devices holding the array, until issued
     moved: dict[tuple[str, Layout], Any] = {}  # (key, layout) -> the array moved there, until its last reader
     self._note_moves({k: v for k, v in data.items() if k not in self.graph.producer}, order, pending, moved)
+    # The last call reading each model under each (non-home) placement: its copy is dropped after it.
+    last_param_reader = {(self.graph[n].model, _batch_layout(self.plan[n])): i for i, n in enumerate(order)}
     for i, name in enumerate(order):
+      self.raise_if_failed()
       call = self.graph[name]
       layout = self.plan[name]
       where = _batch_layout(layout)
@@ -238,6 +293,8 @@ class Engine:
       data.update(out)
       self.timeline.append(rec)
       self._watch(rec, (out, self.slots[call.model].params if call.kind is CallKind.TRAIN_STEP else None))
+      if call.model in self.slots and last_param_reader[(call.model, where)] == i:
+        self.slots[call.model]._copies.pop((self.slots[call.model].version, where), None)
       self._note_moves({k: out[k] for k in call.outputs}, order[i + 1:], pending, moved)
       if call.model in self.slots and call.model in self.plan.offload and call.kind is not CallKind.TRAIN_STEP:
         self._maybe_offload_after(call.model, name)

@@ -102,8 +102,8 @@ def search_plan(exp: Experiment, workdir: str | None, profile_name: str, *, log=
   from search.search import Planner
 
   n = jax.device_count()
-  profile = Profile.load(profile_name)
-  key = {"fingerprint": fingerprint(exp), "profile": profile.name, "devices": n}
+  profile = Profile.load(profile_name).on_local_devices(log=log)
+  key = {"fingerprint": fingerprint(exp), "profile": profile.name, "devices": n, "memory_bytes": profile.memory_bytes}
   path = os.path.join(workdir, "plan.json") if workdir else None
   if path and os.path.exists(path):
     with open(path) as f:
