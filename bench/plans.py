@@ -268,7 +268,10 @@ class ModelPool:
   layout of the first plan that needs them) and then moved device to device (`reallocate`, donated)
   into each later plan's home layouts, so a model's init compiles once per process, not once per plan.
 
-  A run that fails (e.g. out of memory) may leave donated (deleted) arrays; those are re-created.
+  A run that fails (e.g. out of memory) may leave donated (deleted) arrays, or arrays that carry the
+  failure: PJRT passes a failed program's error on to every program that reads its outputs (on 4x
+  H200 the colocated plan run after a searched plan's out-of-memory train step failed at once with the
+  same 44.14 GiB allocation error). So the runner `clear`s the pool after a failed run.
   """
 
   def __init__(self):
@@ -288,6 +291,9 @@ class ModelPool:
     del item
     spec = exp.models[role]
     return synthetic_params(spec.model_config(), spec.head, layout, spec.seed)
+
+  def clear(self) -> None:
+    self._items.clear()
 
   def give(self, exp: Experiment, role: str, graphdef, params) -> None:
     if not any(x.is_deleted() for x in jax.tree.leaves(params)):
@@ -611,6 +617,7 @@ def run_bench(settings: list[tuple[str, int]], *, out: str, profile: Profile, de
         rec["status"] = "error"
         rec["error"] = f"{type(e).__name__}: {str(e)[:800]}"
         log(f"  {c.name}: {rec['error'][:300]}")
+        pool.clear()  # Its models may carry the failure (ModelPool); the next plan makes fresh ones.
       rec["wall_s"] = time.perf_counter() - t0
       gc.collect()
       summarise(setting)

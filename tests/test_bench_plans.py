@@ -102,3 +102,19 @@ def test_fit_profile_geometric_mean_per_kind():
   assert fitted_profile.factor("generate", "flops") == pytest.approx(1.1)
   assert fitted_profile.factor("inference", "time") == pytest.approx(2.0)
   assert Profile.from_dict(fitted_profile.to_dict()) == fitted_profile
+
+
+def test_a_failed_plan_run_empties_the_model_pool(tmp_path, monkeypatch):
+  """A failed run's models may carry its error (PJRT passes it on to readers): the next plan gets fresh ones."""
+  seen = []
+
+  def run_plan(exp, plan, pool, **kw):
+    seen.append(dict(pool._items))
+    pool._items["actor"] = ("key", None, None)  # What a run gives back before failing.
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 44.14GiB")
+  monkeypatch.setattr(bp, "run_plan", run_plan)
+  doc = bp.run_bench([("tiny", 4)], out=str(tmp_path / "p.json"), profile=Profile.load("h100_sxm"), devices=2,
+                     warmup=1, iters=1, batch=8, prompt=8, search_steps=200, log=lambda m: None)
+  plans = doc["settings"][0]["plans"]
+  assert len(seen) >= 2 and all(s == {} for s in seen), seen
+  assert all(p["status"] == "error" and "44.14GiB" in p["error"] for p in plans if p["status"] != "skipped (budget)")
