@@ -118,3 +118,16 @@ def test_a_failed_plan_run_empties_the_model_pool(tmp_path, monkeypatch):
   plans = doc["settings"][0]["plans"]
   assert len(seen) >= 2 and all(s == {} for s in seen), seen
   assert all(p["status"] == "error" and "44.14GiB" in p["error"] for p in plans if p["status"] != "skipped (budget)")
+
+
+def test_host_trace_times_the_dispatching_functions(tmp_path):
+  from bench import host_trace
+  host_trace.install()
+  try:
+    bp.run_bench([("tiny", 4)], out=str(tmp_path / "p.json"), profile=Profile.load("h100_sxm"), devices=2, warmup=0,
+                 iters=1, batch=8, prompt=8, search_steps=100, only=("colocated-d2f1t1",), log=lambda m: None)
+  finally:
+    host_trace.uninstall()
+  seen = {what for what, _, _ in host_trace.LOG}
+  assert {"ACTOR_TRAIN", "CRITIC_TRAIN", "train_step", "ppo_adv"} <= seen, seen
+  assert all(ln.startswith("TRACE ") for ln in host_trace.lines())

@@ -382,3 +382,49 @@ def test_engine_exits_when_the_main_thread_stays_blocked_after_a_device_failure(
   with pytest.raises(E.CallFailed, match="'c0'"):
     engine.wait()
   assert not exited.wait(1.0)
+
+
+@pytest.mark.parametrize("concurrent", [True, False])
+def test_engine_dispatches_other_calls_while_a_train_call_holds_its_thread(concurrent):
+  """A train call whose host blocks (on GPU: each step's dispatch waits for the step before it) does
+  not hold back a later call on other devices; a call reading its output waits for it."""
+  import threading
+
+  import jax
+  import jax.numpy as jnp
+
+  from real_jax.dataflow import Call, CallKind, Graph
+  from real_jax.runtime.engine import Engine
+  from search.plan import ExecutionPlan
+  from sharding import DeviceMesh, Layout, Strategy, activation_sharding
+
+  a, b = Layout(DeviceMesh(0, 4), Strategy(data=4)), Layout(DeviceMesh(4, 4), Strategy(data=4))
+  graph = Graph([Call("train", "a", CallKind.TRAIN_STEP, ("x",), ("a_stats",), batch=4),
+                 Call("other", "b", CallKind.INFERENCE, ("x",), ("y",), batch=4),
+                 Call("after", "c", CallKind.INFERENCE, ("a_stats", "y"), ("z",), batch=4)], models=("a", "b", "c"),
+                external=("x",))
+  release, events = threading.Event(), []
+
+  def train(engine, call, layout, params, args):
+    events.append("train start")
+    if concurrent:
+      assert release.wait(10), "the call on other devices was not dispatched while train held its thread"
+    events.append("train end")
+    return {"a_stats": args["x"] * 2}
+
+  def other(engine, call, layout, params, args):
+    events.append("other")
+    release.set()
+    return {"y": args["x"] + 1}
+
+  def after(engine, call, layout, params, args):
+    events.append("after")
+    return {"z": args["a_stats"] + args["y"]}
+  engine = Engine(graph, ExecutionPlan({"train": a, "other": b, "after": b}), {},
+                  {"train": train, "other": other, "after": after}, validate=False, concurrent_train=concurrent)
+  x = jax.device_put(jnp.arange(4.0), activation_sharding(a, ("batch",), (4,)))
+  data = engine.run_iteration({"x": x})
+  want = ["train start", "other", "train end", "after"] if concurrent else ["train start", "train end", "other", "after"]
+  assert events == want
+  np.testing.assert_array_equal(np.asarray(data["z"]), np.arange(4.0) * 3 + 1)
+  assert [r.name for r in engine.timeline] == ["train", "other", "after"] and all(r.end for r in engine.timeline)
