@@ -3,7 +3,7 @@
 * Every model rests in a *home* layout: its train layout (the plan's layout of its last TRAIN_STEP
   call) or, for frozen models, the layout of its first call.
 * Before a call, the engine makes the model's parameters available in the call's layout with
-  `sharding.reallocate`. A copy is kept per (parameter version, layout without micro-batching) until
+  `sharding.reallocate`. A copy is kept per (parameter version, placement: `search.space.placement`) until
   the last call of the iteration that reads it has been dispatched, then dropped (JAX keeps its buffers
   until that call has run): consecutive calls under one layout move nothing, and no copy occupies
   memory during the calls after its last reader. Keeping copies longer had a 7B critic's replicated
@@ -57,6 +57,7 @@ from flax import nnx
 
 from real_jax.dataflow import CallKind, Graph
 from search.plan import ExecutionPlan
+from search.space import placement
 from sharding import Layout, activation_sharding, reallocate, shardings_for
 
 
@@ -128,7 +129,9 @@ class Engine:
     self._same_placement: dict[tuple, bool] = {}
     self._watchers: list[threading.Thread] = []
     self._errors: list[tuple[str, BaseException]] = []
+    self._error_lock = threading.Lock()
     self._abort_timer: threading.Timer | None = None
+    self._disarmed = False  # After the main thread has raised a failure: no exit timer any more.
     self.abort_after_s = abort_after_s
     self.concurrent_train = jax.process_count() == 1 if concurrent_train is None else bool(concurrent_train)
     self._t0 = time.perf_counter()
@@ -159,11 +162,27 @@ class Engine:
     self._watchers.append(t)
 
   def _failed(self, name: str, error: BaseException) -> None:
-    self._errors.append((name, error))
-    if self.abort_after_s is not None and self._abort_timer is None:
-      self._abort_timer = threading.Timer(self.abort_after_s, self._abort)
-      self._abort_timer.daemon = True
-      self._abort_timer.start()
+    with self._error_lock:
+      self._errors.append((name, error))
+      if self.abort_after_s is not None and self._abort_timer is None and not self._disarmed:
+        self._abort_timer = threading.Timer(self.abort_after_s, self._abort)
+        self._abort_timer.daemon = True
+        self._abort_timer.start()
+
+  def _disarm(self) -> None:
+    """The main thread has the failure in hand (it raised): no exit, now or for later failures that
+    the abandoned work of this iteration reports."""
+    with self._error_lock:
+      self._disarmed = True
+      if self._abort_timer is not None:
+        self._abort_timer.cancel()
+
+  def _join(self, thread: threading.Thread) -> None:
+    """Joins `thread`, raising `CallFailed` as soon as any call has failed (polled): the exit timer
+    only runs out while the main thread is blocked inside JAX, never while it waits here."""
+    while thread.is_alive():
+      thread.join(0.2)
+      self.raise_if_failed()
 
   def _abort(self) -> None:
     name, e = self._errors[0]
@@ -176,8 +195,7 @@ class Engine:
     """Raises `CallFailed` for the first call that failed on its devices (and stops the abort timer)."""
     if not self._errors:
       return
-    if self._abort_timer is not None:
-      self._abort_timer.cancel()
+    self._disarm()
     name, e = self._errors[0]
     others = [n for n, _ in self._errors[1:]]
     raise CallFailed(f"call {name!r} failed on its devices: {type(e).__name__}: {e}" +
@@ -187,7 +205,7 @@ class Engine:
     """Blocks until every dispatched call has finished (end of an iteration); raises `CallFailed` if
     one failed."""
     for t in self._watchers:
-      t.join()
+      self._join(t)
     self._watchers.clear()
     self.raise_if_failed()
 
@@ -200,15 +218,15 @@ class Engine:
       self._restore_from_host(slot)
     if layout == slot.home or self._placed_as_home(slot, layout):
       return slot.params
-    key = (slot.version, _batch_layout(layout))
+    key = (slot.version, placement(layout))
     if key not in slot._copies:
+      slot._copies.clear()  # Keep at most one copy besides home (JAX keeps it while a call reads it).
       rec = Record(self.iteration, f"{model}:{slot.home}->{layout}", "realloc",
                    (min(slot.home.device_mesh.start, layout.device_mesh.start),
                     max(slot.home.device_mesh.stop, layout.device_mesh.stop) -
                     min(slot.home.device_mesh.start, layout.device_mesh.start)), self.now(),
                    bytes=_tree_bytes(slot.params))
       copy = reallocate_state(slot.params, layout)
-      slot._copies.clear()  # Keep at most one copy besides home: bounds memory.
       slot._copies[key] = copy
       self.timeline.append(rec)
       self._watch(rec, copy)
@@ -280,16 +298,28 @@ class Engine:
     moved: dict[tuple[str, Layout], Any] = {}  # (key, layout) -> the array moved there, until its last reader
     self._note_moves({k: v for k, v in data.items() if k not in self.graph.producer}, order, pending, moved)
     # The last call reading each model under each (non-home) placement: its copy is dropped after it.
-    last_param_reader = {(self.graph[n].model, _batch_layout(self.plan[n])): i for i, n in enumerate(order)}
+    last_param_reader = {(self.graph[n].model, placement(self.plan[n])): i for i, n in enumerate(order)}
     lanes: list[_Lane] = []  # Train calls being dispatched by their own host threads.
 
     def finish(lane: _Lane) -> None:
-      lane.thread.join()
+      self._join(lane.thread)
       lanes.remove(lane)
       if lane.error is not None:
         raise lane.error
       self._finish_call(lane.index, lane.name, lane.out, order, pending, moved, data, last_param_reader)
 
+    try:
+      self._run_calls(order, data, pending, moved, last_reader, last_param_reader, lanes, finish)
+    except BaseException:
+      # The iteration is abandoned: lanes still dispatching are left to their (daemon) threads, and
+      # the failures their work reports later are not this process's to exit on.
+      self._disarm()
+      raise
+    self.wait()
+    self.iteration += 1
+    return data
+
+  def _run_calls(self, order, data, pending, moved, last_reader, last_param_reader, lanes, finish) -> None:
     for i, name in enumerate(order):
       self.raise_if_failed()
       call = self.graph[name]
@@ -310,14 +340,13 @@ class Engine:
       self.timeline.append(rec)
       if self.concurrent_train and call.kind is CallKind.TRAIN_STEP:
         lanes.append(_Lane(self, i, call, busy, rec, layout, params, args))
+        params = args = None
         continue
       out = self._dispatch(call, layout, params, args, rec)
+      params = args = None  # Its parameter copy may be dropped below: hold no reference to it here.
       self._finish_call(i, name, out, order, pending, moved, data, last_param_reader)
     while lanes:
       finish(lanes[0])
-    self.wait()
-    self.iteration += 1
-    return data
 
   def _dispatch(self, call, layout: Layout, params, args, rec: Record) -> dict:
     """Runs the call's function (it dispatches the call's programs) and starts watching its outputs."""
@@ -333,7 +362,7 @@ class Engine:
                    last_param_reader: dict) -> None:
     """After call `i` is dispatched: its outputs join the iteration's data, its parameter copy is
     dropped after its last reader, the moves its outputs need are noted, a frozen model is offloaded."""
-    call, where = self.graph[name], _batch_layout(self.plan[name])
+    call, where = self.graph[name], placement(self.plan[name])
     data.update(out)
     if call.model in self.slots and last_param_reader[(call.model, where)] == i:
       self.slots[call.model]._copies.pop((self.slots[call.model].version, where), None)
