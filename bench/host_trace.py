@@ -3,7 +3,7 @@
     python bench/host_trace.py <bench/plans.py arguments>   e.g. --settings 1.3b:512 --only disaggregated
 
 Wraps the functions that dispatch device work inside the PPO calls (the train calls, each train step,
-the mini-batch gather, the advantages program, batch moves, `jax.device_put` from the PPO program)
+the mini-batch gather, the advantages program, batch moves, the train-step cache lookup)
 and prints, at exit, one `TRACE <what> t=<s> dt=<ms>` line per call over the last iterations: dt is
 host time, so a dispatch that waits for the device shows as a long dt. Its output on 4x H200, the
 train steps' dispatches each waiting for the step before, is bench/results/host-trace-h200x4.json.

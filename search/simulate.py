@@ -103,12 +103,11 @@ def simulate(tasks: Sequence[Task], specs: Mapping[str, CallSpec], layouts: Mapp
   copies: dict[str, dict] = {m: {} for m in homes}  # placement of the current version -> the layout holding it
   # The last task of each iteration reading a model under a placement: its copy is dropped after it.
   last_reader = {(it, specs[n].model, placement(layouts[n])): k for k, ((it, n), _) in enumerate(tasks)}
+  specs_of = {specs[n].model: specs[n] for n in reversed(order)}  # (a model's calls share its shape)
 
   def drop(model: str, where) -> None:
     lay = copies[model].pop(where)
     mem[lay.device_mesh.start:lay.device_mesh.stop] -= resident_bytes(specs_of[model], lay, False)
-
-  specs_of = {specs[n].model: specs[n] for n in reversed(order)}
   events: list[Event] = []
   total_realloc = 0.0
   for k, ((it, name), deps) in enumerate(tasks):
