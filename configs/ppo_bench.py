@@ -9,9 +9,9 @@ Presets (`:key=value,...`): models=1.3b|7b|7b7b|tiny, gen=<new tokens>, batch=<p
 * models=1.3b: actor and reference 1.3B-shaped (`real_jax.models` preset "1.3b"), critic and reward
   350M-shaped; 128 prompts per iteration.
 * models=7b: actor and reference LLaMA-2-7B-shaped, critic and reward 1.3B-shaped; 64 prompts.
-* models=7b7b: all four models LLaMA-2-7B-shaped (the ReaL paper's smallest setting); 64 prompts. Run on
-  4x H200 at gen=512 (bench/README.md: the searched plan's two 2-GPU train steps ran one after the other,
-  0.81x the colocated plan; fixed since, not re-measured); at gen=1024 both plans ran out of memory.
+* models=7b7b: all four models LLaMA-2-7B-shaped (the ReaL paper's smallest setting); 64 prompts. Needs
+  more than 80 GB per GPU: run on 4x H200 (bench/README.md, third 4-GPU session) at gen=512 and 1024, the
+  searched plan 1.09x and 1.10x the colocated tensor=4 plan.
 * models=tiny: the "tiny" preset everywhere; 16 prompts (CPU smoke runs).
 
 Random-init models with a random reward *model*: this measures throughput, not learning. bf16
