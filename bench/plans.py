@@ -82,6 +82,7 @@ from search.plan import ExecutionPlan, layout_to_text  # noqa: E402
 from search.profile import Profile  # noqa: E402
 from search.search import Planner  # noqa: E402
 from search.simulate import SimResult, simulate  # noqa: E402
+from search.space import ReallocPricer  # noqa: E402
 from sharding import DeviceMesh, activation_sharding, shardings_for, strategies  # noqa: E402
 
 from bench._common import header  # noqa: E402  (the repository root is on PYTHONPATH, as for every bench)
@@ -167,9 +168,11 @@ def colocated_plans(planner: Planner, which: str) -> list[tuple[str, dict]]:
 
 
 def plan_setting(exp: Experiment, num_devices: int, profile: Profile, *, steps: int = 20000,
-                 search_s: float = 60.0, seed: int = 0, colocated: str = "best", log=print):
-  """(search info, candidates in run order, planner, graph): searched first, then the baselines."""
-  graph, specs = call_specs(exp, lowerable=False)
+                 search_s: float = 60.0, seed: int = 0, colocated: str = "best", log=print,
+                 platform: str | None = None):
+  """(search info, candidates in run order, planner, graph): searched first, then the baselines.
+  platform: whose kernels the specs describe (default: this machine's; "gpu" to plan for GPUs on CPU)."""
+  graph, specs = call_specs(exp, lowerable=False, platform=platform)
   t0 = time.perf_counter()
   planner = Planner(specs, graph.unroll(3), Estimator(profile, mode="analytic"), num_devices)
   res = planner.search(steps=steps, time_budget_s=search_s, seed=seed)
@@ -519,6 +522,66 @@ def fit_profile(profile: Profile, settings: list[dict]) -> tuple[Profile, dict]:
   return dataclasses.replace(profile, calibration=cal, notes=profile.notes + note), fitted
 
 
+def repredict(doc: dict, profile: Profile, *, log=print) -> dict:
+  """Every measured plan of a results document (`doc`, as `run_bench` writes it) predicted again under
+  `profile`, with its layouts as run (no search): per plan and per call, measured / predicted under
+  `profile` next to measured / predicted at run time. Checks a changed estimator or profile against
+  GPU runs on a machine without GPUs; the plans the new profile would choose are not measured here."""
+  platform = "gpu" if doc.get("card", "gpu") != "cpu" else "cpu"
+  est = Estimator(profile, mode="analytic", cache_dir="")
+  out = {"profile": profile.name, "predicted_on": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
+         "source": {k: doc.get(k) for k in ("card", "jax", "date", "profile")}, "settings": []}
+  for st in doc["settings"]:
+    models, _, gen = st["name"].rpartition(":")
+    exp = make_experiment(models, int(gen), batch=st.get("batch"), prompt=st.get("prompt_len"))
+    graph, specs = call_specs(exp, lowerable=False, platform=platform)
+    n = int(st.get("devices") or doc.get("devices_used") or doc["devices"])
+    pricer = ReallocPricer(specs, profile)
+    rows = []
+    for p in st["plans"]:
+      if p.get("status") != "ok" or not p.get("measured_s"):
+        continue
+      plan = ExecutionPlan.parse(p["plan"])
+      lays = plan.layouts
+      costs = {c: est.cost(specs[c], lays[c]) for c in lays}
+      secs = {c: est.seconds(specs[c], lays[c]) for c in lays}
+      sim = simulate(graph.unroll(3), specs, lays, secs, costs, profile, n, pricer, offload=plan.offload)
+      sim1 = simulate(graph.unroll(1), specs, lays, secs, costs, profile, n, pricer, offload=plan.offload,
+                      record=True)
+      calls, _ = predicted_parts(sim1)
+      row = {"plan": p["name"], "measured_s": p["measured_s"], "predicted_s": sim.time,
+             "measured_over_predicted": p["measured_s"] / sim.time,
+             "measured_over_predicted_then": p["measured_s"] / p["predicted_s"], "calls": {}}
+      for c, pred in calls.items():
+        m = (p.get("calls") or {}).get(c, {})
+        if m.get("measured_s"):
+          row["calls"][c] = {"layout": layout_to_text(lays[c]), "measured_s": m["measured_s"], "predicted_s": pred,
+                             "measured_over_predicted": m["measured_s"] / pred,
+                             "measured_over_predicted_then": m.get("measured_over_predicted")}
+      rows.append(row)
+      log(f"{st['name']:<10} {p['name']:<18} measured {p['measured_s']:.3f}  predicted {sim.time:.3f} "
+          f"(then {p['predicted_s']:.3f}): measured / predicted {row['measured_over_predicted']:.3f} "
+          f"(then {row['measured_over_predicted_then']:.3f})")
+    out["settings"].append({"name": st["name"], "plans": rows})
+  ratios = [r["measured_over_predicted"] for st in out["settings"] for r in st["plans"]]
+  then = [r["measured_over_predicted_then"] for st in out["settings"] for r in st["plans"]]
+  calls = [c["measured_over_predicted"] for st in out["settings"] for r in st["plans"] for c in r["calls"].values()]
+  calls_then = [c["measured_over_predicted_then"] for st in out["settings"] for r in st["plans"]
+                for c in r["calls"].values() if c["measured_over_predicted_then"]]
+
+  def spread(xs):
+    return {"n": len(xs), "max_abs_err": max(abs(x - 1) for x in xs) if xs else None,
+            "within_15pct": sum(abs(x - 1) <= 0.15 for x in xs),
+            "geomean_abs_log": math.exp(sum(abs(math.log(x)) for x in xs) / len(xs)) if xs else None}
+
+  out["summary"] = {"plans": spread(ratios), "plans_then": spread(then), "calls": spread(calls),
+                    "calls_then": spread(calls_then)}
+  log(f"plans within 15%: {out['summary']['plans']['within_15pct']} of {len(ratios)} (then "
+      f"{out['summary']['plans_then']['within_15pct']}); calls within 15%: {out['summary']['calls']['within_15pct']} "
+      f"of {len(calls)} (then {out['summary']['calls_then']['within_15pct']} of {len(calls_then)})")
+  return out
+
+
 def _finite(x):
   """JSON-safe: non-finite floats (an infeasible plan's inf) become None; NumPy scalars become floats."""
   if isinstance(x, dict):
@@ -655,6 +718,9 @@ def main(argv=None) -> int:
   ap.add_argument("--cache-dir", default=os.path.join(REPO, ".jax_cache"),
                   help="persistent JAX compilation cache ('' disables)")
   ap.add_argument("--fit-profile", default=None, help="write the profile with fitted per-kind time factors here")
+  ap.add_argument("--repredict", default=None, metavar="RESULTS",
+                  help="run nothing: predict every measured plan of RESULTS (a plans-<card>.json) again under "
+                  "--profile, layouts as run, and print measured / predicted then and now (--out: write it)")
   ap.add_argument("--merge", default=None,
                   help="an earlier results JSON: its other settings are kept in --out (one file for several calls)")
   args = ap.parse_args(argv)
@@ -668,6 +734,13 @@ def main(argv=None) -> int:
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  if args.repredict:
+    with open(args.repredict) as f:
+      doc = json.load(f)
+    res = repredict(doc, Profile.load(args.profile), log=lambda m: print(m, flush=True))
+    if args.out:
+      write_json(args.out, res)
+    return 0
   settings = parse_settings(args.settings)
   profile = Profile.load(args.profile).on_local_devices(log=lambda m: print(m, flush=True))
   out = args.out or os.path.join(REPO, "bench", "results",

@@ -12,11 +12,14 @@ Method (search/README.md has the measured error):
    `values`, `train_step.make_train_step`) on inputs already in the layout: one warm-up (compile),
    then the median of `reps` timed runs. Records are written after every case.
 3. The analytic estimator tier prices each case with the base profile. Per call its counts become
-   seconds by term: flops time, HBM time, comm time and decode steps x layers. The fitted model is
-   `time x (call_overhead_s + flops time + bytes_time x HBM time + comm_time x comm time +
-   steps x layers x step_overhead_s)`, with `time`, `bytes_time`, `comm_time` and `call_overhead_s`
-   per kind and one `step_overhead_s` (`CallCost.parts`): matmuls and memory-bound kernels add up
-   (the uncalibrated estimate takes their max), communication is partly hidden. The fit minimises
+   seconds by term: flops time, HBM time, comm time (gathers / scatters and all-reduces apart) and
+   decode steps x layers. The fitted model is `time x (call_overhead_s + flops time + bytes_time x HBM
+   time + comm_time x gather comm time + reduce_time x all-reduce comm time + steps x layers x
+   step_overhead_s)`, with `time`, `bytes_time`, `comm_time`, `reduce_time` and `call_overhead_s` per
+   kind and one `step_overhead_s` (`CallCost.parts`): matmuls and memory-bound kernels add up (the
+   uncalibrated estimate takes their max), communication is partly hidden. A comm factor is fitted
+   only where some case of the kind has that class of traffic; the other stays at its base (1 = all
+   of the link time), so FSDP cases say nothing about tensor parallelism's all-reduces. The fit minimises
    the squared log-ratio predicted / measured over the timed calls, plus 1e-4 x the squared log of
    each factor's change from its start (1, or the base profile's value), so factors the cases
    cannot tell apart stay there, plus a steep penalty on physically impossible rates (`_floors`:
@@ -292,25 +295,31 @@ def predict(profile: Profile, rec: dict) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class _Param:
-  name: str     # "time", "bytes_time", "comm_time", "call_overhead_s" (per kind) or "step_overhead_s"
+  name: str     # "time", "bytes_time", "comm_time", "reduce_time", "call_overhead_s" (per kind) or "step_overhead_s"
   kind: str     # call kind, "" for step_overhead_s
   base: float   # value at u = 0 (the reference the regulariser pulls towards)
 
 
 def _terms(profile: Profile, rec: dict) -> dict[str, float]:
   """The case's seconds by term under `profile`, before any time calibration: flops and HBM time,
-  comm time (the base `comm_time` applied), decode steps x layers."""
+  gather / scatter comm time ("comm") and all-reduce comm time ("comm_reduce"), each with the base
+  profile's factor applied, decode steps x layers."""
   spec, layout = _spec_layout(rec)
   cost = Estimator(profile, mode="analytic", cache_dir="").cost(spec, layout)
-  parts = cost.parts(profile, spec.shape.n_layers)
+  cal = profile.calibration.get(spec.kind, {})
+  link = (cost.comm_intra / profile.intra_mesh_collective_bandwidth
+          + cost.comm_inter / profile.inter_host_bandwidth)
+  share = cost.reduce_share
   return {"flops": cost.flops / profile.matmul_flops, "bytes": cost.hbm_bytes / profile.hbm_bandwidth,
-          "comm": parts["comm"], "step_units": cost.steps * spec.shape.n_layers,
+          "comm": link * (1.0 - share) * float(cal.get("comm_time", 1.0)),
+          "comm_reduce": link * share * float(cal.get("reduce_time", 1.0)), "step_units": cost.steps * spec.shape.n_layers,
           "latency_s": cost.latency_s(profile)}  # Per-collective latency: fixed, not fitted, outside `time`.
 
 
 def _params(profile: Profile, recs: Sequence[dict], terms: Sequence[dict]) -> list[_Param]:
-  """What the fit may change: per kind timed, `time`, `bytes_time`, `call_overhead_s` and (where a
-  call communicates) `comm_time`; and `step_overhead_s` where a call decodes."""
+  """What the fit may change: per kind timed, `time`, `bytes_time`, `call_overhead_s`, `comm_time`
+  (where a call gathers or scatters) and `reduce_time` (where one all-reduces); and `step_overhead_s`
+  where a call decodes."""
   out = []
   for kind in KINDS:
     rows = [t for r, t in zip(recs, terms) if r["kind"] == kind]
@@ -322,6 +331,8 @@ def _params(profile: Profile, recs: Sequence[dict], terms: Sequence[dict]) -> li
     out.append(_Param("call_overhead_s", kind, 1.0))  # Relative to the kind's base overhead.
     if any(t["comm"] > 0 for t in rows):
       out.append(_Param("comm_time", kind, 1.0))  # Relative to the base comm term (base comm_time applied).
+    if any(t.get("comm_reduce", 0.0) > 0 for t in rows):
+      out.append(_Param("reduce_time", kind, 1.0))  # Likewise, base reduce_time applied.
   if any(t["step_units"] > 0 for t in terms):
     out.append(_Param("step_overhead_s", "", profile.step_overhead_s or STEP_REF))
   return out
@@ -338,7 +349,7 @@ def _predict_terms(params: list[_Param], u: np.ndarray, recs: Sequence[dict], te
     over = val.get(("call_overhead_s", k), 1.0) * float(cal.get("call_overhead_s", profile.call_overhead_s))
     scale = val.get(("time", k), float(cal.get("time", 1.0)))
     compute = t["flops"] + val.get(("bytes_time", k), 1.0) * t["bytes"]
-    comm = t["comm"] * val.get(("comm_time", k), 1.0)
+    comm = t["comm"] * val.get(("comm_time", k), 1.0) + t.get("comm_reduce", 0.0) * val.get(("reduce_time", k), 1.0)
     out.append(scale * (over + compute + comm + t["step_units"] * step) + t.get("latency_s", 0.0))
   return np.asarray(out)
 
@@ -443,8 +454,8 @@ def fit(profile: Profile, recs: Sequence[dict], rates: dict | None = None) -> tu
       kc[p.name] = v * float(kc.get(p.name, profile.call_overhead_s))
       fitted[f"{p.kind}.{p.name}"] = kc[p.name]
     else:
-      if p.name == "comm_time":
-        v *= float(cal.get(p.kind, {}).get("comm_time", 1.0))
+      if p.name in ("comm_time", "reduce_time"):
+        v *= float(cal.get(p.kind, {}).get(p.name, 1.0))
       cal.setdefault(p.kind, {})[p.name] = v
       fitted[f"{p.kind}.{p.name}"] = v
   info["fitted"] = fitted

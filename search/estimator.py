@@ -26,8 +26,15 @@ each decode step) + collectives x `collective_latency_s` (executed collectives, 
 executions in the compiled tier, per layer / micro-batch / decode step in the analytic one; a wall-clock
 cost kept outside the fitted factors). `python -m search.profile --calibrate` (`search.calibrate`) fits, per call kind, how
 these terms add up on the machine: `time` x (overhead + flops time + bytes_time x HBM time + comm_time x
-comm time + steps), with `call_overhead_s`, `bytes_time`, `comm_time`, `time` per kind and
-`step_overhead_s` (`CallCost.parts`).
+gather/scatter comm time + reduce_time x all-reduce comm time + steps), with `call_overhead_s`,
+`bytes_time`, `comm_time`, `reduce_time`, `time` per kind and `step_overhead_s` (`CallCost.parts`).
+
+Communication comes in two classes with separate factors, because they behave differently on the
+machine: all-reduces (tensor parallelism's activation all-reduces, the data-parallel gradient
+all-reduce) sit on the critical path, while FSDP's weight all-gathers and gradient reduce-scatters can
+run behind the layer before them. One factor for both, fitted to FSDP cases only, put tensor=4
+inference on 4x H200 at 1.8x its measured time and 7B train steps at fsdp=2 or tensor=2 at 0.7-0.8x
+(bench/README.md, third 4-GPU session).
 """
 
 from __future__ import annotations
@@ -144,14 +151,16 @@ class CallCost:
   kind: str = ""          # the call kind, for its calibration (see `parts`)
   colls_intra: float = 0.0  # collectives executed per call inside a host (for the per-collective latency)
   colls_inter: float = 0.0  # collectives executed per call across hosts
+  comm_reduce: float = 0.0  # the all-reduce share of comm_intra + comm_inter (wire bytes per device)
 
   def parts(self, profile: Profile, n_layers: int = 0) -> dict[str, float]:
     """The seconds before the kind's `time` factor, by term: overhead, compute, comm and steps.
 
     overhead: the kind's fitted `call_overhead_s`, else the profile's; compute: max(flops time, HBM
     time), or, once the kind has a fitted `bytes_time`, flops time + bytes_time x HBM time (matmuls
-    and memory-bound kernels do not overlap); comm: link seconds times the kind's `comm_time` (the
-    exposed share, fitted); steps: decode steps x layers x `step_overhead_s`; latency: executed
+    and memory-bound kernels do not overlap); comm: link seconds, the all-reduce share (`comm_reduce`)
+    times the kind's `reduce_time` and the rest times its `comm_time` (the exposed shares, fitted;
+    1 where not fitted: all of the link time); steps: decode steps x layers x `step_overhead_s`; latency: executed
     collectives x the profile's `collective_latency_s` (intra / inter host), a measured wall-clock cost, so
     divided here by the kind's `time` factor that the callers multiply every part by (it adds exactly
     count x latency to the call's seconds, not scaled by `time` or `comm_time`).
@@ -159,11 +168,19 @@ class CallCost:
     cal = profile.calibration.get(self.kind, {})
     flops_s, bytes_s = self.flops / profile.matmul_flops, self.hbm_bytes / profile.hbm_bandwidth
     compute = flops_s + float(cal["bytes_time"]) * bytes_s if "bytes_time" in cal else max(flops_s, bytes_s)
-    comm = self.comm_intra / profile.intra_mesh_collective_bandwidth + self.comm_inter / profile.inter_host_bandwidth
+    link = self.comm_intra / profile.intra_mesh_collective_bandwidth + self.comm_inter / profile.inter_host_bandwidth
+    reduce = self.reduce_share
+    comm = link * ((1.0 - reduce) * float(cal.get("comm_time", 1.0)) + reduce * float(cal.get("reduce_time", 1.0)))
     time = float(cal.get("time", 1.0)) or 1.0
     return {"overhead": float(cal.get("call_overhead_s", profile.call_overhead_s)), "compute": compute,
-            "comm": comm * float(cal.get("comm_time", 1.0)), "steps": self.steps * n_layers * profile.step_overhead_s,
+            "comm": comm, "steps": self.steps * n_layers * profile.step_overhead_s,
             "latency": self.latency_s(profile) / time}
+
+  @property
+  def reduce_share(self) -> float:
+    """The all-reduce share of the wire bytes (0 when the call communicates nothing)."""
+    total = self.comm_intra + self.comm_inter
+    return min(1.0, max(0.0, self.comm_reduce / total)) if total > 0 else 0.0
 
   def latency_s(self, profile: Profile) -> float:
     """Wall-clock seconds of the per-collective latency: executed collectives x latency per link."""
@@ -188,10 +205,12 @@ def _counts(lowered, layout: Layout, devices_per_host: int) -> dict[str, float]:
   colls = hlo.collectives(compiled.as_text(), layout.device_mesh.size)
   intra, inter = hlo.comm_bytes(colls, devices_per_host, layout.device_mesh.start)
   n_intra, n_inter = hlo.comm_counts(colls, devices_per_host, layout.device_mesh.start)
+  reduce = sum(c.wire_bytes * c.count for c in colls if c.kind == "all-reduce")
   args = float(ma.argument_size_in_bytes)
   temp = float(ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes)
   return {"flops": float(ca.get("flops", 0.0)), "bytes": float(ca.get("bytes accessed", 0.0)), "intra": intra,
-          "inter": inter, "args": args, "temp": max(temp, 0.0), "n_intra": n_intra, "n_inter": n_inter}
+          "inter": inter, "args": args, "temp": max(temp, 0.0), "n_intra": n_intra, "n_inter": n_inter,
+          "reduce": reduce}
 
 
 def layer_loop_correction(spec: CallSpec, layout: Layout, layer_loop: str = "scan") -> tuple[float, float]:
@@ -241,7 +260,7 @@ def compiled_cost(spec: CallSpec, layout: Layout, devices_per_host: int) -> Call
   cflops, cbytes = logits_chunk_correction(spec, layout, int(parts.get("logits_chunks", 1)))
   flops = flat["flops"] + dflops + cflops
   hbm_bytes = flat["bytes"] + dbytes + cbytes
-  intra, inter = main["intra"], main["inter"]
+  intra, inter, reduce = main["intra"], main["inter"], main["reduce"]
   n_intra, n_inter = main["n_intra"], main["n_inter"]
   steps = 0
   if spec.kind == "generate" and "decode" in parts:
@@ -252,10 +271,11 @@ def compiled_cost(spec: CallSpec, layout: Layout, devices_per_host: int) -> Call
     hbm_bytes += extra * dec["bytes"]
     intra += extra * dec["intra"]
     inter += extra * dec["inter"]
+    reduce += extra * dec["reduce"]
     n_intra += extra * dec["n_intra"]
     n_inter += extra * dec["n_inter"]
   return CallCost(flops, hbm_bytes, intra, inter, main["args"], main["temp"], "compiled", steps, spec.kind,
-                  n_intra, n_inter)
+                  n_intra, n_inter, reduce)
 
 
 # -- analytic tier -----------------------------------------------------------------------------
@@ -295,7 +315,8 @@ def analytic_counts(spec: CallSpec, layout: Layout) -> CallCost:
   draw_colls = (4 if t > 1 and spec.head == "lm" else 0) + (1 if d * f > 1 else 0)
 
   def forward(rows, length, mbs, head_positions=None):
-    """(flops, bytes, intra-mesh wire bytes, temp) of a forward over rows x length in mbs micro-batches.
+    """(flops, bytes, intra-mesh wire bytes, their all-reduce part, temp) of a forward over rows x length
+    in mbs micro-batches.
 
     Attention: QK^T and PV over every (query, key) pair, 4 x L x N x H flops per pair: the mask is an
     explicit array, so neither cuDNN nor XLA skips the masked half. Unfused attention also writes the
@@ -312,23 +333,26 @@ def analytic_counts(spec: CallSpec, layout: Layout) -> CallCost:
     byts = mbs * w_c + act * m.n_layers * 12 + head_tok / (d * f) * head_width / t * 4 * 3
     if not spec.fused_attention:
       byts += tok / (d * f) * length * m.n_heads / t * 4 * 3 * m.n_layers
-    comm = mbs * w_c * _ring(f) + 2 * m.n_layers * 2 * _ring(t) * act
+    reduce = 2 * m.n_layers * 2 * _ring(t) * act
+    comm = mbs * w_c * _ring(f) + reduce
     temp = (act / mbs * (8 + 3 * m.d_ff / m.d_model / t) + head_tok / (d * f) / mbs * head_width / t * 4 * 2
             + (2 * w_c / m.n_layers if f > 1 else 0.0))
-    return flops, byts, comm, temp
+    return flops, byts, comm, reduce, temp
 
   steps = 0
   if spec.kind == "inference":
-    flops, byts, comm, temp = forward(spec.batch, spec.seq_len, k)
+    flops, byts, comm, reduce, temp = forward(spec.batch, spec.seq_len, k)
     temp += cast
     colls = k * (tp_colls + fsdp_colls)
   elif spec.kind == "train_step":
-    ff, fb, fc, ft = forward(spec.batch, spec.seq_len, k)
+    ff, fb, fc, fr, ft = forward(spec.batch, spec.seq_len, k)
     mult = 4.0 if m.remat == "full" else 3.0
     # The chunked LM head's custom backward recomputes its logits: 4 passes whatever the remat.
     flops = ff * mult + (4.0 - mult) * head_counts(dataclasses.replace(spec, kind="inference"), layout)[0]
     byts = fb * 3 + p / (f * t) * (pb * 3 + 8 * 2 + 4 * 2)
-    comm = 2 * fc + k * p * 4 / t * _ring(f) * f / max(f, 1) + 2 * _ring(d) * p * 4 / (f * t)
+    dp_reduce = 2 * _ring(d) * p * 4 / (f * t)
+    comm = 2 * fc + k * p * 4 / t * _ring(f) * f / max(f, 1) + dp_reduce
+    reduce = 2 * fr + dp_reduce
     act_saved = b_loc / k * spec.seq_len * m.d_model * cb * m.n_layers * (2 if m.remat == "full" else 14)
     temp = ft + act_saved + p * 4 / (f * t) + cast
     # Forward + backward: tensor all-reduces and FSDP gathers twice, gradient reduce-scatter once, per
@@ -336,7 +360,7 @@ def analytic_counts(spec: CallSpec, layout: Layout) -> CallCost:
     colls = k * (2 * tp_colls + 3 * fsdp_colls) + (m.n_layers + 1 if d > 1 else 0)
   else:
     s = spec.prompt_len + spec.new_tokens
-    pf, pbyt, pc, pt = forward(spec.batch, spec.prompt_len, 1, head_positions=spec.batch)  # Last position only.
+    pf, pbyt, pc, pr, pt = forward(spec.batch, spec.prompt_len, 1, head_positions=spec.batch)  # Last position only.
     steps = spec.new_tokens
     # Cache slots a decode step reads (and attends over) per row: as the decode loop reads them.
     s_read = spec.decode_kv_slots or spec.prompt_len + spec.new_tokens / 2
@@ -344,13 +368,15 @@ def analytic_counts(spec: CallSpec, layout: Layout) -> CallCost:
     step_flops = spec.batch * (m.dense_flops_per_token(spec.head) + attn) / n
     kv_read = b_loc * s_read * m.n_layers * 2 * m.n_kv_heads * m.head_dim * cb / t_kv
     step_bytes = w_c + kv_read + b_loc * head_width / t * 4
-    step_comm = w_c * _ring(f) + 2 * m.n_layers * 2 * _ring(t) * b_loc * m.d_model * cb
+    step_reduce = 2 * m.n_layers * 2 * _ring(t) * b_loc * m.d_model * cb
+    step_comm = w_c * _ring(f) + step_reduce
     flops, byts, comm = pf + steps * step_flops, pbyt + steps * step_bytes, pc + steps * step_comm
+    reduce = pr + steps * step_reduce
     kv = b_loc * s * m.n_layers * 2 * m.n_kv_heads * m.head_dim * cb / t_kv
     temp = kv + pt + cast
     colls = (1 + steps) * (tp_colls + fsdp_colls) + steps * draw_colls  # The prefill, then every decode step.
   intra, inter = comm, 0.0
-  return CallCost(flops, byts, intra, inter, args, temp, "analytic", steps, spec.kind, float(colls), 0.0)
+  return CallCost(flops, byts, intra, inter, args, temp, "analytic", steps, spec.kind, float(colls), 0.0, reduce)
 
 
 def head_counts(spec: CallSpec, layout: Layout) -> tuple[float, float]:
@@ -405,9 +431,9 @@ class Estimator:
 
   def _path(self, spec: CallSpec, layout: Layout, tier: str) -> str:
     import jax
-    # "layered": entries written before the layered decode step was lowered (or before CallCost
-    # counted collectives) are not reused.
-    text = json.dumps([tier, "layered", spec.cache_key(), layout.device_mesh.start, layout.device_mesh.size,
+    # "layered-reduce": entries written before the layered decode step was lowered (or before CallCost
+    # counted collectives, or their all-reduce share) are not reused.
+    text = json.dumps([tier, "layered-reduce", spec.cache_key(), layout.device_mesh.start, layout.device_mesh.size,
                        str(layout.strategy), layout.rules, jax.__version__, self.profile.devices_per_host])
     return os.path.join(self.cache_dir, hashlib.sha256(text.encode()).hexdigest()[:32] + ".json")
 
@@ -444,6 +470,7 @@ class Estimator:
       fk = lambda w: self.profile.factor(spec.kind, w)  # noqa: E731
       c = dataclasses.replace(c, flops=c.flops * fk("flops"), hbm_bytes=c.hbm_bytes * fk("bytes"),
                               comm_intra=c.comm_intra * fk("comm"), comm_inter=c.comm_inter * fk("comm"),
+                              comm_reduce=c.comm_reduce * fk("comm"),
                               temp_bytes=c.temp_bytes * fk("memory"))
     return split_comm(c, layout, self.profile.devices_per_host)
 

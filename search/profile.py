@@ -21,8 +21,10 @@ reallocation cost model reads the same file). Fields beyond Hardware's:
   not measured) = `collective_latency_s`.
 * `calibration`: per call kind, multiplicative factors of the analytic estimator tier
   (`flops`, `bytes`, `comm`, `memory`) fitted against compiled estimates (`estimator.fit_calibration`),
-  and the time terms fitted against timed runs: `time` (all of the call's seconds), `comm_time`
-  (the exposed share of communication) and `call_overhead_s`.
+  and the time terms fitted against timed runs: `time` (all of the call's seconds), `bytes_time`
+  (HBM time's weight), `comm_time` (the exposed share of FSDP gathers and reduce-scatters),
+  `reduce_time` (the same for all-reduces: tensor-parallel activations, data-parallel gradients) and
+  `call_overhead_s`.
 * `calibration_report`: what `--calibrate` timed and how well the estimator matches before and after.
 
     python -m search.profile --out search/profiles/cpu.json             # micro-benchmarks only

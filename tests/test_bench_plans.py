@@ -85,6 +85,18 @@ def test_run_bench_tiny(tmp_path):
   s = setting["summary"]
   assert s["searched_measured_s"] > 0 and s["speedup_measured"] > 0 and "best_heuristic" in s
 
+  # --repredict: the same profile and code predict every measured plan exactly as at run time.
+  again = bp.repredict(saved, Profile.load("h100_sxm"), log=lambda m: None)
+  assert [st["name"] for st in again["settings"]] == ["7b:1024", "tiny:4"] and again["settings"][0]["plans"] == []
+  rows = again["settings"][1]["plans"]
+  assert [r["plan"] for r in rows] == names
+  for r, p in zip(rows, setting["plans"]):
+    assert r["predicted_s"] == pytest.approx(p["predicted_s"], rel=1e-9), p["name"]
+    assert r["measured_over_predicted"] == pytest.approx(r["measured_over_predicted_then"], rel=1e-9)
+    for name, c in r["calls"].items():
+      assert c["predicted_s"] == pytest.approx(p["calls"][name]["predicted_s"], rel=1e-9), (p["name"], name)
+  assert again["summary"]["plans"]["n"] == len(names)
+
 
 def test_fit_profile_geometric_mean_per_kind():
   base = Profile.load("h100_sxm")

@@ -325,3 +325,43 @@ def test_estimator_counts_the_compute_dtype_copy_of_fp32_parameters():
                                                          else dict(seq_len=32))), lay) for s in (f32, bf16))
     st = lay.strategy
     assert a.temp_bytes - b.temp_bytes == pytest.approx(SHAPE.params * 2 / (st.fsdp * st.tensor)), kind
+
+
+def test_comm_classes_all_reduce_apart_from_gathers():
+  """Both tiers tell all-reduces (tensor activations, data-parallel gradients) from FSDP gathers and
+  scatters, and each class is priced with its own factor (`reduce_time`, `comm_time`)."""
+  est = Estimator(PROFILE, mode="analytic", cache_dir="")
+  for kind in ("inference", "train_step", "generate"):
+    spec = _spec("c", "m", kind, batch=8)
+    fsdp, tensor, both = (est.cost(spec, Layout.on(0, **kw)) for kw in (dict(fsdp=4), dict(tensor=4),
+                                                                         dict(fsdp=2, tensor=2)))
+    assert fsdp.comm_intra > 0 and fsdp.reduce_share == 0.0, kind
+    assert tensor.comm_intra > 0 and tensor.reduce_share == pytest.approx(1.0), kind
+    assert 0.0 < both.reduce_share < 1.0, kind
+  data = est.cost(_spec("c", "m", "train_step", batch=8), Layout.on(0, data=4))  # The gradient all-reduce.
+  assert data.comm_intra > 0 and data.reduce_share == pytest.approx(1.0)
+
+  # Pricing: the all-reduce share at reduce_time, the rest at comm_time, in link seconds.
+  spec = _spec("c", "m", "train_step", batch=8)
+  cost = est.cost(spec, Layout.on(0, fsdp=2, tensor=2))
+  link = cost.comm_intra / PROFILE.intra_mesh_collective_bandwidth
+  for cal in ({}, {"comm_time": 0.25}, {"reduce_time": 3.0}, {"comm_time": 0.5, "reduce_time": 2.0}):
+    prof = PROFILE.replace(calibration={"train_step": cal})
+    want = link * ((1 - cost.reduce_share) * cal.get("comm_time", 1.0) + cost.reduce_share * cal.get("reduce_time", 1.0))
+    assert cost.parts(prof)["comm"] == pytest.approx(want), cal
+
+  # Compiled tier: the all-reduce bytes of the HLO (a tensor-split matmul's partial sums) against the
+  # all-gathers of an fsdp-split weight.
+  def lower(layout):
+    x = jax.ShapeDtypeStruct((64, 64), jnp.float32,
+                             sharding=NamedSharding(layout.mesh, PartitionSpec(("data", "fsdp"), "tensor")))
+    w = jax.ShapeDtypeStruct((64, 64), jnp.float32, sharding=NamedSharding(layout.mesh, PartitionSpec("tensor", "fsdp")))
+    out = NamedSharding(layout.mesh, PartitionSpec(("data", "fsdp")))
+    return {"main": jax.jit(lambda x, w: jnp.tanh(x @ w), out_shardings=out).lower(x, w)}
+
+  cspec = CallSpec("inf", "m", "inference", 64, dataclasses_replace(SHAPE, n_layers=1), seq_len=1, lower=lower)
+  cest = Estimator(PROFILE, cache_dir="", mode="compiled")
+  gathers = cest.cost(cspec, Layout.on(0, fsdp=4))
+  partial = cest.cost(cspec, Layout.on(0, tensor=4))
+  assert gathers.comm_intra > 0 and gathers.reduce_share == 0.0
+  assert partial.comm_intra > 0 and partial.reduce_share > 0.5
