@@ -526,8 +526,12 @@ def repredict(doc: dict, profile: Profile, *, log=print) -> dict:
   """Every measured plan of a results document (`doc`, as `run_bench` writes it) predicted again under
   `profile`, with its layouts as run (no search): per plan and per call, measured / predicted under
   `profile` next to measured / predicted at run time. Checks a changed estimator or profile against
-  GPU runs on a machine without GPUs; the plans the new profile would choose are not measured here."""
+  GPU runs on a machine without GPUs; the plans the new profile would choose are not measured here.
+  Memory is checked against the allocator limit the runs had (`profile_memory_bytes`, where recorded);
+  a plan the profile finds infeasible is reported with the reason and left out of the error counts."""
   platform = "gpu" if doc.get("card", "gpu") != "cpu" else "cpu"
+  if doc.get("profile_memory_bytes"):
+    profile = profile.replace(memory_bytes=float(doc["profile_memory_bytes"]))
   est = Estimator(profile, mode="analytic", cache_dir="")
   out = {"profile": profile.name, "predicted_on": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
          "source": {k: doc.get(k) for k in ("card", "jax", "date", "profile")}, "settings": []}
@@ -539,8 +543,8 @@ def repredict(doc: dict, profile: Profile, *, log=print) -> dict:
     pricer = ReallocPricer(specs, profile)
     rows = []
     for p in st["plans"]:
-      if p.get("status") != "ok" or not p.get("measured_s"):
-        continue
+      if p.get("status") != "ok" or not p.get("measured_s") or p.get("measured_in"):
+        continue  # Not run, failed, or a copy of another plan's measurement.
       plan = ExecutionPlan.parse(p["plan"])
       lays = plan.layouts
       costs = {c: est.cost(specs[c], lays[c]) for c in lays}
@@ -548,10 +552,16 @@ def repredict(doc: dict, profile: Profile, *, log=print) -> dict:
       sim = simulate(graph.unroll(3), specs, lays, secs, costs, profile, n, pricer, offload=plan.offload)
       sim1 = simulate(graph.unroll(1), specs, lays, secs, costs, profile, n, pricer, offload=plan.offload,
                       record=True)
+      then = p["measured_s"] / p["predicted_s"] if p.get("predicted_s") else None
+      if not sim.feasible:
+        rows.append({"plan": p["name"], "measured_s": p["measured_s"], "predicted_s": None,
+                     "infeasible": sim.reason, "measured_over_predicted_then": then, "calls": {}})
+        log(f"{st['name']:<10} {p['name']:<18} infeasible under {profile.name}: {sim.reason}")
+        continue
       calls, _ = predicted_parts(sim1)
       row = {"plan": p["name"], "measured_s": p["measured_s"], "predicted_s": sim.time,
-             "measured_over_predicted": p["measured_s"] / sim.time,
-             "measured_over_predicted_then": p["measured_s"] / p["predicted_s"], "calls": {}}
+             "measured_over_predicted": p["measured_s"] / sim.time, "measured_over_predicted_then": then,
+             "calls": {}}
       for c, pred in calls.items():
         m = (p.get("calls") or {}).get(c, {})
         if m.get("measured_s"):
@@ -559,12 +569,13 @@ def repredict(doc: dict, profile: Profile, *, log=print) -> dict:
                              "measured_over_predicted": m["measured_s"] / pred,
                              "measured_over_predicted_then": m.get("measured_over_predicted")}
       rows.append(row)
-      log(f"{st['name']:<10} {p['name']:<18} measured {p['measured_s']:.3f}  predicted {sim.time:.3f} "
-          f"(then {p['predicted_s']:.3f}): measured / predicted {row['measured_over_predicted']:.3f} "
-          f"(then {row['measured_over_predicted_then']:.3f})")
+      log(f"{st['name']:<10} {p['name']:<18} measured {p['measured_s']:.3f}  predicted {sim.time:.3f}: "
+          f"measured / predicted {row['measured_over_predicted']:.3f} (then "
+          f"{'-' if then is None else f'{then:.3f}'})")
     out["settings"].append({"name": st["name"], "plans": rows})
-  ratios = [r["measured_over_predicted"] for st in out["settings"] for r in st["plans"]]
-  then = [r["measured_over_predicted_then"] for st in out["settings"] for r in st["plans"]]
+  ratios = [r["measured_over_predicted"] for st in out["settings"] for r in st["plans"] if r["predicted_s"]]
+  then = [r["measured_over_predicted_then"] for st in out["settings"] for r in st["plans"]
+          if r["measured_over_predicted_then"]]
   calls = [c["measured_over_predicted"] for st in out["settings"] for r in st["plans"] for c in r["calls"].values()]
   calls_then = [c["measured_over_predicted_then"] for st in out["settings"] for r in st["plans"]
                 for c in r["calls"].values() if c["measured_over_predicted_then"]]

@@ -307,12 +307,10 @@ def _terms(profile: Profile, rec: dict) -> dict[str, float]:
   spec, layout = _spec_layout(rec)
   cost = Estimator(profile, mode="analytic", cache_dir="").cost(spec, layout)
   cal = profile.calibration.get(spec.kind, {})
-  link = (cost.comm_intra / profile.intra_mesh_collective_bandwidth
-          + cost.comm_inter / profile.inter_host_bandwidth)
-  share = cost.reduce_share
+  gather_s, reduce_s = cost.link_seconds(profile)
   return {"flops": cost.flops / profile.matmul_flops, "bytes": cost.hbm_bytes / profile.hbm_bandwidth,
-          "comm": link * (1.0 - share) * float(cal.get("comm_time", 1.0)),
-          "comm_reduce": link * share * float(cal.get("reduce_time", 1.0)), "step_units": cost.steps * spec.shape.n_layers,
+          "comm": gather_s * float(cal.get("comm_time", 1.0)),
+          "comm_reduce": reduce_s * float(cal.get("reduce_time", 1.0)), "step_units": cost.steps * spec.shape.n_layers,
           "latency_s": cost.latency_s(profile)}  # Per-collective latency: fixed, not fitted, outside `time`.
 
 
@@ -572,9 +570,21 @@ def calibrate(base: Profile, *, out: str = "", budget_s: float = 240.0, reps: in
   return fitted
 
 
+def without_lumped_comm(profile: Profile) -> Profile:
+  """`profile` with its `comm_time` factors dropped if it was fitted before all-reduces were priced
+  apart (`reduce_time` nowhere): such a factor priced every collective of its kind, so it says nothing
+  about either class alone, and kept as a base it would price the class its cases never had (an H100
+  profile's tensor-parallel generation factor, 0.016, pricing FSDP generation's gathers)."""
+  cal = profile.calibration
+  if any("reduce_time" in c for c in cal.values()) or not any("comm_time" in c for c in cal.values()):
+    return profile
+  return profile.replace(calibration={k: {n: v for n, v in c.items() if n != "comm_time"} for k, c in cal.items()})
+
+
 def refit(path: str, base: Profile | None = None) -> Profile:
   """Fits again from the records of a profile written by `calibrate` (e.g. a run cut off before its
-  fit, or after changing the fit); `base` defaults to the base profile that run started from."""
+  fit, or after changing the fit); `base` defaults to the base profile that run started from
+  (`without_lumped_comm`)."""
   written = Profile.load(path)
   rep = dict(written.calibration_report)
   if not rep.get("records"):
@@ -582,7 +592,7 @@ def refit(path: str, base: Profile | None = None) -> Profile:
   if base is None:
     if "base_profile" not in rep:
       raise ValueError(f"{path}: calibration_report has no base_profile; pass the base profile (--base)")
-    base = Profile.from_dict(rep["base_profile"])
+    base = without_lumped_comm(Profile.from_dict(rep["base_profile"]))
   fitted, new = report(base, rep["records"], rep.get("micro"))
   rep.update(new, status="refitted", base=base.name)
   return fitted.replace(calibration_report=rep)

@@ -151,7 +151,8 @@ class CallCost:
   kind: str = ""          # the call kind, for its calibration (see `parts`)
   colls_intra: float = 0.0  # collectives executed per call inside a host (for the per-collective latency)
   colls_inter: float = 0.0  # collectives executed per call across hosts
-  comm_reduce: float = 0.0  # the all-reduce share of comm_intra + comm_inter (wire bytes per device)
+  comm_reduce: float = 0.0  # the all-reduce part of comm_intra + comm_inter (wire bytes per device)
+  comm_reduce_inter: float = 0.0  # the part of comm_reduce that crosses hosts (within comm_inter)
 
   def parts(self, profile: Profile, n_layers: int = 0) -> dict[str, float]:
     """The seconds before the kind's `time` factor, by term: overhead, compute, comm and steps.
@@ -168,13 +169,21 @@ class CallCost:
     cal = profile.calibration.get(self.kind, {})
     flops_s, bytes_s = self.flops / profile.matmul_flops, self.hbm_bytes / profile.hbm_bandwidth
     compute = flops_s + float(cal["bytes_time"]) * bytes_s if "bytes_time" in cal else max(flops_s, bytes_s)
-    link = self.comm_intra / profile.intra_mesh_collective_bandwidth + self.comm_inter / profile.inter_host_bandwidth
-    reduce = self.reduce_share
-    comm = link * ((1.0 - reduce) * float(cal.get("comm_time", 1.0)) + reduce * float(cal.get("reduce_time", 1.0)))
+    gather_s, reduce_s = self.link_seconds(profile)
+    comm = gather_s * float(cal.get("comm_time", 1.0)) + reduce_s * float(cal.get("reduce_time", 1.0))
     time = float(cal.get("time", 1.0)) or 1.0
     return {"overhead": float(cal.get("call_overhead_s", profile.call_overhead_s)), "compute": compute,
             "comm": comm, "steps": self.steps * n_layers * profile.step_overhead_s,
             "latency": self.latency_s(profile) / time}
+
+  def link_seconds(self, profile: Profile) -> tuple[float, float]:
+    """(gather / scatter, all-reduce) seconds on the links at the profile's bandwidths, each class's
+    bytes priced on its own link (inside a host or across hosts)."""
+    r_inter = min(max(self.comm_reduce_inter, 0.0), self.comm_inter)
+    r_intra = min(max(self.comm_reduce - r_inter, 0.0), self.comm_intra)
+    bw_in, bw_out = profile.intra_mesh_collective_bandwidth, profile.inter_host_bandwidth
+    return ((self.comm_intra - r_intra) / bw_in + (self.comm_inter - r_inter) / bw_out,
+            r_intra / bw_in + r_inter / bw_out)
 
   @property
   def reduce_share(self) -> float:
@@ -205,12 +214,15 @@ def _counts(lowered, layout: Layout, devices_per_host: int) -> dict[str, float]:
   colls = hlo.collectives(compiled.as_text(), layout.device_mesh.size)
   intra, inter = hlo.comm_bytes(colls, devices_per_host, layout.device_mesh.start)
   n_intra, n_inter = hlo.comm_counts(colls, devices_per_host, layout.device_mesh.start)
-  reduce = sum(c.wire_bytes * c.count for c in colls if c.kind == "all-reduce")
+  reduces = [c for c in colls if c.kind == "all-reduce"]
+  reduce = sum(c.wire_bytes * c.count for c in reduces)
+  reduce_inter = sum(c.wire_bytes * c.count for c in reduces
+                     if c.spans_hosts(devices_per_host, layout.device_mesh.start))
   args = float(ma.argument_size_in_bytes)
   temp = float(ma.temp_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes)
   return {"flops": float(ca.get("flops", 0.0)), "bytes": float(ca.get("bytes accessed", 0.0)), "intra": intra,
           "inter": inter, "args": args, "temp": max(temp, 0.0), "n_intra": n_intra, "n_inter": n_inter,
-          "reduce": reduce}
+          "reduce": reduce, "reduce_inter": reduce_inter}
 
 
 def layer_loop_correction(spec: CallSpec, layout: Layout, layer_loop: str = "scan") -> tuple[float, float]:
@@ -260,7 +272,7 @@ def compiled_cost(spec: CallSpec, layout: Layout, devices_per_host: int) -> Call
   cflops, cbytes = logits_chunk_correction(spec, layout, int(parts.get("logits_chunks", 1)))
   flops = flat["flops"] + dflops + cflops
   hbm_bytes = flat["bytes"] + dbytes + cbytes
-  intra, inter, reduce = main["intra"], main["inter"], main["reduce"]
+  intra, inter, reduce, reduce_inter = main["intra"], main["inter"], main["reduce"], main["reduce_inter"]
   n_intra, n_inter = main["n_intra"], main["n_inter"]
   steps = 0
   if spec.kind == "generate" and "decode" in parts:
@@ -272,10 +284,11 @@ def compiled_cost(spec: CallSpec, layout: Layout, devices_per_host: int) -> Call
     intra += extra * dec["intra"]
     inter += extra * dec["inter"]
     reduce += extra * dec["reduce"]
+    reduce_inter += extra * dec["reduce_inter"]
     n_intra += extra * dec["n_intra"]
     n_inter += extra * dec["n_inter"]
   return CallCost(flops, hbm_bytes, intra, inter, main["args"], main["temp"], "compiled", steps, spec.kind,
-                  n_intra, n_inter, reduce)
+                  n_intra, n_inter, reduce, reduce_inter)
 
 
 # -- analytic tier -----------------------------------------------------------------------------
@@ -402,6 +415,7 @@ def split_comm(cost: CallCost, layout: Layout, devices_per_host: int) -> CallCos
   if layout.device_mesh.size <= devices_per_host:
     return cost
   return dataclasses.replace(cost, comm_intra=0.0, comm_inter=cost.comm_intra + cost.comm_inter,
+                             comm_reduce_inter=cost.comm_reduce,
                              colls_intra=0.0, colls_inter=cost.colls_intra + cost.colls_inter)
 
 
@@ -471,6 +485,7 @@ class Estimator:
       c = dataclasses.replace(c, flops=c.flops * fk("flops"), hbm_bytes=c.hbm_bytes * fk("bytes"),
                               comm_intra=c.comm_intra * fk("comm"), comm_inter=c.comm_inter * fk("comm"),
                               comm_reduce=c.comm_reduce * fk("comm"),
+                              comm_reduce_inter=c.comm_reduce_inter * fk("comm"),
                               temp_bytes=c.temp_bytes * fk("memory"))
     return split_comm(c, layout, self.profile.devices_per_host)
 

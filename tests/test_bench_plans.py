@@ -96,6 +96,11 @@ def test_run_bench_tiny(tmp_path):
     for name, c in r["calls"].items():
       assert c["predicted_s"] == pytest.approx(p["calls"][name]["predicted_s"], rel=1e-9), (p["name"], name)
   assert again["summary"]["plans"]["n"] == len(names)
+  # A profile under which no measured plan fits: each is reported infeasible, none counted, no error.
+  tight = dict(saved, profile_memory_bytes=None)
+  none_fit = bp.repredict(tight, Profile.load("h100_sxm").replace(memory_bytes=1e3), log=lambda m: None)
+  assert all(r["predicted_s"] is None and "GiB usable" in r["infeasible"] for r in none_fit["settings"][1]["plans"])
+  assert none_fit["summary"]["plans"]["n"] == 0
 
 
 def test_fit_profile_geometric_mean_per_kind():

@@ -350,6 +350,19 @@ def test_comm_classes_all_reduce_apart_from_gathers():
     want = link * ((1 - cost.reduce_share) * cal.get("comm_time", 1.0) + cost.reduce_share * cal.get("reduce_time", 1.0))
     assert cost.parts(prof)["comm"] == pytest.approx(want), cal
 
+  # Each class on its own link: all-reduces inside a host, gathers across hosts (and the reverse).
+  from search.estimator import CallCost
+  bw_in, bw_out = PROFILE.intra_mesh_collective_bandwidth, PROFILE.inter_host_bandwidth
+  inside = CallCost(0, 0, 10e9, 10e9, 0, 0, kind="train_step", comm_reduce=10e9)
+  across = dataclasses_replace(inside, comm_reduce_inter=10e9)
+  assert inside.link_seconds(PROFILE) == pytest.approx((10e9 / bw_out, 10e9 / bw_in))
+  assert across.link_seconds(PROFILE) == pytest.approx((10e9 / bw_in, 10e9 / bw_out))
+  # The analytic tier charges a host-spanning mesh's traffic to the inter-host link, all-reduces included.
+  wide = est.cost(_spec("c", "m", "train_step", batch=16), Layout.on(0, data=2, fsdp=8))
+  assert wide.comm_intra == 0 and wide.comm_reduce_inter == wide.comm_reduce > 0
+  g, r = wide.link_seconds(PROFILE)
+  assert r == pytest.approx(wide.comm_reduce / bw_out) and g == pytest.approx((wide.comm_inter - wide.comm_reduce) / bw_out)
+
   # Compiled tier: the all-reduce bytes of the HLO (a tensor-split matmul's partial sums) against the
   # all-gathers of an fsdp-split weight.
   def lower(layout):

@@ -187,3 +187,20 @@ def test_from_bench_reproduces_the_committed_h100_profile(tmp_path, capsys):
   assert committed.calibration.keys() == prof.calibration.keys()
   for kind, factors in committed.calibration.items():
     assert prof.calibration[kind] == pytest.approx(factors, rel=1e-6)
+
+
+def test_refit_drops_a_lumped_comm_factor_of_an_older_base(tmp_path):
+  """A base fitted before all-reduces were priced apart has one `comm_time` for both classes; a refit
+  from it does not carry that factor to a class its records never had (FSDP generation here)."""
+  from search.calibrate import refit, without_lumped_comm
+  old = PROFILE.replace(calibration={"generate": {"time": 1.5, "comm_time": 0.02}, "train_step": {"comm_time": 0.3}})
+  assert without_lumped_comm(old).calibration == {"generate": {"time": 1.5}, "train_step": {}}
+  split = PROFILE.replace(calibration={"generate": {"comm_time": 0.5, "reduce_time": 2.0}})
+  assert without_lumped_comm(split) is split and without_lumped_comm(PROFILE) is PROFILE
+
+  recs = [r for r in _records({"small": SMALL, "large": LARGE}) if r["kind"] == "generate"]  # d1 and t4: no gathers
+  written = TRUE.replace(calibration_report={"records": recs, "base_profile": old.to_dict()})
+  path = tmp_path / "p.json"
+  written.save(str(path))
+  fitted = refit(str(path))
+  assert "comm_time" not in fitted.calibration["generate"] and "reduce_time" in fitted.calibration["generate"]
