@@ -9,7 +9,7 @@
 # 1.3b:512), COLOCATED (its --colocated; default d{N}f1t1,d1f1t{N},d1f{N}t1 on 2 GPUs, best on more),
 # CALIBRATE=0 (skip step 1), CASES (calibration cases, `python -m search.profile --cases`; default: the
 # 1.3B/350M calls of the setting's layouts at generation CAL_GEN, default 512; see step 1), CAL_BUDGET (its --budget,
-# default 160 on 2 GPUs, 330 on more), CAL_S (its timeout, default CAL_BUDGET + 55), PROFILE (profile for step 2 when step 1 is skipped or fails;
+# default 160 on 2 GPUs, 360 on more), CAL_S (its timeout, default CAL_BUDGET + 55), PROFILE (profile for step 2 when step 1 is skipped or fails;
 # default search/profiles/h100_sxm_bench.json), END_S (wall seconds the whole script may use, default 530),
 # ITERS (timed iterations per plan, default 2), PY (python, default python3), MEM_FRACTION (JAX's share of each
 # card's memory, default 0.9).
@@ -42,7 +42,7 @@ LOG=$OUT/run.log
 mkdir -p .jax_cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > $LOG 2>&1
 
-# 1. Calibration (~3.5 min on 2 GPUs; on 4 the 10 default cases need ~5.5 min, so the plans get what is
+# 1. Calibration (~3.5 min on 2 GPUs; on 4 the 11 default cases need ~6 min, so the plans get what is
 # left of END_S: run them in a second call, CALIBRATE=0 PROFILE=$OUT/<card>_4gpu.json): the calls of the
 # 1.3b bench setting, generation first (the largest error so far); each case compiles once (the colocated
 # generation then hits the persistent cache in step 2). Base h100_sxm_bench: kinds the budget cuts keep its factors.
@@ -53,15 +53,17 @@ if [ "${CALIBRATE:-1}" = 1 ]; then
  1.3b train 0:2/d1f2t1 b32s$S remat=full; 1.3b logprobs 0:2/d2f1t1 b128s$S; 350m values 0:2/d2f1t1 b128s$S;\
  350m train 0:2/d1f2t1 b32s$S remat=full; 1.3b generate 0:2/d1f2t1 b128p128n$G"
   else  # The 4x H200 run's cases (search/profiles/h200_4gpu.json) for the 1.3b setting, plus one GPU alone:
-    # the disaggregated plan's generation (128 rows on one GPU) was predicted 16-24% low without it.
+    # the disaggregated plan's generation (128 rows on one GPU) was predicted 16-24% low without it;
+    # plus tensor-parallel inference, the only case whose all-reduces fit inference's `reduce_time`
+    # (unfitted, tensor=4 inference was predicted 1.3x slow on 4x H200).
     DEFAULT_CASES="1.3b generate 0:$N/d1f1t$N b128p128n$G; 1.3b generate 0:$N/d${N}f1t1 b128p128n$G;\
  1.3b train 0:$N/d1f${N}t1 b32s$S remat=full; 1.3b logprobs 0:$N/d${N}f1t1 b128s$S; 350m values 0:$N/d1f${N}t1 b128s$S;\
  350m train 0:$N/d1f${N}t1 b32s$S remat=full; 1.3b generate 0:1/d1f1t1 b128p128n$G; 350m train 0:1/d1f1t1 b32s$S remat=full;\
- 1.3b train 0:$N/d${N}f1t1 b32s$S remat=full; 1.3b generate 0:$N/d2f1t$((N / 2)) b128p128n$G"
+ 1.3b train 0:$N/d${N}f1t1 b32s$S remat=full; 1.3b generate 0:$N/d2f1t$((N / 2)) b128p128n$G; 1.3b logprobs 0:$N/d1f1t$N b128s$S"
   fi
   CASES=${CASES:-$DEFAULT_CASES}
   echo "== [$SECONDS s] calibrate" >> $LOG
-  if [ "$N" = 2 ]; then CAL_BUDGET=${CAL_BUDGET:-160}; else CAL_BUDGET=${CAL_BUDGET:-330}; fi
+  if [ "$N" = 2 ]; then CAL_BUDGET=${CAL_BUDGET:-160}; else CAL_BUDGET=${CAL_BUDGET:-360}; fi
   timeout ${CAL_S:-$((CAL_BUDGET + 55))} $PY -m search.profile --calibrate --base h100_sxm_bench --name ${CARD}_${N}gpu --budget $CAL_BUDGET --reps 3 \
     --cases "$CASES" --out $CAL >> $LOG 2>&1
   echo "calibrate exit $? at $SECONDS s" >> $LOG
