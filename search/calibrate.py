@@ -411,12 +411,25 @@ def _log_err(pred: np.ndarray, meas: np.ndarray) -> float:
   return float(np.sum(np.log(pred / meas) ** 2))
 
 
+def without_lumped_comm(profile: Profile) -> Profile:
+  """`profile` with its `comm_time` factors dropped if it was fitted before all-reduces were priced
+  apart (`reduce_time` nowhere): such a factor priced every collective of its kind, so it says nothing
+  about either class alone, and kept as a base it would price the class its cases never had (an H100
+  profile's tensor-parallel generation factor, 0.016, pricing FSDP generation's gathers)."""
+  cal = profile.calibration
+  if any("reduce_time" in c for c in cal.values()) or not any("comm_time" in c for c in cal.values()):
+    return profile
+  return profile.replace(calibration={k: {n: v for n, v in c.items() if n != "comm_time"} for k, c in cal.items()})
+
+
 def fit(profile: Profile, recs: Sequence[dict], rates: dict | None = None) -> tuple[Profile, dict[str, Any]]:
   """The profile with fitted time terms (module docstring, step 3) and what was fitted.
 
   recs: timed records (with `measured_s`, no `error`). Count factors (`flops`, `bytes`, `comm`,
-  `memory`) are kept. rates: the machine's measured rates, for the floors (`_floors`).
+  `memory`) are kept. rates: the machine's measured rates, for the floors (`_floors`). A base fitted
+  before all-reduces were priced apart starts without its lumped `comm_time` (`without_lumped_comm`).
   """
+  profile = without_lumped_comm(profile)
   recs = [r for r in recs if r.get("measured_s")]
   if not recs:
     raise ValueError("calibration fit: no timed calls (every case failed or none ran)")
@@ -570,21 +583,9 @@ def calibrate(base: Profile, *, out: str = "", budget_s: float = 240.0, reps: in
   return fitted
 
 
-def without_lumped_comm(profile: Profile) -> Profile:
-  """`profile` with its `comm_time` factors dropped if it was fitted before all-reduces were priced
-  apart (`reduce_time` nowhere): such a factor priced every collective of its kind, so it says nothing
-  about either class alone, and kept as a base it would price the class its cases never had (an H100
-  profile's tensor-parallel generation factor, 0.016, pricing FSDP generation's gathers)."""
-  cal = profile.calibration
-  if any("reduce_time" in c for c in cal.values()) or not any("comm_time" in c for c in cal.values()):
-    return profile
-  return profile.replace(calibration={k: {n: v for n, v in c.items() if n != "comm_time"} for k, c in cal.items()})
-
-
 def refit(path: str, base: Profile | None = None) -> Profile:
   """Fits again from the records of a profile written by `calibrate` (e.g. a run cut off before its
-  fit, or after changing the fit); `base` defaults to the base profile that run started from
-  (`without_lumped_comm`)."""
+  fit, or after changing the fit); `base` defaults to the base profile that run started from."""
   written = Profile.load(path)
   rep = dict(written.calibration_report)
   if not rep.get("records"):
@@ -592,7 +593,7 @@ def refit(path: str, base: Profile | None = None) -> Profile:
   if base is None:
     if "base_profile" not in rep:
       raise ValueError(f"{path}: calibration_report has no base_profile; pass the base profile (--base)")
-    base = without_lumped_comm(Profile.from_dict(rep["base_profile"]))
+    base = Profile.from_dict(rep["base_profile"])
   fitted, new = report(base, rep["records"], rep.get("micro"))
   rep.update(new, status="refitted", base=base.name)
   return fitted.replace(calibration_report=rep)
