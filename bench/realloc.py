@@ -40,12 +40,15 @@ The JSON is rewritten after every record, so a run cut off keeps what it measure
 starting new transitions after that many seconds.
 
 --fit FILE [FILE ...] checks `realloc_cost` against results files on CPU (plans are pure; the plans each
-run executed are rebuilt: the cell-classes planner for files of that implementation): per file, link
-bandwidth and per-transfer latency from the run's own raw copies (not fitted), collective bandwidth =
-that link bandwidth, then the HBM copy rate and per-collective latency by a grid search and the host terms
-(call_s, dispatch_s, collective_host_s) by non-negative least squares on the unbucketed calls' host
+run executed are rebuilt: the cell-classes planner for files of that implementation, one batched
+device_put per bucket for files from before issue rounds): per file, link bandwidth and per-transfer
+latency from the run's own raw copies (not fitted), collective bandwidth = that link bandwidth, then the
+HBM copy rate, the per-collective latency and the per-program dispatch time by a grid search and the other
+host terms (leaf_arg_s, collective_host_s) by non-negative least squares on the unbucketed calls' host
 times; it prints predicted/measured per timed variant with the library profile, in sample and
 leave-one-record-out, and how many are within 25% (before: the `predicted_s` the run recorded).
+--fit FILE FILE ... --joint fits ONE profile to several runs on one machine kind (how `hardware.H200_X4` was
+made) and checks it out of sample: fitted on each file alone, its errors on the others.
 """
 
 from __future__ import annotations
@@ -260,9 +263,29 @@ def legacy_planner():
     plan_mod.plan_leaf = leaf
 
 
+@contextlib.contextmanager
+def one_round():
+  """Plans made inside issue all of a bucket's copies in ONE batched device_put, as every implementation
+  before issue rounds did (`_realloc_plan._transfer_slots`). They are cached under their `Hardware`: plan
+  with a profile of their own name (`_one_round_hw`)."""
+  slots = plan_mod._transfer_slots
+  plan_mod._transfer_slots = lambda classes, transfers: {t: 0 for t in transfers}
+  try:
+    yield
+  finally:
+    plan_mod._transfer_slots = slots
+
+
+def _one_round_hw(hw):
+  return dataclasses.replace(hw, name=hw.name + " (one round)")
+
+
 # Timed variants besides the default call: label -> reallocate keyword arguments ("legacy": planned by
-# `legacy_planner` with OLD_PROFILE).
+# `legacy_planner` with OLD_PROFILE; "one_round": every copy of a bucket in one batched device_put).
 VARIANTS = {
+    "onecall": {"one_round": True},          # today's planner, copies not split into rounds
+    "bucket2g": {"bucket_bytes": 2 << 30},   # buckets of 2 GiB (the default since 2026-11-27)
+    "bucket1g": {"bucket_bytes": 1 << 30},   # buckets of 1 GiB (the default before)
     "old": {"direct": False, "schedule": "serial", "legacy": True},  # the cell-classes implementation
     "packed": {"direct": False},             # today's planner, every cell packed (whole shards too)
     "direct": {"direct": True},              # today's planner, whole shards as direct classes
@@ -276,15 +299,17 @@ def _call_kw(kw):
   kw = dict(kw)
   if kw.pop("legacy", False):
     return {**kw, "hardware": OLD_PROFILE}, legacy_planner()
+  if kw.pop("one_round", False):
+    return {**kw, "hardware": _one_round_hw(kw.get("hardware") or hw_mod.local_default())}, one_round()
   return kw, contextlib.nullcontext()
 
 
 def _tree_plan(src_sh, dst_sh, shapes, hw, kw, bucket_bytes=DEFAULT_BUCKET_BYTES):
   """The TreePlan reallocate executes with these keyword arguments (and the variant's planner)."""
-  call, ctx = _call_kw(kw)
+  call, ctx = _call_kw({"hardware": hw, **kw} if kw.get("one_round") else kw)
   with ctx:
     return plan_tree(_specs(src_sh, dst_sh, shapes), call.get("hardware", hw), call.get("mode", "auto"),
-                     bucket_bytes, call.get("schedule", realloc_mod.DEFAULT_SCHEDULE),
+                     call.get("bucket_bytes", bucket_bytes), call.get("schedule", realloc_mod.DEFAULT_SCHEDULE),
                      call.get("direct", realloc_mod.DEFAULT_DIRECT))
 
 
@@ -462,7 +487,9 @@ def bench(model, name, src_layout, dst_layout, reps, hw, modes=(), tree="stacked
   def cost(kw, bucket_bytes=DEFAULT_BUCKET_BYTES):
     """realloc_cost of the variant's plan priced with the library profile (a legacy plan is made with
     OLD_PROFILE, as it ran, but priced like the others)."""
-    if not kw.get("legacy"):
+    kw = dict(kw)
+    bucket_bytes = kw.pop("bucket_bytes", bucket_bytes)
+    if not (kw.get("legacy") or kw.get("one_round")):
       return realloc_cost(src_sh, dst_sh, abstract, hw, bucket_bytes=bucket_bytes, **kw)
     tp = _tree_plan(src_sh, dst_sh, shapes, hw, kw, bucket_bytes)
     return timeline([b.load for b in tp.buckets], hw, tp.schedule, bucket_bytes is not None)[1]
@@ -494,7 +521,8 @@ def bench(model, name, src_layout, dst_layout, reps, hw, modes=(), tree="stacked
   return rec
 
 
-IMPLEMENTATION = "direct-classes"  # Recorded in results; --fit rebuilds the plans each implementation executed.
+IMPLEMENTATION = "rounds"  # Recorded in results; --fit rebuilds the plans each implementation executed.
+ONE_ROUND_IMPLEMENTATION = "direct-classes"  # Before issue rounds: every copy of a bucket in one device_put.
 LEGACY_IMPLEMENTATION = "cell-classes"  # Before direct classes: its planner (`legacy_planner`), every cell packed.
 
 
@@ -548,9 +576,11 @@ def _fit_rows(data):
   seconds)), with the plans the run executed (planned with the run's library profile)."""
   bb = data.get("bucket_bytes", DEFAULT_BUCKET_BYTES)
   legacy = data.get("implementation") == LEGACY_IMPLEMENTATION
-  if not legacy and data.get("implementation") != IMPLEMENTATION:
-    raise SystemExit(f"results of implementation {data.get('implementation')!r}: neither {IMPLEMENTATION!r} nor "
-                     f"{LEGACY_IMPLEMENTATION!r}, whose plans --fit can rebuild")
+  known = (IMPLEMENTATION, ONE_ROUND_IMPLEMENTATION, LEGACY_IMPLEMENTATION)
+  if data.get("implementation") not in known:
+    raise SystemExit(f"results of implementation {data.get('implementation')!r}: none of {known}, whose plans "
+                     "--fit can rebuild")
+  one = data.get("implementation") != IMPLEMENTATION  # ran before issue rounds
   run_hw = hw_mod.Hardware.from_dict(data["hardware_default"])
   # The default call's `direct`: recorded since DEFAULT_DIRECT became False; earlier direct-classes runs
   # had direct classes on by default.
@@ -564,8 +594,15 @@ def _fit_rows(data):
       kw = {**kw, "direct": False, "legacy": True} if legacy else kw
       plan_hw = run_hw if legacy or not kw.get("legacy") else OLD_PROFILE
       call, ctx = _call_kw(kw)
+      if one or kw.get("one_round"):
+        plan_hw = _one_round_hw(plan_hw)
+        ctx = contextlib.ExitStack()
+        ctx.enter_context(one_round())
+        if kw.get("legacy") or legacy:
+          ctx.enter_context(legacy_planner())
       with ctx:
-        tp = plan_tree(_specs(src_sh, dst_sh, shapes), plan_hw, call.get("mode", "auto"), bb if bucketed else None,
+        tp = plan_tree(_specs(src_sh, dst_sh, shapes), plan_hw, call.get("mode", "auto"),
+                       call.get("bucket_bytes", bb) if bucketed else None,
                        call.get("schedule", realloc_mod.DEFAULT_SCHEDULE), call.get("direct", direct))
       variants[label] = ([b.load for b in tp.buckets], tp.schedule, bucketed, measured)
     rows.append((rec, variants, (variants["unbucketed"][0], rec["reallocate_unbucketed_dispatch_s"])))
@@ -576,9 +613,14 @@ def _fit_rows(data):
 # measured as the "python" host phase of slice-only calls: a free constant would absorb the per-program and
 # per-array costs of the general path's calls and overprice every short call (2x H100: 0.91 ms fitted, while a
 # slice-only call returns after 0.3-0.5 ms).
-HOST_FIT = ("dispatch_s", "leaf_arg_s", "collective_host_s")
+# dispatch_s is on the grid, not in the least squares: every unbucketed call is ONE bucket, so their host
+# times cannot tell a program's dispatch from its arrays (both 4x H200 runs fitted dispatch_s = 0 and ~19 us
+# per array, which underprices the 9-bucket calls' ~1.5 ms of host time per bucket); the bucketed calls'
+# totals, which the grid's objective sees, can.
+HOST_FIT = ("leaf_arg_s", "collective_host_s")
 HBM_GRID = tuple(x * 1e11 for x in range(16, 46, 2))       # HBM copy rate, bytes read + written per second
 LATENCY_GRID = (0.0, 5e-6, 10e-6, 15e-6, 20e-6, 30e-6, 40e-6, 60e-6)  # device time per collective
+DISPATCH_GRID = (0.0, 50e-6, 100e-6, 150e-6, 200e-6, 270e-6)  # host time per program and per batched device_put
 
 
 def fit_host(host_rows, hw):
@@ -603,11 +645,12 @@ def _predict(variants, hw):
 
 def fit_profile(rows, base):
   """The profile minimising the mean |log(predicted / measured)| over every timed variant of `rows`:
-  `base` (link terms from the raw copies) with hbm_bandwidth and collective_latency_s from a grid and
-  the host terms fitted by `fit_host` at each grid point."""
+  `base` (link terms from the raw copies) with hbm_bandwidth, collective_latency_s and dispatch_s from a
+  grid and the other host terms fitted by `fit_host` at each grid point."""
   best = None
-  for hbm, lat in itertools.product(HBM_GRID, LATENCY_GRID):
-    hw = fit_host([h for *_, h in rows], dataclasses.replace(base, hbm_bandwidth=hbm, collective_latency_s=lat))
+  for hbm, lat, disp in itertools.product(HBM_GRID, LATENCY_GRID, DISPATCH_GRID):
+    hw = fit_host([h for *_, h in rows], dataclasses.replace(base, hbm_bandwidth=hbm, collective_latency_s=lat,
+                                                             dispatch_s=disp))
     err = statistics.mean(abs(math.log1p(e)) for _, v, _ in rows for e in _predict(v, hw).values())
     if best is None or err < best[0]:
       best = (err, hw)
@@ -625,7 +668,7 @@ def fit(paths):
     with open(path) as f:
       data = json.load(f)
     rows = _fit_rows(data)
-    lib = hw_mod.for_card(data.get("card", ""))
+    lib = hw_mod.for_machine(data.get("card", ""), data.get("devices", 0))
     base = link_profile(data, lib)
     full = fit_profile(rows, base)
     print(f"{path}: {data.get('card')}, library profile {lib.name}; {len(rows)} records, implementation "
@@ -655,10 +698,39 @@ def fit(paths):
       print(f"within 25%, {name}: " + ", ".join(
           f"{key} {_within([e for g in groups for e in errs.get((g, key), [])])}"
           for key in ("recorded", "library", "in-sample", "leave-out") if len(groups) == 1 or key != "recorded"))
-    for field in ("hbm_bandwidth", "collective_latency_s", *HOST_FIT):
+    for field in ("hbm_bandwidth", "collective_latency_s", "dispatch_s", *HOST_FIT):
       vals = [getattr(h, field) for h in loo_fits]
       print(f"leave-one-out {field}: {min(vals):.3g} .. {max(vals):.3g} (in sample {getattr(full, field):.3g})")
     print()
+
+
+def fit_joint(paths):
+  """One profile for one machine kind from several runs on it (`fit_profile` over all their records, the
+  link terms from all their raw copies), and the out-of-sample check: fitted on each file alone, the
+  errors on the others. Prints the profile's fields and predicted/measured - 1 per record."""
+  runs = []
+  for path in paths:
+    with open(path) as f:
+      runs.append((path, json.load(f)))
+  lib = hw_mod.for_machine(runs[0][1].get("card", ""), runs[0][1].get("devices", 0))
+  rows = {path: _fit_rows(data) for path, data in runs}
+  pooled = link_profile({"records": [r for _, data in runs for r in data["records"]]}, lib)
+  full = fit_profile([r for p, _ in runs for r in rows[p]], pooled)
+  keys = ("d2d_bandwidth", "transfer_latency_s", "hbm_bandwidth", "collective_latency_s", "dispatch_s", *HOST_FIT)
+  print(f"joint fit of {len(paths)} runs ({', '.join(paths)}): " + ", ".join(f"{k} {getattr(full, k):.4g}" for k in keys))
+  fits = {p: fit_profile(rows[p], link_profile(data, lib)) for p, data in runs}
+  print(f"{'file':44s} {'model':5s} {'transition':24s} {'measured':>9s} {'joint':>6s} {'other':>6s}   (default call, "
+        "predicted/measured - 1; other: fitted on the other files alone)")
+  counts = {"joint": [], "other": []}
+  for path, _ in runs:
+    for i, (rec, variants, _) in enumerate(rows[path]):
+      joint = _predict(variants, full)["default"]
+      others = [_predict(variants, hw)["default"] for p, hw in fits.items() if p != path]
+      counts["joint"].append(joint)
+      counts["other"] += others
+      print(f"{path[-44:]:44s} {rec['model']:5s} {rec['transition']:24s} {variants['default'][3] * 1e3:7.1f}ms "
+            f"{joint:+6.0%} " + " ".join(f"{e:+6.0%}" for e in others))
+  print(f"within 25%, default call: joint {_within(counts['joint'])}, fitted on another file {_within(counts['other'])}")
 
 
 def table(path):
@@ -686,6 +758,8 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out")
   ap.add_argument("--fit", metavar="JSON", nargs="+", help="check realloc_cost against results files (on CPU)")
+  ap.add_argument("--joint", action="store_true", help="with --fit: one profile fitted to all the files (runs on "
+                  "one machine kind), checked on each file when fitted on the others")
   ap.add_argument("--table", metavar="JSON", help="print a results file as the README's markdown table")
   ap.add_argument("--modes", default="pieces,reshard", help="planner modes timed besides auto (comma list, or '')")
   ap.add_argument("--variants", default="old,packed",
@@ -701,7 +775,7 @@ def main():
   ap.add_argument("--budget", type=float, default=360.0, help="start no transition after this many seconds")
   args = ap.parse_args()
   if args.fit:
-    return fit(args.fit)
+    return fit_joint(args.fit) if args.joint else fit(args.fit)
   if args.table:
     return table(args.table)
   if not args.out:

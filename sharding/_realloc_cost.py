@@ -62,6 +62,7 @@ class BucketLoad:
   pack_programs: int = 0          # of `programs`: the packs
   pack_arrays: int = 0            # of `program_arrays`: the packs' arguments and outputs
   holds_intermediates: bool = False  # reallocate waits for such buckets to bound memory
+  transfer_calls: int = 1         # batched device_puts the copies are issued in (rounds; 0 or 1 if no copies)
 
 
 def link_seconds(pair_bytes: dict, hw: Hardware) -> float:
@@ -90,9 +91,9 @@ def _host_phases(load: BucketLoad, hw: Hardware) -> tuple[float, float, float, f
   coll = (load.collective_programs * hw.dispatch_s + load.collective_arrays * hw.leaf_arg_s
           + load.collectives * hw.collective_host_s)
   pack = load.pack_programs * hw.dispatch_s + load.pack_arrays * hw.leaf_arg_s
-  # The batched `device_put` is one call through the runtime, priced like a program's dispatch, plus
-  # each copied buffer (host phases of the 2x H100 and 2x H200 runs: 0.2-0.4 ms for ONE buffer).
-  xfer = (load.transfers > 0) * hw.dispatch_s + load.transfers * hw.transfer_latency_s
+  # Each batched `device_put` (one per round of copies) is one call through the runtime, priced like a
+  # program's dispatch, plus each copied buffer (host phases of the 2x H100 and 2x H200 runs: 0.2-0.4 ms for ONE buffer).
+  xfer = (load.transfers > 0) * max(load.transfer_calls, 1) * hw.dispatch_s + load.transfers * hw.transfer_latency_s
   rest = ((load.programs - load.collective_programs - load.pack_programs) * hw.dispatch_s
           + (load.program_arrays - load.collective_arrays - load.pack_arrays) * hw.leaf_arg_s
           + load.assembled_arrays * hw.leaf_assemble_s)

@@ -33,8 +33,10 @@ Bandwidth conventions (all in bytes per second):
 (`sharding/_realloc_cost.py`): the host dispatching bucket after bucket, one compute stream per
 device, the links.
 
-`H100_SXM` is the default, and `H200` the H200's (`for_card` picks by `jax.Device.device_kind`), from measurements on H100 SXM (NVLink) with jax 0.11.2 (DESIGN.md
-section 4); `bench/realloc.py --fit` checks it against benchmark runs (see bench/README.md).
+`H100_SXM` is the default, `H200` the H200's (`for_card` picks by `jax.Device.device_kind`) and `H200_X4`
+a 4x H200 host's (`for_machine` adds the process's device count), from measurements on H100 SXM and H200
+(NVLink) with jax 0.11.2 (DESIGN.md section 4); `bench/realloc.py --fit` checks them against benchmark
+runs (see bench/README.md).
 """
 
 from __future__ import annotations
@@ -175,7 +177,37 @@ H200 = Hardware(
     collective_host_s=53e-6,
 )
 
+# 4x H200 host (the lent `nvidia-h200-x4` kind: NVLink 4 between all four, 64 CPU cores), jax 0.11.2: ONE
+# profile fitted to both 4x H200 runs, `bench/realloc.py --fit bench/results/realloc-h200x4-onecall.json
+# bench/results/realloc-h200x4-rounds1g.json --joint` (2026-11-26 and 2026-11-27; 16 transitions, 96 timed calls):
+# * d2d_bandwidth (and per device, and the collectives) 363 GB/s, transfer_latency_s 63 us: the two runs' raw
+#   copies (the fastest record's bytes out of its busiest GPU; latency the median of what each leaves per copy).
+# * hbm_bandwidth 3.8 TB/s, collective_latency_s 20 us, dispatch_s 150 us: the grid; leaf_arg_s 4.7 us and
+#   collective_host_s 72 us: least squares on the unbucketed calls' host times at the grid point.
+# * Every default call of both runs within 25% of this profile (max |error| 19%); fitted on either run alone,
+#   15 of the other run's 16 default calls are (the miss: 1B fsdp4 -> tensor2 (2 of 4), +27%, 4.6 ms).
+# This host dispatches a program in less time than the 2x H200 host (`H200`: 270 us, fitted with dispatch_s
+# in the least squares, which the one-bucket calls cannot separate from the per-array term): host time is
+# a property of the machine, not the card, so a machine kind with its own runs gets its own profile.
+H200_X4 = Hardware(
+    name="h200_x4",
+    devices_per_host=8,
+    d2d_bandwidth=363e9,
+    inter_host_bandwidth=45e9,
+    hbm_bandwidth=3.8e12,
+    intra_mesh_collective_bandwidth=363e9,
+    transfer_latency_s=63e-6,
+    d2d_device_bandwidth=363e9,
+    dispatch_s=150e-6,
+    collective_latency_s=20e-6,
+    leaf_arg_s=4.7e-6,
+    leaf_assemble_s=30e-6,
+    call_s=0.075e-3,
+    collective_host_s=72e-6,
+)
+
 PROFILES = {"h100": H100_SXM, "h200": H200}  # by card: `for_card`
+MACHINE_PROFILES = {("h200", 4): H200_X4}  # by (card, GPUs per process): `for_machine`
 DEFAULT = H100_SXM
 
 
@@ -187,13 +219,22 @@ def for_card(device_kind: str) -> Hardware:
   return next((hw for key, hw in PROFILES.items() if key in words), DEFAULT)
 
 
+def for_machine(device_kind: str, local_devices: int) -> Hardware:
+  """The profile of a machine kind: `MACHINE_PROFILES[(card, local_devices)]` where one was measured
+  (host dispatch costs differ between hosts with the same card), else `for_card`."""
+  words = set(device_kind.lower().replace("-", " ").split())
+  return next((hw for (key, n), hw in MACHINE_PROFILES.items() if key in words and n == local_devices),
+              for_card(device_kind))
+
+
 _LOCAL: list = []
 
 
 def local_default() -> Hardware:
-  """`for_card` of this process's first device (cached): the profile `reallocate`, `realloc_cost` and
-  `plans` use when given none, so a call on H200s plans and prices with `H200`."""
+  """`for_machine` of this process's first device and device count (cached): the profile `reallocate`,
+  `realloc_cost` and `plans` use when given none, so a call on a 4x H200 host plans and prices with
+  `H200_X4`, on other H200 machines with `H200`."""
   if not _LOCAL:
     import jax
-    _LOCAL.append(for_card(jax.devices()[0].device_kind))
+    _LOCAL.append(for_machine(jax.devices()[0].device_kind, jax.local_device_count()))
   return _LOCAL[0]

@@ -44,8 +44,10 @@ General algorithm, per leaf (planning in `sharding/_realloc_plan.py`, pure and c
 6. Execution, per bucket, with no Python work per leaf: ONE `jit(identity, out_shardings=[I...])`
    per source device list over all the bucket's leaves that need a reshard; per source device
    ONE jitted "pack" that cuts every packed class buffer it serves (its own device's included) out
-   of its local shards; ONE batched `device_put` of the buffers that change device (a direct
-   class's shards as they are); per class ONE global array over the target mesh made of its
+   of its local shards; per round, ONE batched `device_put` of the buffers that change device (a
+   direct class's shards as they are; a source device's copies to its k-th destination go in round
+   k, the destinations ordered so that each round spreads over the targets: a GPU sends its copies
+   one after another in issue order, `_realloc_plan._transfer_slots`); per class ONE global array over the target mesh made of its
    buffers (`make_array_from_single_device_arrays`; a direct class's shard on its own device is
    used in place); per target mesh ONE jitted `shard_map` "unpack" whose inputs are the class
    arrays and whose OUTPUTS are the bucket's target arrays with their target shardings (every
@@ -130,7 +132,13 @@ from sharding._realloc_plan import PLAN_SCHEDULES, BucketPlan, LeafPlan, LeafSpe
 __all__ = ["DEFAULT_BUCKET_BYTES", "DEFAULT_SCHEDULE", "PLAN_SCHEDULES", "SCHEDULES", "plans", "realloc_cost",
            "reallocate"]
 
-DEFAULT_BUCKET_BYTES = 1 << 30
+# 2 GiB: in the three 4x H200 runs with copy rounds (bench/results/realloc-h200x4{,-rounds1g}.json; the
+# variants bucket2g / bucket1g beside the default), 2 GiB buckets were as fast or faster on 19 of the 24
+# (transition, run) pairs, up to 18% faster (7B fsdp4 -> tensor2 (2 of 4): 15.8 against 19.3 ms) and at most
+# 0.5 ms slower (1B calls of 2-5 ms). The difference is host time, ~1.5 ms of dispatches per bucket, and the
+# 7B attention weights are exactly 1 GiB each (one bucket apiece at 1 GiB). At most two buckets'
+# intermediates are alive, so the bound is a few GiB per device.
+DEFAULT_BUCKET_BYTES = 2 << 30
 DEFAULT_SCHEDULE = "auto"  # The schedule realloc_cost predicts faster for the tree (module docstring: Schedule).
 # Direct classes off by default: on 2x H200 (bench/results/realloc-h200x2.json, every cell packed is the
 # "packed" variant there) packing every cell was as fast or faster on 7 of 8 stacked transitions, and
@@ -282,10 +290,18 @@ class _BucketProgram:
       src, dst = cl.srcs[j], cl.mesh.devices.flat[j]
       if src.process_index == me or dst.process_index == me:
         self.puts.append((ci, j, src, dst, src.process_index == me, dst.process_index == me))
-    # Inside this process: one batched device_put, its keys and target shardings made once.
-    local_puts = [(ci, j, dst) for ci, j, src, dst, _, _ in self.puts if src.process_index == dst.process_index]
-    self.local_keys = [(ci, j) for ci, j, _ in local_puts]
-    self.local_dsts = [SingleDeviceSharding(dst) for *_, dst in local_puts]
+    # Inside this process: one batched device_put per round of copies (`_realloc_plan._transfer_slots`:
+    # a GPU sends its copies in the order they are issued), keys and target shardings made once.
+    self.local_rounds = []  # ([(class, target position)], [target sharding])
+    for rnd in bp.rounds or (bp.transfers,):
+      keys, dsts = [], []
+      for ci, j in rnd:
+        src, dst = bp.classes[ci].srcs[j], bp.classes[ci].mesh.devices.flat[j]
+        if src.process_index == dst.process_index == me:
+          keys.append((ci, j))
+          dsts.append(SingleDeviceSharding(dst))
+      if keys:
+        self.local_rounds.append((keys, dsts))
     # Per class with devices here: the global array of its buffers on the target mesh (flat buffers,
     # or a direct class's shards stacked along their first dimension).
     self.arrays = []  # (class, [(class, target position) of this process], assembler)
@@ -357,9 +373,9 @@ class _BucketProgram:
         bufs[key] = b
     for ci, j, k, i in self.direct:  # A whole shard moves (or is read in place) as it is.
       bufs[ci, j] = local[k][i]
-    if self.local_keys:  # Inside this process: one batched call.
-      ys = jax.device_put([bufs[key] for key in self.local_keys], self.local_dsts)
-      bufs.update(zip(self.local_keys, ys))
+    for keys, dsts in self.local_rounds:  # Inside this process: one batched call per round.
+      ys = jax.device_put([bufs[key] for key in keys], dsts)
+      bufs.update(zip(keys, ys))
     for ci, j, src, dst, smine, dmine in self.puts:
       # Across processes: one call per buffer, in the global order. A batched call groups its
       # arrays by (source, destination) devices in an order that differs between processes, so

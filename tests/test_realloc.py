@@ -496,7 +496,7 @@ def test_host_terms_by_hand():
   dispatched them (1 + 1.5 + 2 = 4.5 s; the pack, 1 s from 2.5, is done) and take 2 s, then the unpack
   (1 s): 7.5 s."""
   from sharding._realloc_cost import BucketLoad, timeline
-  from sharding.hardware import H200, for_card
+  from sharding.hardware import H200, H200_X4, for_card, for_machine
   d0, d1 = jax.devices()[:2]
   hw = Hardware("t", 8, 1.0, 1.0, 2.0, 1.0, 0.5, 1.0, dispatch_s=2.0, collective_latency_s=0.0, leaf_arg_s=0.25,
                 leaf_assemble_s=0.0, call_s=1.0)
@@ -509,5 +509,57 @@ def test_host_terms_by_hand():
                       built={d1: 1}, programs=2, transfers=2, assembled_arrays=0, program_arrays=3, pack_programs=1,
                       pack_arrays=2, holds_intermediates=True)
   assert timeline([packed], fast, waits=False) == (5.75, 7.5)
+  # The same copies in two rounds: one more batched device_put, 1 s more host before the copies.
+  assert timeline([dataclasses.replace(packed, transfer_calls=2)], fast, waits=False) == (6.75, 8.5)
   assert for_card("NVIDIA H200") is H200 and for_card("NVIDIA H100 80GB HBM3") is H100_SXM
   assert for_card("cpu") is H100_SXM
+  assert for_machine("NVIDIA H200", 4) is H200_X4 and for_machine("NVIDIA H200", 2) is H200
+  assert for_machine("NVIDIA H100 80GB HBM3", 4) is H100_SXM and for_machine("NVIDIA GH200", 4) is H100_SXM
+
+
+def _rounds_of(bp):
+  """[(source id, target id)] per issue round of a bucket plan."""
+  pair = lambda ci, j: (bp.classes[ci].srcs[j].id, bp.classes[ci].mesh.devices.flat[j].id)  # noqa: E731
+  return [[pair(ci, j) for ci, j in rnd] for rnd in bp.rounds]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_copy_rounds_partition_the_copies(name):
+  """Every copy is in exactly one round, in the order of `transfers`; a pair's copies share a round; a
+  source sends to one destination per round; there are as many rounds as the most destinations of one
+  source (one batched device_put each)."""
+  from sharding._realloc_plan import LeafSpec, plan_tree
+  src, dst = CASES[name]
+  specs = tuple(LeafSpec(shape, "float32", src, dst) for shape in ((16, 8), (32, 8), (16, 16)))
+  for bp in plan_tree(specs, BYTES_ONLY, "auto", None, "serial", False).buckets:
+    rounds = _rounds_of(bp)
+    assert [t for rnd in bp.rounds for t in rnd] == list(bp.transfers)
+    assert bp.load.transfer_calls == len(rounds) and all(rounds)
+    where = {}
+    for r, rnd in enumerate(rounds):
+      srcs = [s for s, _ in dict.fromkeys(rnd)]
+      assert len(srcs) == len(set(srcs)), (name, r, rnd)
+      for p in rnd:
+        assert where.setdefault(p, r) == r, (name, p)
+    dests = {}
+    for s, d in where:
+      dests.setdefault(s, set()).add(d)
+    assert len(rounds) == max(map(len, dests.values()), default=0), (name, rounds)
+
+
+def test_copy_rounds_spread_over_targets(monkeypatch):
+  """fsdp4 -> tensor2 on two of the four devices (the 4x H200 trace in `_transfer_slots`): devices 2 and
+  3 each send to both targets; in the first round they send to different ones, so each target takes
+  two sources in round 0 and one in round 1. Executed as one batched device_put per round, values exact."""
+  src, dst = L(0, fsdp=4).named(None, "fsdp"), L(0, tensor=2).named("tensor")
+  refs = {f"w{i}": _value((16, 8), np.float32, i) for i in range(3)}
+  puts = []
+  put = jax.device_put
+  monkeypatch.setattr(jax, "device_put", lambda x, *a, **k: (puts.append(len(x) if isinstance(x, list) else 1),
+                                                             put(x, *a, **k))[1])
+  xs, _ = _move(refs, jax.tree.map(lambda _: src, refs), dst, hardware=BYTES_ONLY)
+  (prog,), _ = _programs_of(xs, dst, hardware=BYTES_ONLY)
+  r0, r1 = (sorted(set(r)) for r in _rounds_of(prog.bp))
+  assert r0 == [(0, 1), (1, 0), (2, 0), (3, 1)] and r1 == [(2, 1), (3, 0)]
+  assert puts[-2:] == [len(prog.bp.rounds[0]), len(prog.bp.rounds[1])]
+  assert [len(keys) for keys, _ in prog.local_rounds] == [len(r) for r in prog.bp.rounds]

@@ -8,9 +8,10 @@
 #
 #   OUT=/path/to/out bash bench/gpu/realloc.sh     # from the repo root; ~1.5-2 min on 2 GPUs, at most ~3
 #
-# Env: DEVICES (default: every GPU nvidia-smi lists), MODELS (default 7b,1b), VARIANTS, BUDGET (start no transition after it, s).
+# Env: DEVICES (default: every GPU nvidia-smi lists), MODELS (default 7b,1b), VARIANTS, REPS (timed calls per
+# variant, median; default 3), BUDGET (start no transition after it, s).
 # Writes a FRESH $OUT/realloc-<card>x<N>.json (card read from nvidia-smi; no previous_runs), realloc.log,
-# table.md (bench/realloc.py --table), fit.txt (bench/realloc.py --fit on this run and the committed files),
+# table.md (bench/realloc.py --table), fit.txt (bench/realloc.py --fit on this run),
 # gpus.txt, and all of them again in extra.tgz.
 set -u
 : "${OUT:?set OUT to the folder for the results}"
@@ -26,10 +27,9 @@ case "$N" in 2|4) ;; *) echo "bench/realloc.py has transitions for 2 or 4 GPUs; 
 RES="$OUT/realloc-${CARD}x${N}.json"
 rm -f "$RES"  # fresh: no previous_runs
 timeout $(( ${BUDGET:-110} + 40 )) python3 bench/realloc.py --devices $N --tree stacked --models ${MODELS:-7b,1b} --variants ${VARIANTS:-direct,old} \
-  --modes '' --reps 3 --budget ${BUDGET:-110} --out "$RES" > "$OUT/realloc.log" 2>&1
+  --modes '' --reps ${REPS:-3} --budget ${BUDGET:-110} --out "$RES" > "$OUT/realloc.log" 2>&1
 echo "bench exit $?" >> "$OUT/realloc.log"
 timeout 15 python3 bench/realloc.py --table "$RES" > "$OUT/table.md" 2>&1
-timeout 90 python3 bench/realloc.py --fit "$RES" bench/results/realloc-h200x2.json bench/results/realloc-h200x2-packed.json \
-  bench/results/realloc-h100x2.json bench/results/realloc-h100.json > "$OUT/fit.txt" 2>&1
+timeout 150 python3 bench/realloc.py --fit "$RES" > "$OUT/fit.txt" 2>&1
 (cd "$OUT" && tar czf extra.tgz realloc.log table.md fit.txt gpus.txt)
 tail -3 "$OUT/realloc.log"; cat "$OUT/table.md"; grep "within 25%\|^bench" "$OUT/fit.txt"
