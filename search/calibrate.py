@@ -583,9 +583,17 @@ def calibrate(base: Profile, *, out: str = "", budget_s: float = 240.0, reps: in
   return fitted
 
 
+TIME_TERMS = ("time", "bytes_time", "comm_time", "reduce_time", "call_overhead_s")  # what `fit` sets per kind
+
+
 def refit(path: str, base: Profile | None = None) -> Profile:
   """Fits again from the records of a profile written by `calibrate` (e.g. a run cut off before its
-  fit, or after changing the fit); `base` defaults to the base profile that run started from."""
+  fit, or after changing the fit, or with records added); `base` defaults to the base profile that run
+  started from. The time terms come from the fit; everything else stays as the written profile has it:
+  its memory (`memory_bytes`, `memory_reserve`, per-kind count factors such as a measured `memory`) and
+  its notes. (Without this, a refit of search/profiles/h200_4gpu.json on 2026-11-27 fell back to its H100
+  base's 76 GB and lost the train step's measured memory factor, and three plans the search then found
+  feasible ran out of memory.)"""
   written = Profile.load(path)
   rep = dict(written.calibration_report)
   if not rep.get("records"):
@@ -596,7 +604,11 @@ def refit(path: str, base: Profile | None = None) -> Profile:
     base = Profile.from_dict(rep["base_profile"])
   fitted, new = report(base, rep["records"], rep.get("micro"))
   rep.update(new, status="refitted", base=base.name)
-  return fitted.replace(calibration_report=rep)
+  cal = {k: dict(v) for k, v in fitted.calibration.items()}
+  for kind, factors in written.calibration.items():
+    cal.setdefault(kind, {}).update({n: v for n, v in factors.items() if n not in TIME_TERMS})
+  return fitted.replace(calibration=cal, memory_bytes=written.memory_bytes, memory_reserve=written.memory_reserve,
+                        notes=written.notes, calibration_report=rep)
 
 
 def bench_records(path: str) -> list[dict]:

@@ -204,3 +204,20 @@ def test_refit_drops_a_lumped_comm_factor_of_an_older_base(tmp_path):
   written.save(str(path))
   fitted = refit(str(path))
   assert "comm_time" not in fitted.calibration["generate"] and "reduce_time" in fitted.calibration["generate"]
+
+
+def test_refit_keeps_what_the_fit_does_not_set(tmp_path):
+  """A refit takes the time terms from the fit and everything else from the written profile: its
+  memory size and reserve, a per-kind memory factor measured after the first fit, its notes."""
+  from search.calibrate import TIME_TERMS, refit
+  recs = _records({"small": SMALL, "large": LARGE})
+  written = TRUE.replace(calibration={"train_step": {"time": 9.0, "memory": 1.6}, "generate": {"flops": 1.1}},
+                         memory_bytes=135e9, memory_reserve=0.1, notes="measured here",
+                         calibration_report={"records": recs, "base_profile": PROFILE.to_dict()})
+  path = tmp_path / "p.json"
+  written.save(str(path))
+  fitted = refit(str(path))
+  assert fitted.memory_bytes == 135e9 and fitted.memory_reserve == 0.1 and fitted.notes == "measured here"
+  assert fitted.calibration["train_step"]["memory"] == 1.6 and fitted.calibration["generate"]["flops"] == 1.1
+  assert fitted.calibration["train_step"]["time"] != 9.0  # time terms: the fit's, not the written ones
+  assert set(fitted.calibration["train_step"]) - {"memory"} <= set(TIME_TERMS)
