@@ -514,7 +514,7 @@ def reallocate(tree: Any, target_shardings: Any, *, donate: bool = False,
     donate: delete the source arrays once their data is on its way (see module docstring).
     bucket_bytes: peak-memory bound: leaves move in buckets of at most this many bytes, with at
       most two buckets' intermediates alive. None: no bound, no waiting.
-    hardware: the profile the planner prices candidate plans with (default: the card's, `hardware.local_default()`).
+    hardware: the profile the planner prices candidate plans with (default: the machine's, `hardware.local_default()`).
     mode: "auto" (same-device fast path, else the cheapest plan), or force "reshard" or "pieces"
       plans for every leaf (see module docstring).
     schedule: "serial" (each bucket sent and unpacked before the next is sent), "pipelined"
