@@ -92,7 +92,8 @@ def _host_phases(load: BucketLoad, hw: Hardware) -> tuple[float, float, float, f
           + load.collectives * hw.collective_host_s)
   pack = load.pack_programs * hw.dispatch_s + load.pack_arrays * hw.leaf_arg_s
   # Each batched `device_put` (one per round of copies) is one call through the runtime, priced like a
-  # program's dispatch, plus each copied buffer (host phases of the 2x H100 and 2x H200 runs: 0.2-0.4 ms for ONE buffer).
+  # program's dispatch, plus each copied buffer (host phases of the 2x H100 and 2x H200 runs: 0.2-0.4 ms
+  # for ONE buffer).
   xfer = (load.transfers > 0) * max(load.transfer_calls, 1) * hw.dispatch_s + load.transfers * hw.transfer_latency_s
   rest = ((load.programs - load.collective_programs - load.pack_programs) * hw.dispatch_s
           + (load.program_arrays - load.collective_arrays - load.pack_arrays) * hw.leaf_arg_s

@@ -47,9 +47,9 @@ General algorithm, per leaf (planning in `sharding/_realloc_plan.py`, pure and c
    of its local shards; per round, ONE batched `device_put` of the buffers that change device (a
    direct class's shards as they are; a source device's copies to its k-th destination go in round
    k, the destinations ordered so that each round spreads over the targets: a GPU sends its copies
-   one after another in issue order, `_realloc_plan._transfer_slots`); per class ONE global array over the target mesh made of its
-   buffers (`make_array_from_single_device_arrays`; a direct class's shard on its own device is
-   used in place); per target mesh ONE jitted `shard_map` "unpack" whose inputs are the class
+   one after another in issue order, `_realloc_plan._transfer_slots`); per class ONE global array
+   over the target mesh made of its buffers (`make_array_from_single_device_arrays`; a direct
+   class's shard on its own device is used in place); per target mesh ONE jitted `shard_map` "unpack" whose inputs are the class
    arrays and whose OUTPUTS are the bucket's target arrays with their target shardings (every
    device slices the same offsets of its own buffers, so one SPMD program serves all of them; XLA
    creates the global arrays). Pass-through leaves are assembled from their buffers as they are
