@@ -25,11 +25,15 @@ def test_real_jax_half_runs_full_length_and_splits_phases(tmp_path):
   assert "error" not in res, res.get("error")
   its = res["iterations"]
   assert len(its) == spec.warmup + spec.iterations
+  phases = ("generation_s", "inference_s", "training_s", "realloc_s")
   for it in its:
     assert it["response_len"] == spec.response_len  # ignore_eos: every response is full length.
-    parts = it["generation_s"] + it["inference_s"] + it["training_s"] + it["realloc_s"]
-    assert it["generation_s"] > 0 and it["inference_s"] > 0 and it["training_s"] > 0
-    assert parts <= it["iteration_s"] + 1e-6
+    assert it["generation_s"] > 0 and all(it[k] >= 0 for k in phases)
+    assert sum(it[k] for k in phases) <= it["iteration_s"] + 1e-6
+  # A call's end is stamped by a watcher thread when its outputs are ready; on a loaded CPU a later
+  # call's watcher can stamp first, and the split then gives that call 0 s in that iteration (seen in
+  # CI for both inference calls of one iteration). Over all iterations every phase has time.
+  assert all(sum(it[k] for it in its) > 0 for k in ("generation_s", "inference_s", "training_s"))
   assert res["plan"] == f"colocated d{spec.gpus}f1t1m{spec.rows // spec.gpus}"
   # The exported checkpoints are the run's initial weights: the policy as real_jax creates it under the
   # run's colocated layout, and the reward model likewise.
