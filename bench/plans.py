@@ -38,6 +38,10 @@ to the measured calls (geometric mean of measured / predicted per call kind, on 
 profile's own factors), for planning a later run with `--profile PATH`. `--merge EARLIER.json` keeps
 the earlier file's other settings in `--out` (one results file over several GPU calls).
 
+`--plan-only` runs nothing: it plans every setting at each of `--batches` and prints (with `--out`, writes)
+the searched and heuristic plans' predicted times, to choose what to measure (on CPU for GPUs: `--platform
+gpu --devices 4`; `bench/results/plans-h200x4-predicted.json` is such a sweep).
+
 Compiled programs persist in `--cache-dir` (default `.jax_cache/` in the repository, ignored by
 git), so a second run on the same machine does not recompile.
 """
@@ -593,6 +597,30 @@ def repredict(doc: dict, profile: Profile, *, log=print) -> dict:
   return out
 
 
+def plan_only(settings: list[tuple[str, int]], batches: list[int | None], profile: Profile, *, devices: int,
+              search_s: float, seed: int, platform: str | None, log=print) -> dict:
+  """Runs nothing: per setting and batch, the searched plan's and the heuristics' predicted iteration
+  times (`plan_setting`; with platform "gpu", GPU kernels priced from a CPU machine). For choosing what to
+  measure next; these are predictions, not results."""
+  rows = []
+  for models, gen in settings:
+    for batch in batches:
+      exp = make_experiment(models, gen, batch=batch)
+      info, cands, _, _ = plan_setting(exp, devices, profile, search_s=search_s, seed=seed, platform=platform,
+                                       log=lambda m: None)
+      heur = {c.name: c.sim.time for c in cands[1:]}
+      best = min(heur.values(), default=math.inf)
+      row = {"models": models, "gen": gen, "batch": exp.data.batch_size, "searched_s": cands[0].sim.time,
+             "searched_plan": {c: layout_to_text(lay) for c, lay in cands[0].plan.layouts.items()},
+             "heuristics_s": heur, "speedup_predicted": best / cands[0].sim.time, "search": info}
+      rows.append(row)
+      log(f"{models:6s} gen {gen:5d} batch {exp.data.batch_size:4d}: searched {row['searched_s']:.3f} s, best heuristic "
+          f"{best:.3f} s ({min(heur, key=heur.get) if heur else '-'}), predicted {row['speedup_predicted']:.2f}x")
+  return {"profile": profile.name, "devices": devices, "platform": platform or jax.devices()[0].platform,
+          "planned_on": jax.devices()[0].device_kind, "jax": jax.__version__,
+          "date": time.strftime("%Y-%m-%d", time.gmtime()), "predicted_only": True, "settings": rows}
+
+
 def _finite(x):
   """JSON-safe: non-finite floats (an infeasible plan's inf) become None; NumPy scalars become floats."""
   if isinstance(x, dict):
@@ -732,6 +760,11 @@ def main(argv=None) -> int:
   ap.add_argument("--repredict", default=None, metavar="RESULTS",
                   help="run nothing: predict every measured plan of RESULTS (a plans-<card>.json) again under "
                   "--profile, layouts as run, and print measured / predicted then and now (--out: write it)")
+  ap.add_argument("--plan-only", action="store_true",
+                  help="run nothing: print (and with --out write) the searched and heuristic plans' predicted times "
+                  "for every setting and --batches entry, e.g. on CPU for GPUs with --platform gpu --devices 4")
+  ap.add_argument("--batches", default="", help="--plan-only: comma list of prompts per iteration (default: --batch)")
+  ap.add_argument("--platform", default=None, help="--plan-only: whose kernels to price (default: this machine's)")
   ap.add_argument("--merge", default=None,
                   help="an earlier results JSON: its other settings are kept in --out (one file for several calls)")
   args = ap.parse_args(argv)
@@ -753,6 +786,14 @@ def main(argv=None) -> int:
       write_json(args.out, res)
     return 0
   settings = parse_settings(args.settings)
+  if args.plan_only:
+    batches = [int(b) for b in args.batches.split(",") if b.strip()] or [args.batch]
+    res = plan_only(settings, batches, Profile.load(args.profile), devices=args.devices or jax.device_count(),
+                    search_s=args.search_s, seed=args.seed, platform=args.platform,
+                    log=lambda m: print(m, flush=True))
+    if args.out:
+      write_json(args.out, res)
+    return 0
   profile = Profile.load(args.profile).on_local_devices(log=lambda m: print(m, flush=True))
   out = args.out or os.path.join(REPO, "bench", "results",
                                  f"plans-{header()['card']}{'-smoke' if args.smoke else ''}.json")

@@ -148,3 +148,16 @@ def test_host_trace_times_the_dispatching_functions(tmp_path):
   seen = {what for what, _, _ in host_trace.LOG}
   assert {"ACTOR_TRAIN", "CRITIC_TRAIN", "train_step", "ppo_adv"} <= seen, seen
   assert all(ln.startswith("TRACE ") for ln in host_trace.lines())
+
+
+def test_plan_only_predicts_without_running(monkeypatch):
+  """--plan-only: per setting and batch the searched plan's and the heuristics' predictions; nothing is
+  built or run (the engine is never constructed)."""
+  monkeypatch.setattr(bp, "Engine", lambda *a, **k: pytest.fail("--plan-only built an engine"))
+  res = bp.plan_only([("tiny", 4)], [8, 16], Profile.load("h100_sxm"), devices=2, search_s=2.0, seed=0,
+                     platform=None, log=lambda m: None)
+  assert res["predicted_only"] and res["devices"] == 2 and [r["batch"] for r in res["settings"]] == [8, 16]
+  for r in res["settings"]:
+    assert r["heuristics_s"] and set(r["searched_plan"]) >= {"actor_gen", "actor_train"}
+    assert r["speedup_predicted"] == pytest.approx(min(r["heuristics_s"].values()) / r["searched_s"])
+    assert r["searched_s"] <= min(r["heuristics_s"].values()) + 1e-9  # the search scores the baselines too

@@ -11,8 +11,8 @@
 # 1.3B/350M calls of the setting's layouts at generation CAL_GEN, default 512; see step 1), CAL_BUDGET (its --budget,
 # default 160 on 2 GPUs, 360 on more), CAL_S (its timeout, default CAL_BUDGET + 55), PROFILE (profile for step 2 when step 1 is skipped or fails;
 # default search/profiles/h100_sxm_bench.json), END_S (wall seconds the whole script may use, default 530),
-# ITERS (timed iterations per plan, default 2), PY (python, default python3), MEM_FRACTION (JAX's share of each
-# card's memory, default 0.9).
+# ITERS (timed iterations per plan, default 2), BATCH (prompts per iteration, bench/plans.py --batch; default
+# per models), PY (python, default python3), MEM_FRACTION (JAX's share of each card's memory, default 0.9).
 #
 # Results under $OUT (CARD = h200 or h100, read from nvidia-smi): plans-${CARD}x${N}.json (bench/plans.py),
 # ${CARD}_${N}gpu.json (the calibrated profile with its calibration_report), run.log (both steps' output and
@@ -86,7 +86,7 @@ echo "== [$SECONDS s] plans with profile $PROFILE_USED" >> $LOG
 LEFT=$((END_S - SECONDS))
 BUDGET=$((LEFT - 105))
 [ $BUDGET -lt 60 ] && BUDGET=60
-timeout $((LEFT - 5)) $PY bench/plans.py --settings $SETTINGS --devices $N --colocated $COLOCATED \
+timeout $((LEFT - 5)) $PY bench/plans.py --settings $SETTINGS ${BATCH:+--batch $BATCH} --devices $N --colocated $COLOCATED \
   --warmup 1 --iters ${ITERS:-2} --budget $BUDGET --search-s 30 --profile $PROFILE_USED --out $OUT/plans-${CARD}x$N.json \
   --fit-profile $OUT/${CARD}_${N}gpu_plans_fit.json >> $LOG 2>&1
 echo "plans exit $? at $SECONDS s" >> $LOG
