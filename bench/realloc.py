@@ -593,14 +593,13 @@ def _fit_rows(data):
     for label, (kw, bucketed, measured) in _measured(rec, direct).items():
       kw = {**kw, "direct": False, "legacy": True} if legacy else kw
       plan_hw = run_hw if legacy or not kw.get("legacy") else OLD_PROFILE
-      call, ctx = _call_kw(kw)
-      if one or kw.get("one_round"):
-        plan_hw = _one_round_hw(plan_hw)
-        ctx = contextlib.ExitStack()
-        ctx.enter_context(one_round())
-        if kw.get("legacy") or legacy:
-          ctx.enter_context(legacy_planner())
-      with ctx:
+      call, call_ctx = _call_kw(kw)
+      with contextlib.ExitStack() as ctx:
+        ctx.enter_context(call_ctx)  # the variant's planner: legacy, one round, or today's
+        if one or kw.get("one_round"):
+          plan_hw = _one_round_hw(plan_hw)  # plans cached apart from today's
+          if not kw.get("one_round"):
+            ctx.enter_context(one_round())  # the run's own default: before issue rounds
         tp = plan_tree(_specs(src_sh, dst_sh, shapes), plan_hw, call.get("mode", "auto"),
                        call.get("bucket_bytes", bb) if bucketed else None,
                        call.get("schedule", realloc_mod.DEFAULT_SCHEDULE), call.get("direct", direct))
