@@ -36,7 +36,10 @@ plan run; `--budget` (seconds since start) stops starting new plan runs (they ar
 skipped). `--fit-profile PATH` writes the profile with per-kind `time` calibration factors fitted
 to the measured calls (geometric mean of measured / predicted per call kind, on top of the
 profile's own factors), for planning a later run with `--profile PATH`. `--merge EARLIER.json` keeps
-the earlier file's other settings in `--out` (one results file over several GPU calls).
+the earlier file's other settings in `--out` (one results file over several GPU calls), and a plan of
+a setting run now that this call does not run (`--only`, budget) keeps its earlier measurement when
+its layouts are the same (`merged_from` names that run): a long setting's plans measured one per call.
+A setting is named MODELS:GEN, with :bBATCH when `--batch` is not the models' default.
 
 `--plan-only` runs nothing: it plans every setting at each of `--batches` and prints (with `--out`, writes)
 the searched and heuristic plans' predicted times, to choose what to measure (on CPU for GPUs: `--platform
@@ -121,6 +124,20 @@ def parse_settings(text: str) -> list[tuple[str, int]]:
 
 def make_experiment(models: str, gen: int, *, batch: int | None = None, prompt: int | None = None) -> Experiment:
   return experiment_from_config(bench_config().experiment_dict(models, gen, batch=batch, prompt=prompt))
+
+
+def setting_name(models: str, gen: int, batch: int | None = None) -> str:
+  """A setting's name in the results: MODELS:GEN, with :bBATCH when `batch` is not the models' default
+  (7b7b:1024 at its default 64 prompts, 7b7b:1024:b256 at 256), so runs at several batch sizes stay apart."""
+  if batch is None or batch == bench_config().MODELS[models][2]:
+    return f"{models}:{gen}"
+  return f"{models}:{gen}:b{batch}"
+
+
+def split_setting_name(name: str) -> tuple[str, int]:
+  """(models, gen) of a setting name (`setting_name`); the batch is the setting's own `batch` field."""
+  models, gen = name.split(":")[:2]
+  return models, int(gen)
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -540,8 +557,8 @@ def repredict(doc: dict, profile: Profile, *, log=print) -> dict:
   out = {"profile": profile.name, "predicted_on": time.strftime("%Y-%m-%d"), "jax": jax.__version__,
          "source": {k: doc.get(k) for k in ("card", "jax", "date", "profile")}, "settings": []}
   for st in doc["settings"]:
-    models, _, gen = st["name"].rpartition(":")
-    exp = make_experiment(models, int(gen), batch=st.get("batch"), prompt=st.get("prompt_len"))
+    models, gen = split_setting_name(st["name"])
+    exp = make_experiment(models, gen, batch=st.get("batch"), prompt=st.get("prompt_len"))
     graph, specs = call_specs(exp, lowerable=False, platform=platform)
     n = int(st.get("devices") or doc.get("devices_used") or doc["devices"])
     pricer = ReallocPricer(specs, profile)
@@ -641,6 +658,25 @@ def write_json(path: str, doc: dict) -> None:
   os.replace(tmp, path)
 
 
+def keep_earlier(setting: dict, earlier: dict | None, *, log=print) -> None:
+  """Plans of `setting` not run now (--only, budget) take the measurement of the same plan (same name,
+  same layouts) from the earlier results of this setting (--merge), marked `merged_from` with that run's
+  card, jax and date: one setting's plans measured over several GPU calls. A plan whose layouts differ
+  from the earlier record's (a search that chose differently) keeps its skipped status."""
+  if not earlier:
+    return
+  before = {p["name"]: p for p in earlier.get("plans", []) if isinstance(p, dict)}
+  for i, rec in enumerate(setting["plans"]):
+    old = before.get(rec["name"])
+    if not rec["status"].startswith("skipped") or not old or old.get("status") != "ok" or old.get("measured_in"):
+      continue
+    if old.get("plan") != rec["plan"]:
+      log(f"  {rec['name']}: not merged (the earlier run measured {old.get('plan')}, this run plans {rec['plan']})")
+      continue
+    setting["plans"][i] = {**old, "identical_to": rec["identical_to"],
+                           "merged_from": old.get("merged_from") or earlier.get("run")}
+
+
 def run_bench(settings: list[tuple[str, int]], *, out: str, profile: Profile, devices: int | None = None,
               warmup: int = 1, iters: int = 3, budget: float = math.inf, batch: int | None = None,
               prompt: int | None = None, colocated: str = "best", only: tuple[str, ...] = (),
@@ -660,17 +696,19 @@ def run_bench(settings: list[tuple[str, int]], *, out: str, profile: Profile, de
   pool = ModelPool()
   doc = {**header(), "profile": profile.name, "profile_calibration": profile.calibration,
          "profile_memory_bytes": profile.memory_bytes, "devices_used": n,
-         "args": {"settings": ",".join(f"{m}:{g}" for m, g in settings), "warmup": warmup, "iters": iters,
+         "args": {"settings": ",".join(f"{m}:{g}" for m, g in settings), "batch": batch, "warmup": warmup,
+                  "iters": iters,
                   "budget_s": budget if math.isfinite(budget) else None, "colocated": colocated,
                   "search_steps": search_steps, "seed": seed},
          "settings": []}
-  names = {f"{m}:{g}" for m, g in settings}
-  doc["settings"] = [st for st in (merge or {}).get("settings", []) if st.get("name") not in names]
+  names = {setting_name(m, g, batch) for m, g in settings}
+  earlier = {st.get("name"): st for st in (merge or {}).get("settings", [])}
+  doc["settings"] = [st for name, st in earlier.items() if name not in names]
   run_info = {k: doc[k] for k in ("card", "device_kind", "jax", "date", "profile")}
   for models, gen in settings:
     exp = make_experiment(models, gen, batch=batch, prompt=prompt)
     cfgs = {r: exp.models[r].model_config() for r in exp.models}
-    setting = {"name": f"{models}:{gen}", "models": {r: exp.models[r].preset for r in exp.models},
+    setting = {"name": setting_name(models, gen, exp.data.batch_size), "models": {r: exp.models[r].preset for r in exp.models},
                "params": {r: param_count(cfgs[r], exp.models[r].head) for r in exp.models},
                "batch": exp.data.batch_size, "prompt_len": exp.data.max_prompt_len, "gen_len": gen,
                "ppo_epochs": exp.ppo.ppo_epochs, "mini_batches": exp.ppo.mini_batches, "devices": n,
@@ -724,6 +762,7 @@ def run_bench(settings: list[tuple[str, int]], *, out: str, profile: Profile, de
       gc.collect()
       summarise(setting)
       write_json(out, doc)
+    keep_earlier(setting, earlier.get(setting["name"]), log=log)
     summarise(setting)
     write_json(out, doc)
   doc["elapsed_s"] = time.perf_counter() - t_start
@@ -810,8 +849,9 @@ def main(argv=None) -> int:
                   colocated=args.colocated, only=tuple(n for n in args.only.split(",") if n),
                   search_steps=args.search_steps, search_s=args.search_s, seed=args.seed,
                   log=lambda m: print(m, flush=True), t_start=t_start, merge=merge)
+  ran = {setting_name(m, g, args.batch) for m, g in settings}
   for st in doc["settings"]:
-    if st["name"] not in {f"{m}:{g}" for m, g in settings}:
+    if st["name"] not in ran:
       continue  # Merged from an earlier file.
     print(f"{st['name']}: {json.dumps(st.get('summary', {}), default=float)}")
     for p in st["plans"]:
@@ -819,8 +859,7 @@ def main(argv=None) -> int:
       print(f"  {p['name']:<20} {p['status']:<8} measured {ms if ms is None else round(ms, 4)}  predicted "
             f"{p['predicted_s']:.4f}  identical_to {p['identical_to']}")
   if args.fit_profile:
-    fitted_profile, fitted = fit_profile(profile, [st for st in doc["settings"]
-                                                   if st["name"] in {f"{m}:{g}" for m, g in settings}])
+    fitted_profile, fitted = fit_profile(profile, [st for st in doc["settings"] if st["name"] in ran])
     write_json(args.fit_profile, fitted_profile.to_dict())
     print(f"fitted time factors {json.dumps(fitted)} -> {args.fit_profile}")
   print(f"done in {time.perf_counter() - t_start:.0f} s; wrote {out}", flush=True)

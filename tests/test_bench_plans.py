@@ -53,11 +53,11 @@ def test_busy_times_subtracts_waiting():
 def test_run_bench_tiny(tmp_path):
   """The core function end to end on 2 of the 8 CPU devices: plan, run every plan, JSON after each."""
   out = tmp_path / "plans.json"
-  earlier = {"settings": [{"name": "7b:1024", "plans": []}, {"name": "tiny:4", "plans": ["stale"]}]}
+  earlier = {"settings": [{"name": "7b:1024", "plans": []}, {"name": "tiny:4:b8", "plans": ["stale"]}]}
   doc = bp.run_bench([("tiny", 4)], out=str(out), profile=Profile.load("h100_sxm"), devices=2, warmup=1, iters=1,
                      batch=8, prompt=8, search_steps=500, log=lambda m: None, merge=earlier)
   saved = json.loads(out.read_text())
-  assert [s["name"] for s in saved["settings"]] == [s["name"] for s in doc["settings"]] == ["7b:1024", "tiny:4"]
+  assert [s["name"] for s in saved["settings"]] == [s["name"] for s in doc["settings"]] == ["7b:1024", "tiny:4:b8"]
   for key in ("card", "jax", "date", "devices_used", "settings"):
     assert key in saved, key
   setting = saved["settings"][1]
@@ -87,7 +87,7 @@ def test_run_bench_tiny(tmp_path):
 
   # --repredict: the same profile and code predict every measured plan exactly as at run time.
   again = bp.repredict(saved, Profile.load("h100_sxm"), log=lambda m: None)
-  assert [st["name"] for st in again["settings"]] == ["7b:1024", "tiny:4"] and again["settings"][0]["plans"] == []
+  assert [st["name"] for st in again["settings"]] == ["7b:1024", "tiny:4:b8"] and again["settings"][0]["plans"] == []
   rows = again["settings"][1]["plans"]
   assert [r["plan"] for r in rows] == names
   for r, p in zip(rows, setting["plans"]):
@@ -161,3 +161,30 @@ def test_plan_only_predicts_without_running(monkeypatch):
     assert r["heuristics_s"] and set(r["searched_plan"]) >= {"actor_gen", "actor_train"}
     assert r["speedup_predicted"] == pytest.approx(min(r["heuristics_s"].values()) / r["searched_s"])
     assert r["searched_s"] <= min(r["heuristics_s"].values()) + 1e-9  # the search scores the baselines too
+
+
+def test_setting_names_carry_a_non_default_batch():
+  assert bp.setting_name("7b7b", 1024) == bp.setting_name("7b7b", 1024, 64) == "7b7b:1024"
+  assert bp.setting_name("7b7b", 1024, 256) == "7b7b:1024:b256"
+  assert bp.split_setting_name("7b7b:1024:b256") == ("7b7b", 1024) == bp.split_setting_name("7b7b:1024")
+
+
+def test_keep_earlier_merges_only_the_same_plan_measured():
+  run = {"card": "H200", "jax": "0.11.2", "date": "2026-11-27"}
+  earlier = {"name": "7b7b:1024:b256", "run": run, "plans": [
+      {"name": "searched", "plan": "A", "status": "ok", "measured_s": 40.0, "identical_to": ["x"]},
+      {"name": "colocated-d1f2t2", "plan": "B", "status": "ok", "measured_s": 55.0},
+      {"name": "colocated-d1f4t1", "plan": "C", "status": "error", "measured_s": None}]}
+  now = {"name": "7b7b:1024:b256", "plans": [
+      {"name": "searched", "plan": "A", "status": "skipped (--only)", "identical_to": []},
+      {"name": "colocated-d1f2t2", "plan": "B2", "status": "skipped (--only)", "identical_to": []},
+      {"name": "colocated-d1f4t1", "plan": "C", "status": "skipped (budget)", "identical_to": []},
+      {"name": "disaggregated", "plan": "D", "status": "ok", "measured_s": 90.0, "identical_to": []}]}
+  said = []
+  bp.keep_earlier(now, earlier, log=said.append)
+  searched, col, failed, dis = now["plans"]
+  assert searched["status"] == "ok" and searched["measured_s"] == 40.0 and searched["merged_from"] == run
+  assert searched["identical_to"] == []  # This run's twins, not the earlier run's.
+  assert col["status"] == "skipped (--only)" and "B2" in said[0]  # Another search result: not merged.
+  assert failed["status"] == "skipped (budget)" and dis["measured_s"] == 90.0 and len(said) == 1
+  bp.keep_earlier(now, None)
