@@ -179,3 +179,34 @@ def test_config_validation(bad, match):
 def test_unknown_preset():
   with pytest.raises(ValueError, match="unknown model preset 'llama-9b'"):
     get_config("llama-9b")
+
+
+def _checkpoint_eqns(jaxpr):
+  """Every rematerialisation equation of a closed jaxpr, sub-jaxprs (scan bodies) included."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if "prevent_cse" in eqn.params:
+      out.append(eqn)
+    for v in eqn.params.values():
+      for sub in v if isinstance(v, (tuple, list)) else (v,):
+        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          out.extend(_checkpoint_eqns(sub))
+  return out
+
+
+@pytest.mark.parametrize("unroll", [True, False])
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_keeps_cse_barriers_when_the_layers_are_unrolled(unroll, remat):
+  """Unrolled layers must keep prevent_cse: without it XLA merged the recomputation with the forward on
+  GPU and "full" remat saved nothing (87.6 vs 40.8 GiB for a 7B step on 4x H200). Under scan it is off."""
+  cfg = get_config("tiny", remat=remat, unroll_layers=unroll)
+  graphdef, state = nnx.split(create_model(cfg, seed=0))
+  tokens = jnp.ones((2, 8), jnp.int32)
+
+  def loss(state):
+    return nnx.merge(graphdef, state)(tokens, train=True).astype(jnp.float32).sum()
+
+  eqns = _checkpoint_eqns(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
+  assert len(eqns) >= (cfg.n_layers if unroll else 1), [e.primitive.name for e in eqns]
+  assert all(e.params["prevent_cse"] is unroll for e in eqns), [e.params["prevent_cse"] for e in eqns]
