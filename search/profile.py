@@ -20,7 +20,8 @@ reallocation cost model reads the same file). Fields beyond Hardware's:
 * `inter_host_collective_latency_s`: the same for a collective whose group spans hosts; None (default,
   not measured) = `collective_latency_s`.
 * `calibration`: per call kind, multiplicative factors of the analytic estimator tier
-  (`flops`, `bytes`, `comm`, `memory`) fitted against compiled estimates (`estimator.fit_calibration`),
+  (`flops`, `bytes`, `comm`, `memory`) fitted against compiled estimates (`estimator.fit_calibration`)
+  or measured peaks (`memory`, and `memory_tensor` for layouts with tensor > 1: `Estimator.memory_factor`),
   and the time terms fitted against timed runs: `time` (all of the call's seconds), `bytes_time`
   (HBM time's weight), `comm_time` (the exposed share of FSDP gathers and reduce-scatters),
   `reduce_time` (the same for all-reduces: tensor-parallel activations, data-parallel gradients) and

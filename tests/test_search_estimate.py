@@ -78,3 +78,23 @@ def test_analytic_attention_and_heads():
   per_token_dense = SHAPE.dense_flops_per_token("lm")
   assert no_attn == pytest.approx(8 * 256 * (per_token_dense + 4 * SHAPE.n_layers * SHAPE.n_heads * SHAPE.head_dim
                                              * 256))
+
+
+def test_memory_factor_under_tensor_parallelism():
+  """A train step's analytic temp takes the kind's `memory` factor, or `memory_tensor` where tensor > 1
+  and the profile has one; other kinds and profiles without it are unchanged."""
+  from search.estimator import Estimator
+  from search.profile import Profile
+  base = Profile.load("h100_sxm")
+  cal = {k: dict(v) for k, v in base.calibration.items()}
+  cal.setdefault("train_step", {}).update(memory=0.9, memory_tensor=1.5)
+  prof = base.replace(calibration=cal)
+  train = CallSpec("t", "m", "train_step", 8, SHAPE, seq_len=64, trained=True)
+  infer = CallSpec("i", "m", "inference", 8, SHAPE, seq_len=64)
+  fsdp, tensor = Layout.on(0, fsdp=2), Layout.on(0, fsdp=2, tensor=2)
+  est, plain = Estimator(prof, mode="analytic", cache_dir=""), Estimator(base, mode="analytic", cache_dir="")
+  for spec, lay, want in [(train, fsdp, 0.9), (train, tensor, 1.5), (infer, tensor, base.factor("inference", "memory"))]:
+    raw = analytic_counts(spec, lay).temp_bytes
+    assert est.memory_factor(spec, lay) == want
+    assert est.analytic(spec, lay).temp_bytes == pytest.approx(raw * want, rel=1e-12), (spec.kind, lay)
+  assert plain.memory_factor(train, tensor) == base.factor("train_step", "memory")
