@@ -80,7 +80,8 @@ from real_jax.experiment import Experiment, experiment_from_config  # noqa: E402
 from real_jax.generation import SamplingConfig  # noqa: E402
 from real_jax.models import abstract_model, param_count  # noqa: E402
 from real_jax.plan_inputs import PROMPT_BUCKET, call_specs  # noqa: E402
-from real_jax.runtime.engine import Engine, ModelSlot, check_plan, home_layouts, reallocate_state  # noqa: E402
+from real_jax.runtime.engine import (Engine, ModelSlot, check_plan, dump_stacks_on_signal, home_layouts,  # noqa: E402
+                                     reallocate_state)
 from real_jax.runtime.loop import check_plan_for  # noqa: E402
 from real_jax.runtime.registry import get_program  # noqa: E402
 from real_jax.train_step import init_train_state  # noqa: E402
@@ -807,6 +808,7 @@ def main(argv=None) -> int:
   ap.add_argument("--merge", default=None,
                   help="an earlier results JSON: its other settings are kept in --out (one file for several calls)")
   args = ap.parse_args(argv)
+  dump_stacks_on_signal()  # bench/gpu/plans.sh sends SIGUSR1 before its timeout kills a plan run that hangs.
   if args.smoke:
     if args.settings == ap.get_default("settings"):
       args.settings = SMOKE_SETTINGS

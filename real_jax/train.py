@@ -44,6 +44,8 @@ def initialize_distributed() -> None:
 
 def main(argv) -> None:
   del argv
+  from real_jax.runtime.engine import dump_stacks_on_signal
+  dump_stacks_on_signal()  # kill -USR1 <pid>: every thread's stack, for a run that hangs.
   initialize_distributed()
   exp = experiment_from_config(_CONFIG.value)
   run(exp, _WORKDIR.value, log=main_log, progress=None)

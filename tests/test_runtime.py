@@ -474,3 +474,27 @@ def test_engine_failure_paths_raise_promptly_and_never_exit_once_raised(monkeypa
   engine._failed("t", RuntimeError("late"))
   time.sleep(0.6)
   assert exits == []
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_process_goes_on():
+  """`dump_stacks_on_signal` (real_jax.train and bench/plans.py install it): a hung run says where each
+  thread waits, and the process is not stopped by the signal."""
+  import signal
+  import subprocess
+  import sys
+  if not hasattr(signal, "SIGUSR1"):
+    pytest.skip("no SIGUSR1 on this platform")
+  code = ("import os, signal, threading, time\n"
+          "from real_jax.runtime.engine import dump_stacks_on_signal\n"
+          "assert dump_stacks_on_signal()\n"
+          "def waiting_lane():\n  time.sleep(30)\n"
+          "threading.Thread(target=waiting_lane, daemon=True).start()\n"
+          "time.sleep(0.2)\n"
+          "os.kill(os.getpid(), signal.SIGUSR1)\n"
+          "time.sleep(0.2)\n"
+          "print('still running')\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "still running"
+  assert "in waiting_lane" in out.stderr and "Current thread" in out.stderr, out.stderr[-2000:]

@@ -86,7 +86,8 @@ echo "== [$SECONDS s] plans with profile $PROFILE_USED" >> $LOG
 LEFT=$((END_S - SECONDS))
 BUDGET=$((LEFT - 105))
 [ $BUDGET -lt 60 ] && BUDGET=60
-timeout $((LEFT - 5)) $PY bench/plans.py --settings $SETTINGS ${BATCH:+--batch $BATCH} --devices $N --colocated $COLOCATED \
+# SIGUSR1 first: bench/plans.py prints every thread's stack (where a hung plan run waits), then the kill.
+timeout -s USR1 -k 10 $((LEFT - 15)) $PY bench/plans.py --settings $SETTINGS ${BATCH:+--batch $BATCH} --devices $N --colocated $COLOCATED \
   --warmup 1 --iters ${ITERS:-2} --budget $BUDGET --search-s 30 --profile $PROFILE_USED --out $OUT/plans-${CARD}x$N.json \
   --fit-profile $OUT/${CARD}_${N}gpu_plans_fit.json >> $LOG 2>&1
 echo "plans exit $? at $SECONDS s" >> $LOG

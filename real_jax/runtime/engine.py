@@ -45,7 +45,9 @@ function per call, `fn(engine, call, layout, inputs) -> outputs`.
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import os
+import signal
 import sys
 import threading
 import time
@@ -422,6 +424,20 @@ class _Lane:
     or reads one of its outputs."""
     return bool(self.devices & devices) or call.model == self.call.model or bool(
         set(call.inputs) & set(self.call.outputs))
+
+
+def dump_stacks_on_signal(sig: int | None = None) -> bool:
+  """Makes `sig` (default SIGUSR1) print every Python thread's stack to stderr, the process going on.
+
+  A process that hangs without a failure (on 4x H200 a plan's first tensor=4 program once waited in
+  NCCL's rendezvous for GPU 0 until the call's limit) says where each thread is blocked: the main
+  thread in which call's dispatch, the train lanes and watchers in which wait. Send it before killing
+  (`timeout -s USR1 -k 15 ...`). False where the platform has no such signal."""
+  sig = getattr(signal, "SIGUSR1", None) if sig is None else sig
+  if sig is None:
+    return False
+  faulthandler.register(sig, file=sys.stderr, all_threads=True, chain=False)
+  return True
 
 
 def _batch_layout(layout: Layout) -> Layout:
