@@ -615,6 +615,41 @@ def repredict(doc: dict, profile: Profile, *, log=print) -> dict:
   return out
 
 
+def call_records(doc: dict, names: set[str] | None = None, kinds: tuple[str, ...] = ("train_step",),
+                 source: str = "") -> list[dict]:
+  """The measured calls of `kinds` in a results document (`run_bench`), as calibration records
+  (`search.calibrate`: one step, the call's own measured seconds / its repeats) for `python -m search.profile
+  --refit P --add-records`: in-plan measurements of layouts no standalone case timed. Settings in `names`
+  only (default all); a plan copied from another (`measured_in`) and micro-batched layouts (a case has
+  no micro-batches) are left out."""
+  from search.calibrate import Case
+  platform = "gpu" if doc.get("card", "gpu") != "cpu" else "cpu"
+  out = []
+  for st in doc["settings"]:
+    if names is not None and st["name"] not in names:
+      continue
+    models, gen = split_setting_name(st["name"])
+    exp = make_experiment(models, gen, batch=st.get("batch"), prompt=st.get("prompt_len"))
+    _, specs = call_specs(exp, lowerable=False, platform=platform)
+    for p in st["plans"]:
+      if p.get("status") != "ok" or p.get("measured_in"):
+        continue
+      lays = ExecutionPlan.parse(p["plan"]).layouts
+      for c, m in p.get("calls", {}).items():
+        spec, lay = specs[c], lays[c]
+        if spec.kind not in kinds or not m.get("measured_s") or lay.strategy.micro_batches != 1:
+          continue
+        case = Case(exp.models[spec.model].preset, spec.kind, spec.head, layout_to_text(lay), spec.batch,
+                    seq_len=spec.seq_len, prompt_len=spec.prompt_len, new_tokens=spec.new_tokens,
+                    remat=exp.models[spec.model].model_config().remat if spec.kind == "train_step" else "")
+        out.append({"name": case.name, **dataclasses.asdict(case), "shape": dataclasses.asdict(spec.shape),
+                    "fused_attention": spec.fused_attention, "decode_kv_slots": spec.decode_kv_slots,
+                    "measured_s": m["measured_s"] / spec.repeats, "repeats_in_plan": spec.repeats,
+                    "source": f"{source} {st['name']} {p['name']} {c}".strip(),
+                    "run": p.get("merged_from") or st.get("run")})
+  return out
+
+
 def plan_only(settings: list[tuple[str, int]], batches: list[int | None], profile: Profile, *, devices: int,
               search_s: float, seed: int, platform: str | None, log=print) -> dict:
   """Runs nothing: per setting and batch, the searched plan's and the heuristics' predicted iteration
@@ -698,8 +733,7 @@ def run_bench(settings: list[tuple[str, int]], *, out: str, profile: Profile, de
   doc = {**header(), "profile": profile.name, "profile_calibration": profile.calibration,
          "profile_memory_bytes": profile.memory_bytes, "devices_used": n,
          "args": {"settings": ",".join(f"{m}:{g}" for m, g in settings), "batch": batch, "warmup": warmup,
-                  "iters": iters,
-                  "budget_s": budget if math.isfinite(budget) else None, "colocated": colocated,
+                  "iters": iters, "budget_s": budget if math.isfinite(budget) else None, "colocated": colocated,
                   "search_steps": search_steps, "seed": seed},
          "settings": []}
   names = {setting_name(m, g, batch) for m, g in settings}
@@ -709,7 +743,8 @@ def run_bench(settings: list[tuple[str, int]], *, out: str, profile: Profile, de
   for models, gen in settings:
     exp = make_experiment(models, gen, batch=batch, prompt=prompt)
     cfgs = {r: exp.models[r].model_config() for r in exp.models}
-    setting = {"name": setting_name(models, gen, exp.data.batch_size), "models": {r: exp.models[r].preset for r in exp.models},
+    setting = {"name": setting_name(models, gen, exp.data.batch_size),
+               "models": {r: exp.models[r].preset for r in exp.models},
                "params": {r: param_count(cfgs[r], exp.models[r].head) for r in exp.models},
                "batch": exp.data.batch_size, "prompt_len": exp.data.max_prompt_len, "gen_len": gen,
                "ppo_epochs": exp.ppo.ppo_epochs, "mini_batches": exp.ppo.mini_batches, "devices": n,
@@ -800,6 +835,10 @@ def main(argv=None) -> int:
   ap.add_argument("--repredict", default=None, metavar="RESULTS",
                   help="run nothing: predict every measured plan of RESULTS (a plans-<card>.json) again under "
                   "--profile, layouts as run, and print measured / predicted then and now (--out: write it)")
+  ap.add_argument("--call-records", default=None, metavar="RESULTS",
+                  help="run nothing: write (--out) the measured train calls of RESULTS as calibration records, one "
+                  "step each, for python -m search.profile --refit P --add-records (--settings-only: which settings)")
+  ap.add_argument("--settings-only", default="", help="--call-records: comma list of setting names (default all)")
   ap.add_argument("--plan-only", action="store_true",
                   help="run nothing: print (and with --out write) the searched and heuristic plans' predicted times "
                   "for every setting and --batches entry, e.g. on CPU for GPUs with --platform gpu --devices 4")
@@ -825,6 +864,18 @@ def main(argv=None) -> int:
     res = repredict(doc, Profile.load(args.profile), log=lambda m: print(m, flush=True))
     if args.out:
       write_json(args.out, res)
+    return 0
+  if args.call_records:
+    with open(args.call_records) as f:
+      doc = json.load(f)
+    names = {n.strip() for n in args.settings_only.split(",") if n.strip()} or None
+    recs = call_records(doc, names, source=os.path.relpath(args.call_records, REPO))
+    if not recs:
+      raise SystemExit(f"--call-records {args.call_records}: no measured train call in settings {names or 'any'}")
+    for r in recs:
+      print(f"{r['source']}: {r['name']} {r['measured_s']:.4f} s per step")
+    if args.out:
+      write_json(args.out, {"records": recs})
     return 0
   settings = parse_settings(args.settings)
   if args.plan_only:

@@ -586,7 +586,7 @@ def calibrate(base: Profile, *, out: str = "", budget_s: float = 240.0, reps: in
 TIME_TERMS = ("time", "bytes_time", "comm_time", "reduce_time", "call_overhead_s")  # what `fit` sets per kind
 
 
-def refit(path: str, base: Profile | None = None) -> Profile:
+def refit(path: str, base: Profile | None = None, add: Sequence[dict] = ()) -> Profile:
   """Fits again from the records of a profile written by `calibrate` (e.g. a run cut off before its
   fit, or after changing the fit, or with records added); `base` defaults to the base profile that run
   started from. The time terms come from the fit; everything else stays as the written profile has it:
@@ -596,6 +596,9 @@ def refit(path: str, base: Profile | None = None) -> Profile:
   feasible ran out of memory.)"""
   written = Profile.load(path)
   rep = dict(written.calibration_report)
+  if add:  # Records added (e.g. in-plan calls, bench/plans.py --call-records); one of each name and source.
+    have = {(r["name"], r.get("source", "")) for r in rep.get("records", [])}
+    rep["records"] = list(rep.get("records", [])) + [r for r in add if (r["name"], r.get("source", "")) not in have]
   if not rep.get("records"):
     raise ValueError(f"{path}: no calibration_report.records to fit")
   if base is None:

@@ -240,16 +240,24 @@ def main(argv=None) -> None:
                  "default ones (--models / --kinds), e.g. '1.3b generate 0:2/d2f1t1 b128p128n512; 350m values "
                  "0:2/d2f1t1 b128s640; 1.3b train 0:2/d1f2t1 b32s640 remat=full' (search.calibrate.Case.parse)")
   p.add_argument("--refit", default="", help="fit again from the records of this calibrated profile (no timing)")
+  p.add_argument("--add-records", default="", help="--refit: a JSON file of more records ({'records': [...]}, e.g. "
+                 "bench/plans.py --call-records) kept in the profile's report and fitted with the others")
   p.add_argument("--from-bench", default="", help="fit --base to the timed calls of a bench/results/calls-<card>.json "
                  "(no timing)")
   args = p.parse_args(argv)
   if args.devices:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}").strip()
+  if args.add_records and not args.refit:
+    raise SystemExit("--add-records goes with --refit (the profile whose records it adds to)")
   if args.refit or args.from_bench:
     from search import calibrate as cal
     if args.refit:
-      prof = cal.refit(args.refit, Profile.load(args.base) if args.base else None)
+      add = []
+      if args.add_records:
+        with open(args.add_records) as f:
+          add = json.load(f)["records"]
+      prof = cal.refit(args.refit, Profile.load(args.base) if args.base else None, add)
     else:
       if not args.base:
         raise SystemExit("--from-bench needs --base (the profile the bench machine's calls are fitted to)")

@@ -102,6 +102,19 @@ def test_run_bench_tiny(tmp_path):
   assert all(r["predicted_s"] is None and "GiB usable" in r["infeasible"] for r in none_fit["settings"][1]["plans"])
   assert none_fit["summary"]["plans"]["n"] == 0
 
+  # --call-records: each measured train call as one step of a calibration record, priced like the call.
+  from search.calibrate import Case, predict
+  recs = bp.call_records(saved, {"tiny:4:b8"}, source="t.json")
+  assert bp.call_records(saved, {"7b:1024"}) == []
+  assert recs and {r["source"].split()[-1] for r in recs} <= {"actor_train", "critic_train"}
+  for r in recs:
+    _, _, plan_name, call_name = r["source"].split()
+    plan = next(p for p in setting["plans"] if p["name"] == plan_name and not p.get("measured_in"))
+    assert r["measured_s"] == pytest.approx(plan["calls"][call_name]["measured_s"] / r["repeats_in_plan"], rel=1e-12)
+    assert Case.parse(r["name"]).layout == r["layout"] and f"{call_name}={r['layout']}" in plan["plan"]
+    terms = plan["predicted_call_terms"][call_name]["terms_s"]
+    assert predict(Profile.load("h100_sxm"), r) * r["repeats_in_plan"] == pytest.approx(sum(terms.values()), rel=1e-6)
+
 
 def test_fit_profile_geometric_mean_per_kind():
   base = Profile.load("h100_sxm")

@@ -221,3 +221,19 @@ def test_refit_keeps_what_the_fit_does_not_set(tmp_path):
   assert fitted.calibration["train_step"]["memory"] == 1.6 and fitted.calibration["generate"]["flops"] == 1.1
   assert fitted.calibration["train_step"]["time"] != 9.0  # time terms: the fit's, not the written ones
   assert set(fitted.calibration["train_step"]) - {"memory"} <= set(TIME_TERMS)
+
+
+def test_refit_with_added_records_fits_them_once(tmp_path):
+  """`refit(add=...)` (search.profile --refit P --add-records R): the added records join the report and the
+  fit; one already there (same name and source) is not added twice."""
+  from search.calibrate import refit
+  recs = _records({"small": SMALL, "large": LARGE})
+  written = TRUE.replace(calibration_report={"records": recs[:-1], "base_profile": PROFILE.to_dict()})
+  path = tmp_path / "p.json"
+  written.save(str(path))
+  fewer = refit(str(path))
+  more = refit(str(path), add=[recs[-1], recs[0]])
+  got = more.calibration_report["records"]
+  assert [r["name"] for r in got] == [r["name"] for r in recs]  # recs[0] was there already
+  assert more.calibration_report["summary"]["all_calls"]["after"]["calls"] == len(recs)
+  assert fewer.calibration_report["summary"]["all_calls"]["after"]["calls"] == len(recs) - 1

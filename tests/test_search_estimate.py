@@ -93,7 +93,8 @@ def test_memory_factor_under_tensor_parallelism():
   infer = CallSpec("i", "m", "inference", 8, SHAPE, seq_len=64)
   fsdp, tensor = Layout.on(0, fsdp=2), Layout.on(0, fsdp=2, tensor=2)
   est, plain = Estimator(prof, mode="analytic", cache_dir=""), Estimator(base, mode="analytic", cache_dir="")
-  for spec, lay, want in [(train, fsdp, 0.9), (train, tensor, 1.5), (infer, tensor, base.factor("inference", "memory"))]:
+  cases = [(train, fsdp, 0.9), (train, tensor, 1.5), (infer, tensor, base.factor("inference", "memory"))]
+  for spec, lay, want in cases:
     raw = analytic_counts(spec, lay).temp_bytes
     assert est.memory_factor(spec, lay) == want
     assert est.analytic(spec, lay).temp_bytes == pytest.approx(raw * want, rel=1e-12), (spec.kind, lay)
