@@ -85,6 +85,7 @@ from real_jax.runtime.engine import (Engine, ModelSlot, check_plan, dump_stacks_
 from real_jax.runtime.loop import check_plan_for  # noqa: E402
 from real_jax.runtime.registry import get_program  # noqa: E402
 from real_jax.train_step import init_train_state  # noqa: E402
+from search.calibrate import Case  # noqa: E402
 from search.estimator import Estimator  # noqa: E402
 from search.plan import ExecutionPlan, layout_to_text  # noqa: E402
 from search.profile import Profile  # noqa: E402
@@ -622,7 +623,6 @@ def call_records(doc: dict, names: set[str] | None = None, kinds: tuple[str, ...
   --refit P --add-records`: in-plan measurements of layouts no standalone case timed. Settings in `names`
   only (default all); a plan copied from another (`measured_in`) and micro-batched layouts (a case has
   no micro-batches) are left out."""
-  from search.calibrate import Case
   platform = "gpu" if doc.get("card", "gpu") != "cpu" else "cpu"
   out = []
   for st in doc["settings"]:

@@ -215,14 +215,18 @@ def for_card(device_kind: str) -> Hardware:
   """The profile of a card, by `jax.Device.device_kind` ("NVIDIA H200", "NVIDIA H100 80GB HBM3"):
   the first of `PROFILES` whose key is a word of the name (case-insensitive); `DEFAULT` for any other card
   (CPU included), since realloc_cost needs some profile to rank plans."""
-  words = set(device_kind.lower().replace("-", " ").split())  # "gh200" is not "h200"
+  words = _card_words(device_kind)
   return next((hw for key, hw in PROFILES.items() if key in words), DEFAULT)
+
+
+def _card_words(device_kind: str) -> set[str]:
+  return set(device_kind.lower().replace("-", " ").split())  # Whole words: "gh200" is not "h200".
 
 
 def for_machine(device_kind: str, local_devices: int) -> Hardware:
   """The profile of a machine kind: `MACHINE_PROFILES[(card, local_devices)]` where one was measured
   (host dispatch costs differ between hosts with the same card), else `for_card`."""
-  words = set(device_kind.lower().replace("-", " ").split())
+  words = _card_words(device_kind)
   return next((hw for (key, n), hw in MACHINE_PROFILES.items() if key in words and n == local_devices),
               for_card(device_kind))
 

@@ -49,11 +49,11 @@ General algorithm, per leaf (planning in `sharding/_realloc_plan.py`, pure and c
    k, the destinations ordered so that each round spreads over the targets: a GPU sends its copies
    one after another in issue order, `_realloc_plan._transfer_slots`); per class ONE global array
    over the target mesh made of its buffers (`make_array_from_single_device_arrays`; a direct
-   class's shard on its own device is used in place); per target mesh ONE jitted `shard_map` "unpack" whose inputs are the class
-   arrays and whose OUTPUTS are the bucket's target arrays with their target shardings (every
-   device slices the same offsets of its own buffers, so one SPMD program serves all of them; XLA
-   creates the global arrays). Pass-through leaves are assembled from their buffers as they are
-   (one Python array each, no copy). A bucket thus costs a handful of dispatches, one transfer per
+   class's shard on its own device is used in place); per target mesh ONE jitted `shard_map`
+   "unpack" whose inputs are the class arrays and whose OUTPUTS are the bucket's target arrays
+   with their target shardings (every device slices the same offsets of its own buffers, so one
+   SPMD program serves all of them; XLA creates the global arrays). Pass-through leaves are
+   assembled from their buffers as they are (one Python array each, no copy). A bucket thus costs a handful of dispatches, one transfer per
    (class, target device) and one Python array per class, whatever its leaf count. Plans and
    programs are cached by the leaves' (shapes, dtypes, shardings) and the targets: a repeated
    reallocation finds them with one dict lookup and only dispatches. No host round trip.
@@ -293,7 +293,7 @@ class _BucketProgram:
     # Inside this process: one batched device_put per round of copies (`_realloc_plan._transfer_slots`:
     # a GPU sends its copies in the order they are issued), keys and target shardings made once.
     self.local_rounds = []  # ([(class, target position)], [target sharding])
-    for rnd in bp.rounds or (bp.transfers,):
+    for rnd in bp.rounds:  # Empty when nothing changes device.
       keys, dsts = [], []
       for ci, j in rnd:
         src, dst = bp.classes[ci].srcs[j], bp.classes[ci].mesh.devices.flat[j]
