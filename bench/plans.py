@@ -717,11 +717,13 @@ def run_bench(settings: list[tuple[str, int]], *, out: str, profile: Profile, de
               warmup: int = 1, iters: int = 3, budget: float = math.inf, batch: int | None = None,
               prompt: int | None = None, colocated: str = "best", only: tuple[str, ...] = (),
               search_steps: int = 20000, search_s: float = 60.0, seed: int = 0, log=print,
-              t_start: float | None = None,
+              t_start: float | None = None, run_infeasible: bool = False,
               merge: dict | None = None) -> dict:
   """Plans and runs every setting; rewrites `out` after every plan run; returns the document.
 
   merge: an earlier results document whose settings (other than those run now) are kept, first.
+  run_infeasible: run plans the simulator says run out of memory too (recorded with `predicted_infeasible`),
+  to test the memory model where it is the only reason a heuristic is not the baseline.
   """
   t_start = time.perf_counter() if t_start is None else t_start
   if iters < 1 or warmup < 0:
@@ -783,8 +785,10 @@ def run_bench(settings: list[tuple[str, int]], *, out: str, profile: Profile, de
         rec["status"] = "skipped (budget)"
         continue
       if not c.sim.feasible:  # E.g. an extra colocated strategy that the simulator says runs out of memory.
-        rec["status"] = f"skipped (predicted infeasible: {c.sim.reason})"
-        continue
+        if not run_infeasible:
+          rec["status"] = f"skipped (predicted infeasible: {c.sim.reason})"
+          continue
+        rec["predicted_infeasible"] = c.sim.reason
       t0 = time.perf_counter()
       try:
         attach(rec, run_plan(exp, c.plan, pool, warmup=warmup, iters=iters, log=log),
@@ -826,6 +830,9 @@ def main(argv=None) -> int:
                   "(run in that order, after the searched plan and the baselines)")
   ap.add_argument("--only", default="", help="comma list of plan names to run (e.g. disaggregated); the others "
                   "are planned and predicted but not run")
+  ap.add_argument("--run-infeasible", action="store_true",
+                  help="also run plans predicted to run out of memory (e.g. a colocated strategy named in "
+                  "--colocated), to test the memory model")
   ap.add_argument("--search-steps", type=int, default=20000)
   ap.add_argument("--search-s", type=float, default=60.0, help="MCMC time limit per setting")
   ap.add_argument("--seed", type=int, default=0)
@@ -901,7 +908,8 @@ def main(argv=None) -> int:
                   iters=args.iters, budget=args.budget, batch=args.batch, prompt=args.prompt,
                   colocated=args.colocated, only=tuple(n for n in args.only.split(",") if n),
                   search_steps=args.search_steps, search_s=args.search_s, seed=args.seed,
-                  log=lambda m: print(m, flush=True), t_start=t_start, merge=merge)
+                  log=lambda m: print(m, flush=True), t_start=t_start, merge=merge,
+                  run_infeasible=args.run_infeasible)
   ran = {setting_name(m, g, args.batch) for m, g in settings}
   for st in doc["settings"]:
     if st["name"] not in ran:

@@ -201,3 +201,37 @@ def test_keep_earlier_merges_only_the_same_plan_measured():
   assert col["status"] == "skipped (--only)" and "B2" in said[0]  # Another search result: not merged.
   assert failed["status"] == "skipped (budget)" and dis["measured_s"] == 90.0 and len(said) == 1
   bp.keep_earlier(now, None)
+
+
+@pytest.mark.parametrize("run_infeasible", [False, True])
+def test_plans_predicted_infeasible_run_only_when_asked(tmp_path, monkeypatch, run_infeasible):
+  """A plan the simulator says runs out of memory is skipped, or with run_infeasible run and marked (to test
+  the memory model, e.g. a colocated tensor=4 heuristic on 4x H200)."""
+  import dataclasses
+  plan_setting = bp.plan_setting
+
+  def one_infeasible(*a, **k):
+    info, cands, planner, graph = plan_setting(*a, **k)
+    cands[-1].sim = dataclasses.replace(cands[-1].sim, feasible=False, time=math.inf,
+                                        reason="device 0 needs 135.3 GiB > 119.5 GiB usable")
+    return info, cands, planner, graph
+  ran = []
+
+  def run_plan(exp, plan, pool, **kw):
+    ran.append(plan.name)
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 97.95GiB")
+  monkeypatch.setattr(bp, "plan_setting", one_infeasible)
+  monkeypatch.setattr(bp, "run_plan", run_plan)
+  doc = bp.run_bench([("tiny", 4)], out=str(tmp_path / "p.json"), profile=Profile.load("h100_sxm"), devices=2,
+                     warmup=1, iters=1, batch=8, prompt=8, search_steps=200, log=lambda m: None,
+                     run_infeasible=run_infeasible)
+  last = doc["settings"][0]["plans"][-1]
+  assert (last["plan_name"] in ran) == run_infeasible, (ran, last["plan_name"])
+  if run_infeasible:
+    assert last["status"] == "error" and "97.95GiB" in last["error"]
+    assert last["predicted_infeasible"].startswith("device 0 needs 135.3 GiB")
+  else:
+    assert last["status"] == "skipped (predicted infeasible: device 0 needs 135.3 GiB > 119.5 GiB usable)"
+    assert "predicted_infeasible" not in last
+  saved = json.loads((tmp_path / "p.json").read_text())
+  assert saved["settings"][0]["plans"][-1]["status"] == last["status"]
