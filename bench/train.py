@@ -44,6 +44,9 @@ def main():
                   help="ModelConfig.logits_chunk values (0: auto), one case each")
   ap.add_argument("--unroll-layers", type=int, nargs="+", default=[0], choices=[0, 1],
                   help="ModelConfig.unroll_layers values, one case each")
+  ap.add_argument("--parts", action="store_true",
+                  help="also time the step's halves as separate programs (train_step.make_train_parts): the "
+                  "gradients (forward + backward over the micro-batches) and the optimizer update")
   ap.add_argument("--profile-dir", default=None,
                   help="after timing, trace one more step of each case with jax.profiler (perfetto trace) here")
   args = ap.parse_args()
@@ -61,7 +64,7 @@ def main():
   from bench._common import header, matmul_peak, timed, write
   from real_jax.models import create_model, get_config, param_count
   from real_jax.optim import OptimizerConfig
-  from real_jax.train_step import init_train_state, make_train_step, next_token_loss
+  from real_jax.train_step import init_train_state, make_train_parts, make_train_step, next_token_loss
   from sharding import Layout
 
   out = header()
@@ -114,6 +117,10 @@ def main():
           t, (st, met) = timed(step, st, b)
           times.append(t)
         t = float(np.median(times))
+        if args.parts:
+          st, parts = _time_parts(make_train_parts(graphdef, next_token_loss, opt, layout, micro_batches=k,
+                                                   params=st.params, batch_example=b), st, b, args.steps, timed)
+          rec.update(parts, step_minus_parts_s=t - parts["grads_s"] - parts["update_s"])
         if args.profile_dir:
           d = os.path.join(args.profile_dir, f"{name}-{lname}-k{k}-{attn}-c{chunk}-u{unroll}-{remat}".replace("=", "").replace(",", "_"))
           with jax.profiler.trace(d, create_perfetto_trace=True):
@@ -127,7 +134,9 @@ def main():
                     "mfu_measured_peak": flops / t / (ndev * peak), "mfu_datasheet": flops / t / (ndev * datasheet)})
         print(f"[train] {name} {lname} k={k} attention={attn} chunk={chunk} unroll={unroll} remat={remat}: "
               f"{t * 1e3:.1f} ms/step, compile {rec['compile_s']:.0f} s, "
-              f"MFU {rec['mfu_measured_peak']:.3f} (measured peak)", flush=True)
+              f"MFU {rec['mfu_measured_peak']:.3f} (measured peak)" +
+              (f"; gradients {rec['grads_s'] * 1e3:.1f} ms, update {rec['update_s'] * 1e3:.1f} ms" if args.parts
+               else ""), flush=True)
         out["train"].append(rec)
         write(args.out, out)
         break
@@ -141,6 +150,24 @@ def main():
         del st
         gc.collect()
   write(args.out, out)
+
+
+def _time_parts(parts, st, batch, steps: int, timed):
+  """(state, {grads_s, update_s}): the median seconds of each half of the step (`make_train_parts`),
+  each program compiled by an untimed first run; the state comes back updated (the update donates it)."""
+  import jax
+  import numpy as np
+  grads, update = parts
+  g = grads(st.params, batch)[0]
+  st, _ = update(st, g)  # Compiles both.
+  jax.block_until_ready(st)
+  gt, ut = [], []
+  for _ in range(steps):
+    tg, out = timed(grads, st.params, batch)
+    tu, (st, _) = timed(update, st, out[0])
+    gt.append(tg)
+    ut.append(tu)
+  return st, {"grads_s": float(np.median(gt)), "update_s": float(np.median(ut))}
 
 
 def _axes(name: str) -> dict:

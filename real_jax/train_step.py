@@ -86,13 +86,13 @@ def _split_micro(batch: dict, k: int) -> dict:
   return jax.tree.map(one, batch)
 
 
-def _step_fn(graphdef, loss_fn: LossFn, opt_cfg: OptimizerConfig, layout: Layout, k: int):
-  opt = make_optimizer(opt_cfg)
-  sched = lr_schedule(opt_cfg)
+def _grads_fn(graphdef, loss_fn: LossFn, layout: Layout, k: int):
+  """(params, batch) -> (grads, loss, aux): the accumulated float32 gradient over k micro-batches, weighted
+  and normalised as the module docstring says (the forward and backward half of a step)."""
 
-  def step(state: TrainState, batch: dict):
+  def grads_of(params, batch: dict):
     with activation_constraints(sharding_hook(layout)):
-      cfg = nnx.merge(graphdef, state.params).cfg
+      cfg = nnx.merge(graphdef, params).cfg
 
       def loss_of(params, mb):
         model = nnx.merge(graphdef, compute_params(params, cfg.dtype))
@@ -100,11 +100,11 @@ def _step_fn(graphdef, loss_fn: LossFn, opt_cfg: OptimizerConfig, layout: Layout
         return loss.astype(jnp.float32), aux
 
       grad_fn = jax.value_and_grad(loss_of, has_aux=True)
-      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
       def acc(carry, mb):
         g_sum, l_sum, a_sum, w_sum = carry
-        (loss, aux), g = grad_fn(state.params, mb)
+        (loss, aux), g = grad_fn(params, mb)
         aux = dict(aux)
         w = jnp.asarray(aux.pop(LOSS_WEIGHT, 1.0), jnp.float32)
         g_sum = jax.tree.map(lambda s, x: s + w * x.astype(jnp.float32), g_sum, g)
@@ -112,7 +112,7 @@ def _step_fn(graphdef, loss_fn: LossFn, opt_cfg: OptimizerConfig, layout: Layout
         return (g_sum, l_sum + w * loss, a_sum, w_sum + w), None
 
       if k == 1:
-        (loss, aux), grads = grad_fn(state.params, batch)
+        (loss, aux), grads = grad_fn(params, batch)
         aux = dict(aux)
         aux.pop(LOSS_WEIGHT, None)
         grads = jax.tree.map(lambda x: x.astype(jnp.float32), grads)
@@ -120,7 +120,7 @@ def _step_fn(graphdef, loss_fn: LossFn, opt_cfg: OptimizerConfig, layout: Layout
       else:
         mbs = _split_micro(batch, k)
         first = jax.tree.map(lambda a: a[0], mbs)
-        aux_shape = dict(jax.eval_shape(lambda: loss_of(state.params, first)[1]))
+        aux_shape = dict(jax.eval_shape(lambda: loss_of(params, first)[1]))
         aux_shape.pop(LOSS_WEIGHT, None)
         aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), aux_shape)
         carry0 = (zeros, jnp.zeros((), jnp.float32), aux0, jnp.zeros((), jnp.float32))
@@ -128,12 +128,34 @@ def _step_fn(graphdef, loss_fn: LossFn, opt_cfg: OptimizerConfig, layout: Layout
         w_sum = jnp.maximum(w_sum, jnp.finfo(jnp.float32).tiny)  # All-empty batch: zero update.
         grads = jax.tree.map(lambda g: g / w_sum, grads)
         loss, aux = loss / w_sum, jax.tree.map(lambda a: a / w_sum, aux)
-      grad_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
-      updates, opt_state = opt.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      params = jax.tree.map(lambda new, old: new.astype(old.dtype), params, state.params)
-      metrics = {"loss": loss, "grad_norm": grad_norm, "lr": sched(state.step), **aux}
-      return TrainState(params, opt_state, state.step + 1), metrics
+      return grads, loss, aux
+
+  return grads_of
+
+
+def _update_fn(opt_cfg: OptimizerConfig):
+  """(state, grads) -> (state, grad_norm): the global-norm clip and AdamW (the optimizer half of a step)."""
+  opt = make_optimizer(opt_cfg)
+
+  def update(state: TrainState, grads):
+    grad_norm = optax.tree.norm(grads) if hasattr(optax, "tree") else optax.global_norm(grads)
+    updates, opt_state = opt.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    params = jax.tree.map(lambda new, old: new.astype(old.dtype), params, state.params)
+    return TrainState(params, opt_state, state.step + 1), grad_norm
+
+  return update
+
+
+def _step_fn(graphdef, loss_fn: LossFn, opt_cfg: OptimizerConfig, layout: Layout, k: int):
+  grads_of, update = _grads_fn(graphdef, loss_fn, layout, k), _update_fn(opt_cfg)
+  sched = lr_schedule(opt_cfg)
+
+  def step(state: TrainState, batch: dict):
+    grads, loss, aux = grads_of(state.params, batch)
+    new, grad_norm = update(state, grads)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": sched(state.step), **aux}
+    return new, metrics
 
   return step
 
@@ -158,6 +180,25 @@ def make_train_step(graphdef, loss_fn: LossFn, opt_cfg: OptimizerConfig, layout:
                    out_shardings=(sh, layout.replicated()), donate_argnames=("state",))
 
   return cached(key, build)
+
+
+def make_train_parts(graphdef, loss_fn: LossFn, opt_cfg: OptimizerConfig, layout: Layout, *,
+                     micro_batches: int | None = None, params: Any = None, batch_example: dict | None = None):
+  """The step's two halves as separate jitted programs, to time where a step's time goes (bench/train.py
+  --parts): `grads(params, batch) -> (grads, loss, aux)`, the float32 gradients sharded like the
+  parameters, and `update(state, grads) -> (state, grad_norm)`, the state donated. `update(state,
+  grads(state.params, batch)[0])` gives the state `make_train_step`'s program does, which runs both
+  halves in one program (so XLA may overlap them; the parts' sum is not the step's time). Not cached."""
+  if params is None or batch_example is None:
+    raise ValueError("make_train_parts needs params= (for shardings) and batch_example= (for shapes)")
+  k = micro_batches or layout.strategy.micro_batches
+  sh = state_shardings(params, opt_cfg, layout)
+  bsh = jax.tree.map(lambda a: batch_sharding(layout, tuple(a.shape)), batch_example)
+  grads = jax.jit(_grads_fn(graphdef, loss_fn, layout, k), in_shardings=(sh.params, bsh),
+                  out_shardings=(sh.params, layout.replicated(), layout.replicated()))
+  update = jax.jit(_update_fn(opt_cfg), in_shardings=(sh, sh.params), out_shardings=(sh, layout.replicated()),
+                   donate_argnames=("state",))
+  return grads, update
 
 
 def train_step(graphdef, loss_fn: LossFn, opt_cfg: OptimizerConfig, layout: Layout, state: TrainState,

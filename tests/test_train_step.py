@@ -138,3 +138,36 @@ def test_token_mean_accumulation_is_independent_of_the_split():
   np.testing.assert_allclose(out[True, 4], out[True, 1], rtol=1e-5)
   # Without the weight, the mean of per-micro-batch token means differs: the test can tell.
   assert abs(out[False, 4][1] - out[False, 1][1]) > 1e-3 * out[False, 1][1], out
+
+
+def test_train_parts_compose_to_the_step():
+  """make_train_parts (bench/train.py --parts): update(state, grads(params, batch)) is the fused step's state,
+  sharded (fsdp=2 x tensor=2), with 2 micro-batches; the update donates the state."""
+  from real_jax.train_step import make_train_parts, make_train_step
+  layout = Layout.on(0, fsdp=2, tensor=2)
+  g = nnx.graphdef(create_model(CFG, layout, seed=4))
+  b = _batch()
+  # Two models: a state shares its model's parameter buffers, and each program donates its state.
+  st_a, st_b = (init_train_state(create_model(CFG, layout, seed=4), OPT, layout) for _ in range(2))
+  init0 = np.array(jax.tree.leaves(st_b.params)[0], copy=True)
+  step = make_train_step(g, next_token_loss, OPT, layout, micro_batches=2, params=st_a.params, batch_example=b)
+  grads, update = make_train_parts(g, next_token_loss, OPT, layout, micro_batches=2, params=st_b.params,
+                                   batch_example=b)
+  for i in range(2):  # OPT warms up from lr 0: the second step moves the parameters.
+    st_a, met = step(st_a, b)
+    gr, loss, aux = grads(st_b.params, b)
+    assert jax.tree.structure(gr) == jax.tree.structure(st_b.params)
+    assert set(aux) == set(met) - {"loss", "grad_norm", "lr"}
+    assert all(x.dtype == jnp.float32 and x.sharding == p.sharding
+               for x, p in zip(jax.tree.leaves(gr), jax.tree.leaves(st_b.params)))
+    old = [x for x in jax.tree.leaves(st_b) if x.ndim]
+    st_b, gnorm = update(st_b, gr)
+    assert all(x.is_deleted() for x in old)
+    np.testing.assert_allclose(float(loss), float(met["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(gnorm), float(met["grad_norm"]), rtol=1e-5)
+    assert int(st_b.step) == int(st_a.step) == i + 1
+    for x, y in zip(_params(st_a), _params(st_b)):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  assert np.max(np.abs(_params(st_b)[0] - init0)) > 1e-4  # the update moved the parameters
+  with pytest.raises(ValueError, match="make_train_parts needs params="):
+    make_train_parts(g, next_token_loss, OPT, layout)
