@@ -507,11 +507,15 @@ def summarise(setting: dict) -> None:
   if heur:
     best = min(heur, key=lambda p: p["measured_s"])
     s.update(best_heuristic=best["name"], best_heuristic_measured_s=best["measured_s"])
-    pbest = min(heur, key=lambda p: p["predicted_s"])
-    s.update(best_predicted_heuristic=pbest["name"])
+    # A heuristic run although predicted infeasible (--run-infeasible) has no finite prediction: inf in
+    # this run, None once written and merged back (--merge).
+    feasible = [p for p in heur if _finite(p["predicted_s"]) is not None]
+    pbest = min(feasible, key=lambda p: p["predicted_s"]) if feasible else None
+    s.update(best_predicted_heuristic=pbest and pbest["name"])
     if searched:
       s["speedup_measured"] = best["measured_s"] / searched["measured_s"]
-      s["speedup_predicted"] = pbest["predicted_s"] / searched["predicted_s"]
+      if pbest and _finite(searched["predicted_s"]) is not None:
+        s["speedup_predicted"] = pbest["predicted_s"] / searched["predicted_s"]
   if searched:
     s["searched_measured_s"] = searched["measured_s"]
     s["searched_identical_to"] = searched["identical_to"]
@@ -916,9 +920,9 @@ def main(argv=None) -> int:
       continue  # Merged from an earlier file.
     print(f"{st['name']}: {json.dumps(st.get('summary', {}), default=float)}")
     for p in st["plans"]:
-      ms = p.get("measured_s")
+      ms, ps = p.get("measured_s"), _finite(p.get("predicted_s"))
       print(f"  {p['name']:<20} {p['status']:<8} measured {ms if ms is None else round(ms, 4)}  predicted "
-            f"{p['predicted_s']:.4f}  identical_to {p['identical_to']}")
+            f"{'infeasible' if ps is None else f'{ps:.4f}'}  identical_to {p['identical_to']}")
   if args.fit_profile:
     fitted_profile, fitted = fit_profile(profile, [st for st in doc["settings"] if st["name"] in ran])
     write_json(args.fit_profile, fitted_profile.to_dict())

@@ -118,10 +118,14 @@ def main():
           times.append(t)
         t = float(np.median(times))
         if args.parts:
-          st, parts = _time_parts(make_train_parts(graphdef, next_token_loss, opt, layout, micro_batches=k,
-                                                   params=st.params, batch_example=b), st, b, args.steps, timed)
-          rec.update(parts, step_minus_parts_s=t - parts["grads_s"] - parts["update_s"])
-        if args.profile_dir:
+          try:  # A failure here (say, out of memory) keeps the fused step's time.
+            st, parts = _time_parts(make_train_parts(graphdef, next_token_loss, opt, layout, micro_batches=k,
+                                                     params=st.params, batch_example=b), st, b, args.steps, timed)
+            rec.update(parts, step_minus_parts_s=t - parts["grads_s"] - parts["update_s"])
+          except Exception as e:  # noqa: BLE001
+            rec["parts_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            st = None  # The update may have consumed (donated) it; the case ends with this record.
+        if args.profile_dir and st is not None:
           d = os.path.join(args.profile_dir, f"{name}-{lname}-k{k}-{attn}-c{chunk}-u{unroll}-{remat}".replace("=", "").replace(",", "_"))
           with jax.profiler.trace(d, create_perfetto_trace=True):
             st, met = step(st, b)
@@ -135,8 +139,8 @@ def main():
         print(f"[train] {name} {lname} k={k} attention={attn} chunk={chunk} unroll={unroll} remat={remat}: "
               f"{t * 1e3:.1f} ms/step, compile {rec['compile_s']:.0f} s, "
               f"MFU {rec['mfu_measured_peak']:.3f} (measured peak)" +
-              (f"; gradients {rec['grads_s'] * 1e3:.1f} ms, update {rec['update_s'] * 1e3:.1f} ms" if args.parts
-               else ""), flush=True)
+              (f"; gradients {rec['grads_s'] * 1e3:.1f} ms, update {rec['update_s'] * 1e3:.1f} ms" if "grads_s" in rec
+               else f"; parts: {rec['parts_error']}" if "parts_error" in rec else ""), flush=True)
         out["train"].append(rec)
         write(args.out, out)
         break
@@ -158,13 +162,15 @@ def _time_parts(parts, st, batch, steps: int, timed):
   import jax
   import numpy as np
   grads, update = parts
-  g = grads(st.params, batch)[0]
-  st, _ = update(st, g)  # Compiles both.
+  st, _ = update(st, grads(st.params, batch)[0])  # Compiles both.
   jax.block_until_ready(st)
   gt, ut = [], []
   for _ in range(steps):
     tg, out = timed(grads, st.params, batch)
-    tu, (st, _) = timed(update, st, out[0])
+    g = out[0]
+    del out  # One fp32 gradient alive at a time, as in the fused step.
+    tu, (st, _) = timed(update, st, g)
+    del g
     gt.append(tg)
     ut.append(tu)
   return st, {"grads_s": float(np.median(gt)), "update_s": float(np.median(ut))}

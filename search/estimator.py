@@ -153,6 +153,8 @@ class CallCost:
   colls_inter: float = 0.0  # collectives executed per call across hosts
   comm_reduce: float = 0.0  # the all-reduce part of comm_intra + comm_inter (wire bytes per device)
   comm_reduce_inter: float = 0.0  # the part of comm_reduce that crosses hosts (within comm_inter)
+  comm_tensor: float = 0.0  # analytic tier: the tensor-parallel all-reduce part of comm_reduce (see split_comm)
+  colls_tensor: float = 0.0  # analytic tier: the tensor-parallel collectives among colls_intra + colls_inter
 
   def parts(self, profile: Profile, n_layers: int = 0) -> dict[str, float]:
     """The seconds before the kind's `time` factor, by term: overhead, compute, comm and steps.
@@ -357,6 +359,7 @@ def analytic_counts(spec: CallSpec, layout: Layout) -> CallCost:
     flops, byts, comm, reduce, temp = forward(spec.batch, spec.seq_len, k)
     temp += cast
     colls = k * (tp_colls + fsdp_colls)
+    tensor_reduce, tensor_colls = reduce, k * tp_colls
   elif spec.kind == "train_step":
     ff, fb, fc, fr, ft = forward(spec.batch, spec.seq_len, k)
     mult = 4.0 if m.remat == "full" else 3.0
@@ -371,6 +374,7 @@ def analytic_counts(spec: CallSpec, layout: Layout) -> CallCost:
     # Forward + backward: tensor all-reduces and FSDP gathers twice, gradient reduce-scatter once, per
     # micro-batch; the data-parallel gradient all-reduce once per step (per layer + embeddings / head).
     colls = k * (2 * tp_colls + 3 * fsdp_colls) + (m.n_layers + 1 if d > 1 else 0)
+    tensor_reduce, tensor_colls = 2 * fr, k * 2 * tp_colls
   else:
     s = spec.prompt_len + spec.new_tokens
     pf, pbyt, pc, pr, pt = forward(spec.batch, spec.prompt_len, 1, head_positions=spec.batch)  # Last position only.
@@ -388,8 +392,11 @@ def analytic_counts(spec: CallSpec, layout: Layout) -> CallCost:
     kv = b_loc * s * m.n_layers * 2 * m.n_kv_heads * m.head_dim * cb / t_kv
     temp = kv + pt + cast
     colls = (1 + steps) * (tp_colls + fsdp_colls) + steps * draw_colls  # The prefill, then every decode step.
+    tensor_reduce = reduce
+    tensor_colls = (1 + steps) * tp_colls + steps * (4 if t > 1 and spec.head == "lm" else 0)
   intra, inter = comm, 0.0
-  return CallCost(flops, byts, intra, inter, args, temp, "analytic", steps, spec.kind, float(colls), 0.0, reduce)
+  return CallCost(flops, byts, intra, inter, args, temp, "analytic", steps, spec.kind, float(colls), 0.0, reduce,
+                  comm_tensor=tensor_reduce, colls_tensor=float(tensor_colls))
 
 
 def head_counts(spec: CallSpec, layout: Layout) -> tuple[float, float]:
@@ -407,16 +414,20 @@ def head_counts(spec: CallSpec, layout: Layout) -> tuple[float, float]:
 
 
 def split_comm(cost: CallCost, layout: Layout, devices_per_host: int) -> CallCost:
-  """Analytic comm is all charged to one link class: inter-host when the mesh spans hosts.
-
-  Heuristic: with the mesh axes ordered (data, fsdp, tensor), tensor (innermost) stays inside a
-  host whenever tensor <= devices_per_host; fsdp and data groups cross hosts once the mesh does.
-  """
+  """The analytic tier's traffic on its links: all inside a host when the mesh is; on a mesh of whole
+  hosts, the tensor-parallel all-reduces (`comm_tensor`, `colls_tensor`) stay inside a host when
+  tensor <= devices_per_host (the mesh axes are ordered (data, fsdp, tensor), so a tensor group is
+  tensor consecutive devices of one host), and everything else, the FSDP gathers and scatters and the
+  data-parallel gradient all-reduce, crosses hosts (an fsdp or data group then spans hosts)."""
   if layout.device_mesh.size <= devices_per_host:
     return cost
-  return dataclasses.replace(cost, comm_intra=0.0, comm_inter=cost.comm_intra + cost.comm_inter,
-                             comm_reduce_inter=cost.comm_reduce,
-                             colls_intra=0.0, colls_inter=cost.colls_intra + cost.colls_inter)
+  total, colls = cost.comm_intra + cost.comm_inter, cost.colls_intra + cost.colls_inter
+  local = layout.strategy.tensor <= devices_per_host
+  t_bytes = min(max(cost.comm_tensor, 0.0), cost.comm_reduce, total) if local else 0.0
+  t_colls = min(max(cost.colls_tensor, 0.0), colls) if local else 0.0
+  return dataclasses.replace(cost, comm_intra=t_bytes, comm_inter=total - t_bytes,
+                             comm_reduce_inter=cost.comm_reduce - t_bytes,
+                             colls_intra=t_colls, colls_inter=colls - t_colls)
 
 
 # -- estimator ---------------------------------------------------------------------------------
@@ -486,6 +497,7 @@ class Estimator:
                               comm_intra=c.comm_intra * fk("comm"), comm_inter=c.comm_inter * fk("comm"),
                               comm_reduce=c.comm_reduce * fk("comm"),
                               comm_reduce_inter=c.comm_reduce_inter * fk("comm"),
+                              comm_tensor=c.comm_tensor * fk("comm"),
                               temp_bytes=c.temp_bytes * self.memory_factor(spec, layout))
     return split_comm(c, layout, self.profile.devices_per_host)
 

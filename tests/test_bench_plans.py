@@ -235,3 +235,40 @@ def test_plans_predicted_infeasible_run_only_when_asked(tmp_path, monkeypatch, r
     assert "predicted_infeasible" not in last
   saved = json.loads((tmp_path / "p.json").read_text())
   assert saved["settings"][0]["plans"][-1]["status"] == last["status"]
+
+
+def test_a_heuristic_run_despite_its_prediction_is_measured_but_not_the_predicted_best(tmp_path, monkeypatch):
+  """--run-infeasible when the plan fits after all: measured (the best heuristic if fastest), never the best
+  predicted one, also once written (its inf prediction becomes null) and merged back by a later call."""
+  import dataclasses
+  plan_setting = bp.plan_setting
+
+  def one_infeasible(*a, **k):
+    info, cands, planner, graph = plan_setting(*a, **k)
+    cands[-1].sim = dataclasses.replace(cands[-1].sim, feasible=False, time=math.inf, reason="device 0 needs more")
+    return info, cands, planner, graph
+
+  def run_plan(exp, plan, pool, **kw):  # The infeasible plan (run last) measures fastest.
+    return {"measured_s": 1.0 if plan.name == last_name[0] else 2.0, "parts": {}}
+  last_name = [None]
+  monkeypatch.setattr(bp, "plan_setting", one_infeasible)
+  monkeypatch.setattr(bp, "run_plan", run_plan)
+  names = bp.plan_setting(bp.make_experiment("tiny", 4, batch=8, prompt=8), 2, Profile.load("h100_sxm"),
+                          steps=200, colocated="all", log=lambda m: None)[1]
+  last_name[0] = names[-1].plan.name
+  kw = dict(profile=Profile.load("h100_sxm"), devices=2, warmup=1, iters=1, batch=8, prompt=8, search_steps=200,
+            colocated="all", log=lambda m: None, run_infeasible=True)
+  doc = bp.run_bench([("tiny", 4)], out=str(tmp_path / "a.json"), **kw)
+  setting = doc["settings"][0]
+  heur = [p for p in setting["plans"] if p["heuristic"]]
+  assert len(heur) >= 2 and heur[-1]["status"] == "ok" and heur[-1]["predicted_infeasible"]
+  s = setting["summary"]
+  assert s["best_heuristic"] == heur[-1]["name"] and s["best_predicted_heuristic"] != heur[-1]["name"]
+  assert s["speedup_measured"] == pytest.approx(0.5) and math.isfinite(s["speedup_predicted"])
+  saved = json.loads((tmp_path / "a.json").read_text())
+  assert saved["settings"][0]["plans"][-1]["predicted_s"] is None
+  again = bp.run_bench([("tiny", 4)], out=str(tmp_path / "b.json"), only=("searched",), merge=saved, **kw)
+  merged = again["settings"][0]
+  assert merged["plans"][-1].get("merged_from") and merged["plans"][-1]["predicted_s"] is None
+  assert merged["summary"]["best_heuristic"] == heur[-1]["name"]
+  assert merged["summary"]["best_predicted_heuristic"] == s["best_predicted_heuristic"]

@@ -357,11 +357,28 @@ def test_comm_classes_all_reduce_apart_from_gathers():
   across = dataclasses_replace(inside, comm_reduce_inter=10e9)
   assert inside.link_seconds(PROFILE) == pytest.approx((10e9 / bw_out, 10e9 / bw_in))
   assert across.link_seconds(PROFILE) == pytest.approx((10e9 / bw_in, 10e9 / bw_out))
-  # The analytic tier charges a host-spanning mesh's traffic to the inter-host link, all-reduces included.
+  # On a mesh of whole hosts the analytic tier puts FSDP and data-parallel traffic on the inter-host link,
+  # all-reduces included ...
   wide = est.cost(_spec("c", "m", "train_step", batch=16), Layout.on(0, data=2, fsdp=8))
-  assert wide.comm_intra == 0 and wide.comm_reduce_inter == wide.comm_reduce > 0
+  assert wide.comm_intra == 0 and wide.comm_reduce_inter == wide.comm_reduce > 0 and wide.colls_intra == 0
   g, r = wide.link_seconds(PROFILE)
   assert r == pytest.approx(wide.comm_reduce / bw_out) and g == pytest.approx((wide.comm_inter - wide.comm_reduce) / bw_out)
+  # ... and keeps tensor-parallel all-reduces inside a host: data=2 x tensor=8 on two hosts of 8 is the
+  # one-host tensor=8 call's all-reduces inside (each tensor group has the same 8 rows), plus the gradient
+  # all-reduce between the hosts.
+  for kind in ("train_step", "inference", "generate"):
+    tp = est.cost(_spec("c", "m", kind, batch=16), Layout.on(0, data=2, tensor=8))
+    host = est.cost(_spec("c", "m", kind, batch=8), Layout.on(0, tensor=8))
+    assert host.comm_inter == 0 and host.comm_reduce > 0 and host.comm_tensor == pytest.approx(host.comm_reduce), kind
+    assert tp.comm_intra == pytest.approx(host.comm_intra) and tp.colls_intra == host.colls_intra > 0, kind
+    data_colls = {"train_step": SHAPE.n_layers + 1, "inference": 0, "generate": 16}[kind]  # generate: done test
+    assert tp.colls_inter == data_colls, kind
+    if kind == "train_step":
+      assert tp.comm_inter == tp.comm_reduce_inter > 0  # the data-parallel gradient all-reduce
+    else:
+      assert tp.comm_inter == 0, kind
+    assert tp.seconds(PROFILE) < dataclasses_replace(tp, comm_intra=0, comm_inter=tp.comm_intra + tp.comm_inter,
+                                                     comm_reduce_inter=tp.comm_reduce).seconds(PROFILE), kind
 
   # Compiled tier: the all-reduce bytes of the HLO (a tensor-split matmul's partial sums) against the
   # all-gathers of an fsdp-split weight.

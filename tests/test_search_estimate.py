@@ -85,7 +85,9 @@ def test_memory_factor_under_tensor_parallelism():
   and the profile has one; other kinds and profiles without it are unchanged."""
   from search.estimator import Estimator
   from search.profile import Profile
-  base = Profile.load("h100_sxm")
+  shipped = Profile.load("h100_sxm")  # Carries h200_4gpu's two train-step factors (measured on 4x H200).
+  base = shipped.replace(calibration={k: {n: v for n, v in c.items() if n != "memory_tensor"}
+                                      for k, c in shipped.calibration.items()})
   cal = {k: dict(v) for k, v in base.calibration.items()}
   cal.setdefault("train_step", {}).update(memory=0.9, memory_tensor=1.5)
   prof = base.replace(calibration=cal)
@@ -99,3 +101,5 @@ def test_memory_factor_under_tensor_parallelism():
     assert est.memory_factor(spec, lay) == want
     assert est.analytic(spec, lay).temp_bytes == pytest.approx(raw * want, rel=1e-12), (spec.kind, lay)
   assert plain.memory_factor(train, tensor) == base.factor("train_step", "memory")
+  assert Estimator(shipped, mode="analytic", cache_dir="").memory_factor(train, tensor) == \
+      shipped.factor("train_step", "memory_tensor") > shipped.factor("train_step", "memory")

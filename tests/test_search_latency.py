@@ -59,7 +59,12 @@ def test_inter_host_latency():
   spec = _gen(512, 24)
   prof = PROFILE.replace(inter_host_collective_latency_s=50e-6)
   assert prof.inter_latency_s == 50e-6 and PROFILE.inter_latency_s == PROFILE.collective_latency_s
-  assert _latency(spec, layout_from_text("0:16/d8f1t2"), prof) == pytest.approx((513 * 49 + 512 * 5) * 50e-6)
+  # Two hosts of 8: the tensor=2 all-reduces (49 a pass over the 24 layers, 4 a token draw) stay inside a
+  # host; the stop test's all-reduce over the 8 data groups crosses hosts.
+  want = (513 * 49 + 512 * 4) * PROFILE.collective_latency_s + 512 * 50e-6
+  assert _latency(spec, layout_from_text("0:16/d8f1t2"), prof) == pytest.approx(want)
+  same = (513 * 49 + 512 * 5) * PROFILE.collective_latency_s  # One latency for both links.
+  assert _latency(spec, layout_from_text("0:16/d8f1t2"), PROFILE) == pytest.approx(same)
 
 
 def test_hlo_comm_counts():
