@@ -327,7 +327,8 @@ def analytic_counts(spec: CallSpec, layout: Layout) -> CallCost:
   # (the row's max and logsumexp, the drawn token and its logit: 4 in the compiled CPU step of
   # `generation.sample_token`; 5 with the two-level draw tried in 0b4d9c2); and the loop tests whether
   # every row is done, an all-reduce when rows are split.
-  draw_colls = (4 if t > 1 and spec.head == "lm" else 0) + (1 if d * f > 1 else 0)
+  draw_tp_colls = 4 if t > 1 and spec.head == "lm" else 0
+  draw_colls = draw_tp_colls + (1 if d * f > 1 else 0)
 
   def forward(rows, length, mbs, head_positions=None):
     """(flops, bytes, intra-mesh wire bytes, their all-reduce part, temp) of a forward over rows x length
@@ -393,7 +394,7 @@ def analytic_counts(spec: CallSpec, layout: Layout) -> CallCost:
     temp = kv + pt + cast
     colls = (1 + steps) * (tp_colls + fsdp_colls) + steps * draw_colls  # The prefill, then every decode step.
     tensor_reduce = reduce
-    tensor_colls = (1 + steps) * tp_colls + steps * (4 if t > 1 and spec.head == "lm" else 0)
+    tensor_colls = (1 + steps) * tp_colls + steps * draw_tp_colls
   intra, inter = comm, 0.0
   return CallCost(flops, byts, intra, inter, args, temp, "analytic", steps, spec.kind, float(colls), 0.0, reduce,
                   comm_tensor=tensor_reduce, colls_tensor=float(tensor_colls))
@@ -423,8 +424,7 @@ def split_comm(cost: CallCost, layout: Layout, devices_per_host: int) -> CallCos
     return cost
   total, colls = cost.comm_intra + cost.comm_inter, cost.colls_intra + cost.colls_inter
   local = layout.strategy.tensor <= devices_per_host
-  t_bytes = min(max(cost.comm_tensor, 0.0), cost.comm_reduce, total) if local else 0.0
-  t_colls = min(max(cost.colls_tensor, 0.0), colls) if local else 0.0
+  t_bytes, t_colls = (cost.comm_tensor, cost.colls_tensor) if local else (0.0, 0.0)
   return dataclasses.replace(cost, comm_intra=t_bytes, comm_inter=total - t_bytes,
                              comm_reduce_inter=cost.comm_reduce - t_bytes,
                              colls_intra=t_colls, colls_inter=colls - t_colls)

@@ -53,10 +53,11 @@ General algorithm, per leaf (planning in `sharding/_realloc_plan.py`, pure and c
    "unpack" whose inputs are the class arrays and whose OUTPUTS are the bucket's target arrays
    with their target shardings (every device slices the same offsets of its own buffers, so one
    SPMD program serves all of them; XLA creates the global arrays). Pass-through leaves are
-   assembled from their buffers as they are (one Python array each, no copy). A bucket thus costs a handful of dispatches, one transfer per
-   (class, target device) and one Python array per class, whatever its leaf count. Plans and
-   programs are cached by the leaves' (shapes, dtypes, shardings) and the targets: a repeated
-   reallocation finds them with one dict lookup and only dispatches. No host round trip.
+   assembled from their buffers as they are (one Python array each, no copy). A bucket thus costs a
+   handful of dispatches, one transfer per (class, target device) and one Python array per class,
+   whatever its leaf count. Plans and programs are cached by the leaves' (shapes, dtypes, shardings)
+   and the targets: a repeated reallocation finds them with one dict lookup and only dispatches. No
+   host round trip.
 
 Targets inside the source mesh ("gather" transitions, e.g. fsdp2 -> one of its devices): with
 `direct=True` two plans compete per leaf, and the HBM passes decide (with the default
