@@ -586,16 +586,24 @@ def calibrate(base: Profile, *, out: str = "", budget_s: float = 240.0, reps: in
 TIME_TERMS = ("time", "bytes_time", "comm_time", "reduce_time", "call_overhead_s")  # what `fit` sets per kind
 
 
-def refit(path: str, base: Profile | None = None, add: Sequence[dict] = ()) -> Profile:
+def refit(path: str, base: Profile | None = None, add: Sequence[dict] = (), drop_kinds: Sequence[str] = ()) -> Profile:
   """Fits again from the records of a profile written by `calibrate` (e.g. a run cut off before its
   fit, or after changing the fit, or with records added); `base` defaults to the base profile that run
   started from. The time terms come from the fit; everything else stays as the written profile has it:
   its memory (`memory_bytes`, `memory_reserve`, per-kind count factors such as a measured `memory`) and
   its notes. (Without this, a refit of search/profiles/h200_4gpu.json on 2026-11-27 fell back to its H100
   base's 76 GB and lost the train step's measured memory factor, and three plans the search then found
-  feasible ran out of memory.)"""
+  feasible ran out of memory.)
+
+  drop_kinds: call kinds whose written records leave the fit before `add` joins, for when the code those
+  calls ran has changed (the train step's layer split of 2026-11-27: its old records timed the slow form)."""
   written = Profile.load(path)
   rep = dict(written.calibration_report)
+  unknown = set(drop_kinds) - set(KINDS)
+  if unknown:
+    raise ValueError(f"refit: drop_kinds {sorted(unknown)} are no call kinds (kinds: {list(KINDS)})")
+  if drop_kinds:
+    rep["records"] = [r for r in rep.get("records", []) if r["kind"] not in drop_kinds]
   if add:  # Records added (e.g. in-plan calls, bench/plans.py --call-records); one of each name and source.
     have = {(r["name"], r.get("source", "")) for r in rep.get("records", [])}
     rep["records"] = list(rep.get("records", [])) + [r for r in add if (r["name"], r.get("source", "")) not in have]

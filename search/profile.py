@@ -242,14 +242,16 @@ def main(argv=None) -> None:
   p.add_argument("--refit", default="", help="fit again from the records of this calibrated profile (no timing)")
   p.add_argument("--add-records", default="", help="--refit: a JSON file of more records ({'records': [...]}, e.g. "
                  "bench/plans.py --call-records) kept in the profile's report and fitted with the others")
+  p.add_argument("--drop-kinds", default="", help="--refit: comma-separated call kinds whose records leave the "
+                 "fit first (the code they timed changed), e.g. train_step with --add-records of it timed again")
   p.add_argument("--from-bench", default="", help="fit --base to the timed calls of a bench/results/calls-<card>.json "
                  "(no timing)")
   args = p.parse_args(argv)
   if args.devices:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}").strip()
-  if args.add_records and not args.refit:
-    raise SystemExit("--add-records goes with --refit (the profile whose records it adds to)")
+  if (args.add_records or args.drop_kinds) and not args.refit:
+    raise SystemExit("--add-records and --drop-kinds go with --refit (the profile whose records they change)")
   if args.refit or args.from_bench:
     from search import calibrate as cal
     if args.refit:
@@ -257,7 +259,8 @@ def main(argv=None) -> None:
       if args.add_records:
         with open(args.add_records) as f:
           add = json.load(f)["records"]
-      prof = cal.refit(args.refit, Profile.load(args.base) if args.base else None, add)
+      drop = [k for k in args.drop_kinds.split(",") if k]
+      prof = cal.refit(args.refit, Profile.load(args.base) if args.base else None, add, drop)
     else:
       if not args.base:
         raise SystemExit("--from-bench needs --base (the profile the bench machine's calls are fitted to)")

@@ -237,3 +237,28 @@ def test_refit_with_added_records_fits_them_once(tmp_path):
   assert [r["name"] for r in got] == [r["name"] for r in recs]  # recs[0] was there already
   assert more.calibration_report["summary"]["all_calls"]["after"]["calls"] == len(recs)
   assert fewer.calibration_report["summary"]["all_calls"]["after"]["calls"] == len(recs) - 1
+
+
+def test_refit_drop_kinds_replaces_a_kinds_records(tmp_path):
+  """`refit(drop_kinds=...)` (--drop-kinds): the written records of those kinds leave the fit before the added
+  ones join (the code they timed changed); other kinds' records stay; an unknown kind is refused by name."""
+  from search.calibrate import refit
+  recs = _records({"small": SMALL, "large": LARGE})
+  train = [r for r in recs if r["kind"] == "train_step"]
+  assert train and len(train) < len(recs)
+  stale = [dict(r, measured_s=3 * r["measured_s"], source="old code") for r in train]
+  others = [r for r in recs if r["kind"] != "train_step"]
+  written = TRUE.replace(calibration_report={"records": others + stale, "base_profile": PROFILE.to_dict()})
+  path = tmp_path / "p.json"
+  written.save(str(path))
+  kept = refit(str(path), add=train)
+  dropped = refit(str(path), add=train, drop_kinds=["train_step"])
+  got = dropped.calibration_report["records"]
+  assert [r["name"] for r in got] == [r["name"] for r in others + train]
+  assert all(r.get("source") != "old code" for r in got)
+  assert len(kept.calibration_report["records"]) == len(others) + 2 * len(train)
+  # The fresh records alone fit better than the mix with their stale copies.
+  assert (dropped.calibration_report["summary"]["all_calls"]["after"]["median_abs_rel_err"]
+          < kept.calibration_report["summary"]["all_calls"]["after"]["median_abs_rel_err"])
+  with pytest.raises(ValueError, match=r"drop_kinds \['train'\] are no call kinds"):
+    refit(str(path), drop_kinds=["train"])
