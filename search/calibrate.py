@@ -599,9 +599,15 @@ def refit(path: str, base: Profile | None = None, add: Sequence[dict] = (), drop
   calls ran has changed (the train step's layer split of 2026-11-27: its old records timed the slow form)."""
   written = Profile.load(path)
   rep = dict(written.calibration_report)
+  if isinstance(drop_kinds, str):
+    raise TypeError(f"refit: drop_kinds must be a list of call kinds, got the string {drop_kinds!r}")
   unknown = set(drop_kinds) - set(KINDS)
   if unknown:
     raise ValueError(f"refit: drop_kinds {sorted(unknown)} are no call kinds (kinds: {list(KINDS)})")
+  orphaned = set(drop_kinds) - {r["kind"] for r in add}
+  if orphaned:  # The fit sets only kinds with records: a dropped kind would fall back to the base's terms.
+    raise ValueError(f"refit: drop_kinds {sorted(orphaned)} without added records of that kind; its time "
+                     "terms would fall back to the base profile's (add the records timed again)")
   if drop_kinds:
     rep["records"] = [r for r in rep.get("records", []) if r["kind"] not in drop_kinds]
   if add:  # Records added (e.g. in-plan calls, bench/plans.py --call-records); one of each name and source.

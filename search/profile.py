@@ -259,7 +259,7 @@ def main(argv=None) -> None:
       if args.add_records:
         with open(args.add_records) as f:
           add = json.load(f)["records"]
-      drop = [k for k in args.drop_kinds.split(",") if k]
+      drop = [k.strip() for k in args.drop_kinds.split(",") if k.strip()]
       prof = cal.refit(args.refit, Profile.load(args.base) if args.base else None, add, drop)
     else:
       if not args.base:

@@ -1,7 +1,8 @@
 """bench/layer_split.py: the pad-chain count on HLO text, and a CPU smoke run of both variants."""
 
-import numpy as np
+import pytest
 
+import real_jax.models.transformer as transformer
 from bench import layer_split
 
 _HLO = """%fused_reduce.5 (param_0: bf16[4,8], param_1: bf16[4,8]) -> f32[4] {
@@ -24,8 +25,11 @@ def test_pad_chains_counts_computations_over_the_threshold():
   assert layer_split.pad_chains(_HLO, min_pads=3) == 0
 
 
+@pytest.mark.slow
 def test_smoke_run_records_both_variants():
+  original = transformer.layer_arrays
   out = layer_split.main(["--small", "--layouts", "fsdp=4"])
+  assert transformer.layer_arrays is original  # The swapped-in variant does not outlive the run.
   cases = out["cases"]
   assert [(c["layers"], c["barrier"]) for c in cases] == [("split", False), ("slices", False)], cases
   for c in cases:

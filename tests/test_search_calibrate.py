@@ -262,3 +262,15 @@ def test_refit_drop_kinds_replaces_a_kinds_records(tmp_path):
           < kept.calibration_report["summary"]["all_calls"]["after"]["median_abs_rel_err"])
   with pytest.raises(ValueError, match=r"drop_kinds \['train'\] are no call kinds"):
     refit(str(path), drop_kinds=["train"])
+  with pytest.raises(ValueError, match=r"drop_kinds \['train_step'\] without added records"):
+    refit(str(path), drop_kinds=["train_step"])
+  with pytest.raises(TypeError, match="the string 'train_step'"):
+    refit(str(path), add=train, drop_kinds="train_step")
+  # The command line: --refit P --drop-kinds "train_step, " --add-records R.
+  from search.profile import main
+  (tmp_path / "r.json").write_text(json.dumps({"records": train}))
+  main(["--refit", str(path), "--drop-kinds", "train_step, ", "--add-records", str(tmp_path / "r.json"),
+        "--out", str(tmp_path / "out.json")])
+  cli = Profile.load(str(tmp_path / "out.json"))
+  assert [r["name"] for r in cli.calibration_report["records"]] == [r["name"] for r in others + train]
+  assert cli.calibration["train_step"] == pytest.approx(dropped.calibration["train_step"], rel=1e-9)
