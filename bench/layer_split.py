@@ -69,7 +69,6 @@ def main(argv=None):
   import real_jax.models.transformer as transformer
   from bench._common import header, matmul_peak, timed, write
   from real_jax import train_step as ts
-  from real_jax._calls import batch_sharding
   from real_jax.models import create_model, get_config, param_count
   from real_jax.optim import OptimizerConfig
   from sharding import Layout
@@ -91,8 +90,7 @@ def main(argv=None):
       new, grad_norm = update(state, grads)
       return new, {"loss": loss, "grad_norm": grad_norm}
 
-    sh = ts.state_shardings(params, opt, layout)
-    bsh = jax.tree.map(lambda a: batch_sharding(layout, tuple(a.shape)), batch)
+    sh, bsh = ts.step_shardings(params, opt, layout, batch)
     return jax.jit(step, in_shardings=(sh, bsh), out_shardings=(sh, layout.replicated()), donate_argnames=("state",))
 
   try:

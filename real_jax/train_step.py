@@ -65,6 +65,13 @@ def state_shardings(params: Any, opt_cfg: OptimizerConfig, layout: Layout) -> Tr
   return TrainState(shardings_for(params, layout), shardings_for(abstract_opt, layout), layout.replicated())
 
 
+def step_shardings(params: Any, opt_cfg: OptimizerConfig, layout: Layout, batch_example: dict):
+  """(state shardings, batch shardings) of a train step's inputs: the TrainState's (`state_shardings`) and
+  the batch's, each array sharded over (data, fsdp)."""
+  bsh = jax.tree.map(lambda a: batch_sharding(layout, tuple(a.shape)), batch_example)
+  return state_shardings(params, opt_cfg, layout), bsh
+
+
 def init_train_state(model, opt_cfg: OptimizerConfig, layout: Layout) -> TrainState:
   """A TrainState for `model` (already in `layout`, e.g. from `create_model(cfg, layout)`).
 
@@ -174,8 +181,7 @@ def make_train_step(graphdef, loss_fn: LossFn, opt_cfg: OptimizerConfig, layout:
   key = ("train_step", graphdef, loss_fn, opt_cfg, layout, k, shape_key(params), shape_key(batch_example))
 
   def build():
-    sh = state_shardings(params, opt_cfg, layout)
-    bsh = jax.tree.map(lambda a: batch_sharding(layout, tuple(a.shape)), batch_example)
+    sh, bsh = step_shardings(params, opt_cfg, layout, batch_example)
     return jax.jit(_step_fn(graphdef, loss_fn, opt_cfg, layout, k), in_shardings=(sh, bsh),
                    out_shardings=(sh, layout.replicated()), donate_argnames=("state",))
 
@@ -192,8 +198,7 @@ def make_train_parts(graphdef, loss_fn: LossFn, opt_cfg: OptimizerConfig, layout
   if params is None or batch_example is None:
     raise ValueError("make_train_parts needs params= (for shardings) and batch_example= (for shapes)")
   k = micro_batches or layout.strategy.micro_batches
-  sh = state_shardings(params, opt_cfg, layout)
-  bsh = jax.tree.map(lambda a: batch_sharding(layout, tuple(a.shape)), batch_example)
+  sh, bsh = step_shardings(params, opt_cfg, layout, batch_example)
   grads = jax.jit(_grads_fn(graphdef, loss_fn, layout, k), in_shardings=(sh.params, bsh),
                   out_shardings=(sh.params, layout.replicated(), layout.replicated()))
   update = jax.jit(_update_fn(opt_cfg), in_shardings=(sh, sh.params), out_shardings=(sh, layout.replicated()),

@@ -181,18 +181,22 @@ def test_unknown_preset():
     get_config("llama-9b")
 
 
-def _checkpoint_eqns(jaxpr):
-  """Every rematerialisation equation of a closed jaxpr, sub-jaxprs (scan bodies) included."""
+def _eqns(jaxpr) -> list:
+  """Every equation of a jaxpr, nested ones (remat, pjit, custom_vjp bodies) included."""
   out = []
-  for eqn in jaxpr.eqns:
-    if "prevent_cse" in eqn.params:
-      out.append(eqn)
-    for v in eqn.params.values():
-      for sub in v if isinstance(v, (tuple, list)) else (v,):
-        sub = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
-        if hasattr(sub, "eqns"):
-          out.extend(_checkpoint_eqns(sub))
+  for e in jaxpr.eqns:
+    out.append(e)
+    for p in e.params.values():
+      for sub in (p if isinstance(p, (list, tuple)) else [p]):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          out += _eqns(inner)
   return out
+
+
+def _checkpoint_eqns(jaxpr):
+  """Every rematerialisation equation of a jaxpr, sub-jaxprs (scan bodies) included."""
+  return [e for e in _eqns(jaxpr) if "prevent_cse" in e.params]
 
 
 @pytest.mark.parametrize("unroll", [True, False])
@@ -210,19 +214,6 @@ def test_remat_keeps_cse_barriers_when_the_layers_are_unrolled(unroll, remat):
   eqns = _checkpoint_eqns(jax.make_jaxpr(jax.grad(loss))(state).jaxpr)
   assert len(eqns) >= (cfg.n_layers if unroll else 1), [e.primitive.name for e in eqns]
   assert all(e.params["prevent_cse"] is unroll for e in eqns), [e.params["prevent_cse"] for e in eqns]
-
-
-def _eqns(jaxpr) -> list:
-  """Every equation of a jaxpr, nested ones (remat, pjit, custom_vjp bodies) included."""
-  out = []
-  for e in jaxpr.eqns:
-    out.append(e)
-    for p in e.params.values():
-      for sub in (p if isinstance(p, (list, tuple)) else [p]):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          out += _eqns(inner)
-  return out
 
 
 def test_unrolled_layer_gradient_is_one_concatenate_per_parameter():
