@@ -202,19 +202,21 @@ def plan_setting(exp: Experiment, num_devices: int, profile: Profile, *, steps: 
   elapsed = time.perf_counter() - t0
   one = graph.unroll(1)
 
-  def sim1(layouts):
-    return simulate(one, planner.specs, layouts, {c: planner.secs[c][layouts[c]] for c in planner.calls},
-                    {c: planner.costs[c][layouts[c]] for c in planner.calls}, profile, num_devices, planner.realloc,
-                    record=True)
+  def sim1(plan):
+    lays = plan.layouts
+    return simulate(one, planner.specs, lays, {c: planner.secs[c][lays[c]] for c in planner.calls},
+                    {c: planner.costs[c][lays[c]] for c in planner.calls}, profile, num_devices, planner.realloc,
+                    offload=plan.offload, record=True)
 
-  cands = [Candidate("searched", res.plan, res.result, sim1(res.plan.layouts), False)]
+  cands = [Candidate("searched", res.plan, res.result, sim1(res.plan), False)]
   for _, (p, r) in sorted(res.baselines.items(), key=lambda kv: kv[1][1].time):
-    cands.append(Candidate(p.name, p, r, sim1(p.layouts), True))
+    cands.append(Candidate(p.name, p, r, sim1(p), True))
   if colocated != "best":
     for name, lays in colocated_plans(planner, colocated):
       if all(c.name != name for c in cands):
-        p = ExecutionPlan(lays, name=name)
-        cands.append(Candidate(name, p, planner.evaluate(lays, record=True), sim1(lays), True))
+        r = planner.evaluate(lays, record=True)
+        p = planner.plan_of(lays, r, name)
+        cands.append(Candidate(name, p, r, sim1(p), True))
   for c in cands:
     c.terms = call_terms(planner, c.plan.layouts)
   info = {"method": res.method, "plans_simulated": res.evaluated, "search_s": elapsed, "space_size": res.space_size,
@@ -669,6 +671,7 @@ def plan_only(settings: list[tuple[str, int]], batches: list[int | None], profil
       best = min(heur.values(), default=math.inf)
       row = {"models": models, "gen": gen, "batch": exp.data.batch_size, "searched_s": cands[0].sim.time,
              "searched_plan": {c: layout_to_text(lay) for c, lay in cands[0].plan.layouts.items()},
+             **({"searched_offload": sorted(cands[0].plan.offload)} if cands[0].plan.offload else {}),
              "heuristics_s": heur, "speedup_predicted": best / cands[0].sim.time, "search": info}
       rows.append(row)
       log(f"{models:6s} gen {gen:5d} batch {exp.data.batch_size:4d}: searched {row['searched_s']:.3f} s, best heuristic "

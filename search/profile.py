@@ -11,7 +11,9 @@ reallocation cost model reads the same file). Fields beyond Hardware's:
   free range. `usable_memory_bytes` is what a plan's peak must fit.
 * `call_overhead_s`: fixed cost of dispatching one jitted call (a kind's fitted value overrides it).
 * `step_overhead_s`: fixed cost of one decode step per layer (kernel launches; decode is latency bound).
-* `host_bandwidth`: device <-> host memory, bytes/s (frozen models resting in host memory).
+* `host_bandwidth`: host -> device memory, bytes/s per device with every device of the host loading at once
+  (frozen models resting in host memory, `ExecutionPlan.offload`; `measure` times it). 20 GB/s where not
+  measured.
 * `collective_latency_s`: fixed wall-clock cost of one collective inside a host, added per executed
   collective on top of its bytes / bandwidth (outside the fitted `time` / `comm_time` factors). Default
   10 us: on 4x H100 SXM (NVLink, jax 0.11.2) tensor=2 generation of a 1.3B model issued 49k (24.6k)
@@ -206,6 +208,7 @@ def measure(name: str | None = None, *, size: int = 0, copy_mb: int = 0) -> Prof
     sh = jax.device_put(jnp.ones((n,), jnp.float32), NamedSharding(mesh, PartitionSpec("x")))
     gather = jax.jit(lambda v: v, out_shardings=NamedSharding(mesh, PartitionSpec()))
     coll = n * 4 * (len(devs) - 1) / len(devs) / _timeit(lambda: gather(sh).block_until_ready())
+  host = _host_bandwidth(devs, n)
   try:
     mem = float(d0.memory_stats()["bytes_limit"])
   except Exception:  # CPU has no memory_stats: take host memory per device.
@@ -213,11 +216,31 @@ def measure(name: str | None = None, *, size: int = 0, copy_mb: int = 0) -> Prof
   return Profile(name=name or f"{kind}_measured", devices_per_host=jax.local_device_count(), matmul_flops=matmul,
                  hbm_bandwidth=hbm, d2d_bandwidth=d2d, inter_host_bandwidth=d2d, intra_mesh_collective_bandwidth=coll,
                  memory_bytes=mem, call_overhead_s=overhead, transfer_latency_s=overhead,
+                 **({"host_bandwidth": host} if host else {}),
                  notes=f"measured by python -m search.profile on {d0.device_kind} x{len(devs)}, jax {jax.__version__}")
 
 
+def _host_bandwidth(devs, n: int) -> float | None:
+  """Host -> device bytes/s per device with every local device loading at once: what a frozen model resting
+  in host memory (`ExecutionPlan.offload`, the engine's `pinned_host` copies) costs before each call.
+  n float32 per device. None where the backend has no pinned_host memory."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec
+  mesh = jax.sharding.Mesh(np.array(devs), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+  on_dev = NamedSharding(mesh, PartitionSpec("x"))
+  try:
+    on_host = on_dev.with_memory_kind("pinned_host")
+    x = jax.jit(lambda: jnp.ones((n * len(devs),), jnp.float32), out_shardings=on_dev)()
+    h = jax.device_put(x, on_host).block_until_ready()
+  except (ValueError, RuntimeError, NotImplementedError):  # No pinned_host memory on this backend.
+    return None
+  return n * 4 / _timeit(lambda: jax.device_put(h, on_dev).block_until_ready(), reps=3)
+
+
 MEASURED = ("matmul_flops", "hbm_bandwidth", "d2d_bandwidth", "intra_mesh_collective_bandwidth", "memory_bytes",
-            "call_overhead_s")
+            "call_overhead_s", "host_bandwidth")
 
 
 def main(argv=None) -> None:

@@ -16,7 +16,16 @@ the time among layouts on the same mesh, half anywhere), and 30% of moves carry 
 calls along to the same mesh (same layout where valid, else their best there: a single-call move
 cannot leave a plan where a model's calls share a layout and no reallocation happens); accept with probability
 exp(-(t_new - t_old) / T), T decaying geometrically from 10% to 0.1% of the start time; keep the
-best plan seen. Stops after `steps` moves or `time_budget_s`.
+best plan seen. Stops after `steps` moves or `time_budget_s`; the temperature follows whichever of the two
+is nearer its end, so a search cut by its time budget still finishes cooling.
+
+Host offload: a plan that does not fit is scored again with frozen models (those no train call updates,
+such as PPO's reference and reward) resting in host memory between their calls (`ExecutionPlan.offload`;
+the simulator charges a host load before each of their calls and counts their memory only while they run),
+every non-empty set of them, and takes the fastest that fits. Offload never makes a plan faster, only
+feasible, so plans that fit without it are scored as they are. The baselines are scored the same way: a
+colocated strategy that fits only with the reference in host memory is a heuristic a practitioner would
+use too. `Planner(..., offload=False)` turns this off.
 """
 
 from __future__ import annotations
@@ -48,7 +57,8 @@ class SearchResult:
 
 class Planner:
   def __init__(self, specs: Mapping[str, CallSpec], tasks: Sequence[Task], estimator: Estimator, num_devices: int,
-               *, realloc: ReallocPricer | None = None, micro_batches: Sequence[int] = (1, 2, 4, 8)):
+               *, realloc: ReallocPricer | None = None, micro_batches: Sequence[int] = (1, 2, 4, 8),
+               offload: bool = True):
     self.specs = dict(specs)
     self.tasks = list(tasks)
     self.est = estimator
@@ -57,6 +67,11 @@ class Planner:
     self.per_host = min(self.profile.devices_per_host, num_devices)
     self.realloc = realloc or ReallocPricer(specs, self.profile)
     self.calls = list(dict.fromkeys(n for (_, n), _ in self.tasks))
+    trained = {self.specs[c].model for c in self.calls if self.specs[c].kind == "train_step"}
+    frozen = [m for m in dict.fromkeys(self.specs[c].model for c in self.calls) if m not in trained]
+    # Host-offload sets tried for a plan that does not fit (module docstring), fewest models first.
+    self.offload_sets = [frozenset(s) for k in range(1, len(frozen) + 1)
+                         for s in itertools.combinations(frozen, k)] if offload else []
     self.cands: dict[str, list[Layout]] = {}
     self.secs: dict[str, dict[Layout, float]] = {}
     self.costs: dict[str, dict] = {}
@@ -94,11 +109,33 @@ class Planner:
     return math.prod(len(v) for v in self.cands.values())
 
   def evaluate(self, layouts: Mapping[str, Layout], *, record: bool = False,
-               offload: frozenset[str] = frozenset()) -> SimResult:
-    self.evaluated += 1
-    return simulate(self.tasks, self.specs, layouts, {c: self.secs[c][layouts[c]] for c in self.calls},
-                    {c: self.costs[c][layouts[c]] for c in self.calls}, self.profile, self.n, self.realloc,
-                    offload=offload, record=record)
+               offload: frozenset[str] | None = None) -> SimResult:
+    """Simulates the plan. offload None: as it is, and if it does not fit, with each host-offload set of
+    frozen models (the fastest that fits; `SimResult.offload` says which); a set: exactly that one."""
+    secs = {c: self.secs[c][layouts[c]] for c in self.calls}
+    costs = {c: self.costs[c][layouts[c]] for c in self.calls}
+
+    def sim(off, rec):
+      self.evaluated += 1
+      return simulate(self.tasks, self.specs, layouts, secs, costs, self.profile, self.n, self.realloc,
+                      offload=off, record=rec)
+    if offload is not None:
+      return sim(frozenset(offload), record)
+    r = sim(frozenset(), record)
+    if r.feasible or not self.offload_sets:
+      return r
+    best = None
+    for off in self.offload_sets:
+      r2 = sim(off, False)
+      if r2.feasible and (best is None or r2.time < best.time):
+        best = r2
+    if best is None:
+      return r  # The reason names the plan without offload.
+    return sim(best.offload, True) if record else best
+
+  def plan_of(self, layouts: Mapping[str, Layout], result: SimResult, name: str = "") -> ExecutionPlan:
+    """The ExecutionPlan of scored layouts: with the host offload their score needed."""
+    return ExecutionPlan(dict(layouts), result.offload, name)
 
   def _best_on(self, call: str, mesh: DeviceMesh, shape=None) -> Layout | None:
     opts = [l for l in getattr(self, f"_mesh_{call}").get(mesh, []) if shape is None or l.strategy.shape == shape]
@@ -115,7 +152,7 @@ class Planner:
         continue
       r = self.evaluate(lays)
       if best is None or r.time < best[1].time:
-        best = (ExecutionPlan(lays, name=f"colocated-d{st.data}f{st.fsdp}t{st.tensor}"), r)
+        best = (self.plan_of(lays, r, f"colocated-d{st.data}f{st.fsdp}t{st.tensor}"), r)
     return best
 
   def _round(self, x: float) -> int:
@@ -163,7 +200,8 @@ class Planner:
     lays = {c: self._best_on(c, meshes[self.specs[c].model]) for c in self.calls}
     if any(v is None for v in lays.values()):
       return None
-    return ExecutionPlan(lays, name="disaggregated"), self.evaluate(lays)
+    r = self.evaluate(lays)
+    return self.plan_of(lays, r, "disaggregated"), r
 
   def baselines(self) -> dict[str, tuple[ExecutionPlan, SimResult]]:
     out = {}
@@ -192,10 +230,12 @@ class Planner:
     best = (dict(cur), cur_r)
     t0 = time.perf_counter()
     for i in range(steps):
-      if time.perf_counter() - t0 > time_budget_s:
+      elapsed = time.perf_counter() - t0
+      if elapsed > time_budget_s:
         break
       scale = best[1].time if math.isfinite(best[1].time) else 1.0  # Temperatures relative to the best time.
-      temp = scale * 0.1 * 1e-2 ** (i / max(steps - 1, 1))
+      done = max(i / max(steps - 1, 1), elapsed / time_budget_s if time_budget_s > 0 else 1.0)
+      temp = scale * 0.1 * 1e-2 ** min(done, 1.0)
       c = rng.choice(self.calls)
       if rng.random() < 0.5:
         pool = getattr(self, f"_mesh_{c}")[cur[c].device_mesh]
@@ -235,6 +275,6 @@ class Planner:
       if r.time < self.evaluate(lays).time:
         lays = dict(p.layouts)
     result = self.evaluate(lays, record=True)
-    base = {k: (p, self.evaluate(p.layouts, record=True)) for k, (p, _) in base.items()}
-    return SearchResult(ExecutionPlan(lays, name=f"search-{method}"), result, base, method, self.evaluated,
+    base = {k: (p, self.evaluate(p.layouts, record=True, offload=p.offload)) for k, (p, _) in base.items()}
+    return SearchResult(self.plan_of(lays, result, f"search-{method}"), result, base, method, self.evaluated,
                         time.perf_counter() - t0, self.space_size)

@@ -62,6 +62,7 @@ class SimResult:
   feasible: bool
   reason: str = ""
   events: list[Event] = dataclasses.field(default_factory=list)
+  offload: frozenset[str] = frozenset()  # the frozen models simulated resting in host memory
 
 
 def home_layouts(specs: Mapping[str, CallSpec], layouts: Mapping[str, Layout], order: Sequence[str]) -> dict:
@@ -165,4 +166,4 @@ def simulate(tasks: Sequence[Task], specs: Mapping[str, CallSpec], layouts: Mapp
                                 f"{profile.usable_memory_bytes / 2**30:.1f} GiB usable")
   time = makespan / iters if feasible else math.inf
   return SimResult(time, makespan, iters, {n: seconds[n] for n in order}, total_realloc, peak, feasible, reason,
-                   events)
+                   events, frozenset(offload) & frozenset(homes) - trained)

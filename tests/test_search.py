@@ -1,5 +1,6 @@
 """Search: candidates, HLO collectives, simulator, MCMC vs exhaustive, baselines, estimator cache, CLI."""
 
+import itertools
 import json
 import math
 import os
@@ -140,6 +141,58 @@ def test_mcmc_finds_exhaustive_optimum_and_baselines_reported():
   res = planner.search()
   assert res.method == "exhaustive" and set(res.baselines) == {"colocated", "disaggregated"}
   assert all(res.result.time <= r.time + 1e-12 for _, r in res.baselines.values())
+
+
+def _offload_setting():
+  """PPO-like calls whose peak is the actor's (a 64k vocabulary) while a 30M-parameter reference rests."""
+  specs, tasks = _ppo_like()
+  specs["ref"] = dataclasses_replace(specs["ref"], shape=dataclasses_replace(SHAPE, params=30_000_000))
+  for k in ("gen", "train"):
+    specs[k] = dataclasses_replace(specs[k], shape=dataclasses_replace(SHAPE, vocab_size=64000),
+                                   seq_len=256 if k == "train" else None)
+  return specs, tasks
+
+
+def _planner(specs, tasks, memory_bytes, **kw):
+  prof = dataclasses_replace(PROFILE, memory_bytes=memory_bytes)
+  return Planner(specs, tasks, Estimator(prof, mode="analytic", cache_dir=""), 4, micro_batches=(1,), **kw)
+
+
+def test_offload_makes_a_plan_fit_and_never_touches_one_that_fits():
+  from search.plan import ExecutionPlan
+  specs, tasks = _offload_setting()
+  roomy = _planner(specs, tasks, 1e12)
+  assert roomy.offload_sets == [frozenset({"ref"})]  # frozen models only: the trained actor never rests
+  lays = {c: Layout.on(0, data=4) for c in specs}
+  plain = roomy.evaluate(lays, offload=frozenset())
+  rested = roomy.evaluate(lays, offload=frozenset({"ref"}))
+  assert rested.peak_memory.max() < plain.peak_memory.max() and rested.time > plain.time  # host loads cost time
+  assert roomy.evaluate(lays).offload == frozenset() and roomy.evaluate(lays).time == plain.time
+  # Room between the two peaks: the plan fits only with the reference in host memory.
+  usable = (plain.peak_memory.max() + rested.peak_memory.max()) / 2
+  tight = _planner(specs, tasks, usable / (1 - PROFILE.memory_reserve))
+  assert not tight.evaluate(lays, offload=frozenset()).feasible
+  r = tight.evaluate(lays, record=True)
+  assert r.feasible and r.offload == {"ref"} and r.time == pytest.approx(rested.time)
+  assert [e.name for e in r.events if e.kind == "load"] == ["load ref"] * 3  # before each ref call
+  # The search: never slower than without offload; a plan it reports carries the offload its score needed.
+  res = tight.search()
+  without = _planner(specs, tasks, usable / (1 - PROFILE.memory_reserve), offload=False).search()
+  assert res.result.feasible and res.result.time <= without.result.time
+  assert res.plan.offload == res.result.offload
+  assert tight.evaluate(res.plan.layouts, offload=res.plan.offload).time == pytest.approx(res.result.time)
+  assert ExecutionPlan.parse(res.plan.to_text()).offload == res.plan.offload
+  for p, rb in res.baselines.values():
+    assert p.offload == rb.offload and (not p.offload or not tight.evaluate(p.layouts, offload=frozenset()).feasible)
+  # Room below every plan's peak without offload but above the best with it: only resting plans exist.
+  peaks = [min(roomy.evaluate(dict(zip(roomy.calls, combo)), offload=off).peak_memory.max()
+               for combo in itertools.product(*(roomy.cands[c] for c in roomy.calls)))
+           for off in (frozenset(), frozenset({"ref"}))]
+  assert peaks[1] < peaks[0]
+  tighter = (peaks[0] + peaks[1]) / 2 / (1 - PROFILE.memory_reserve)
+  assert math.isinf(_planner(specs, tasks, tighter, offload=False).search().result.time)
+  res = _planner(specs, tasks, tighter).search()
+  assert res.result.feasible and res.plan.offload == {"ref"} and res.baselines["colocated"][0].offload == {"ref"}
 
 
 def test_estimator_compiles_and_caches_on_disk(tmp_path):
