@@ -345,6 +345,35 @@ def test_engine_drops_a_parameter_copy_after_its_last_reader_of_the_iteration():
   assert [r.kind for r in engine.timeline].count("realloc") == 2 and not slot._copies
 
 
+def test_engine_rests_an_offloaded_model_in_host_memory_from_its_start():
+  """A frozen model in the plan's offload is in pinned host memory before its first call (the planner counts
+  it so: it must not sit on the devices through the first iteration's generation), on the devices while its
+  call runs, and back in host memory after it."""
+  import jax
+  from flax import nnx
+
+  from real_jax.dataflow import Call, CallKind, Graph
+  from real_jax.models import create_model, get_config
+  from real_jax.runtime.engine import Engine, ModelSlot
+  from search.plan import ExecutionPlan
+  from sharding import DeviceMesh, Layout, Strategy
+
+  lay = Layout(DeviceMesh(0, 8), Strategy(fsdp=8))
+  kinds = lambda tree: {x.sharding.memory_kind for x in jax.tree.leaves(tree)}  # noqa: E731
+  slots = {m: ModelSlot(m, None, nnx.split(create_model(get_config("tiny"), lay))[1], lay) for m in ("ref", "actor")}
+  graph = Graph([Call("ref_inf", "ref", CallKind.INFERENCE), Call("train", "actor", CallKind.TRAIN_STEP)],
+                models=("ref", "actor"))
+  during = []
+  fns = {n: (lambda engine, call, layout, p, args: during.append((call.name, kinds(p))) or {}) for n in ("ref_inf", "train")}
+  engine = Engine(graph, ExecutionPlan({"ref_inf": lay, "train": lay}, offload={"ref"}), slots, fns, validate=False)
+  assert slots["ref"].offloaded and kinds(slots["ref"].params) == {"pinned_host"}
+  assert not slots["actor"].offloaded and kinds(slots["actor"].params) == {"device"}
+  engine.run_iteration({})
+  engine.wait()
+  assert during == [("ref_inf", {"device"}), ("train", {"device"})]
+  assert slots["ref"].offloaded and kinds(slots["ref"].params) == {"pinned_host"}
+
+
 def test_engine_raises_a_call_that_failed_on_its_devices(monkeypatch):
   import real_jax.runtime.engine as E
   from sharding import DeviceMesh, Layout, Strategy

@@ -36,7 +36,8 @@
   the next program on GPUs 0-1 stuck in NCCL's rendezvous), with the main thread blocked inside JAX.
   So if the main thread has not raised the error within `abort_after_s`, the engine prints it and
   exits the process (status 70) instead of holding the devices forever; None turns this off.
-* Frozen models whose name the plan lists in `offload` rest in host memory between their calls.
+* Frozen models whose name the plan lists in `offload` rest in host memory from the engine's start and
+  between their calls.
 
 The engine knows nothing of any algorithm: a *program* (e.g. `real_jax.runtime.ppo`) supplies one
 function per call, `fn(engine, call, layout, inputs) -> outputs`.
@@ -140,6 +141,9 @@ class Engine:
     self.iteration = 0
     if validate:
       self.check_plan()
+    trained = {c.model for c in graph.calls if c.kind is CallKind.TRAIN_STEP}
+    for model in sorted(set(plan.offload) & set(self.slots) - trained):
+      self.offload(model)  # Resting from the start, as the planner counts it: not on the devices until its call.
 
   # -- plan checks -----------------------------------------------------------------------------
 
