@@ -68,7 +68,11 @@ def main():
     rows.append(row)
   out = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()} CPU, "
          f"shared 2 cores", "jax": jax.__version__, "profile": prof.name, "estimator": "analytic (uncalibrated "
-         "factors = 1)", "iterations_simulated": 3, "mcmc_budget_s": args.budget, "results": rows}
+         "factors = 1)", "iterations_simulated": 3, "mcmc_budget_s": args.budget,
+         "host_offload": "a plan that does not fit is scored again with frozen models resting in host memory "
+         "(searched plan and baselines; search/README.md, Search)", "host_bandwidth": prof.host_bandwidth,
+         "plans_simulated": "simulations run (a plan that does not fit is simulated once more per offload set)",
+         "results": rows}
   with open(args.out, "w") as f:
     json.dump(out, f, indent=2)
   print(f"wrote {args.out}")
