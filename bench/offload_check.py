@@ -36,7 +36,8 @@ for name, plan in (("plain", base), ("offload", base + ", offload=ref+reward")):
   out[name] = {"wall_s": time.perf_counter() - t, "kinds": seen,
                "metrics": [{k: r[k] for k in ("reward", "kl", "actor/loss", "critic/loss") if k in r} for r in rows]}
 print(json.dumps(out, indent=1))
-ok = all(a == b for a, b in zip(out["plain"]["metrics"], out["offload"]["metrics"]))
-rest = all(s["ref"] == ["pinned_host"] and s["reward"] == ["pinned_host"] for s in out["offload"]["kinds"])
+ok = len(out["plain"]["metrics"]) == 3 and out["plain"]["metrics"] == out["offload"]["metrics"]
+rest = len(out["offload"]["kinds"]) == 3 and all(s["ref"] == ["pinned_host"] and s["reward"] == ["pinned_host"]
+                                                 for s in out["offload"]["kinds"])
 print("metrics identical:", ok, "| resting after each iteration:", rest)
 sys.exit(0 if ok and rest else 1)

@@ -672,6 +672,7 @@ def plan_only(settings: list[tuple[str, int]], batches: list[int | None], profil
       row = {"models": models, "gen": gen, "batch": exp.data.batch_size, "searched_s": cands[0].sim.time,
              "searched_plan": {c: layout_to_text(lay) for c, lay in cands[0].plan.layouts.items()},
              **({"searched_offload": sorted(cands[0].plan.offload)} if cands[0].plan.offload else {}),
+             "heuristics_offload": {c.name: sorted(c.plan.offload) for c in cands[1:] if c.plan.offload},
              "heuristics_s": heur, "speedup_predicted": best / cands[0].sim.time, "search": info}
       rows.append(row)
       log(f"{models:6s} gen {gen:5d} batch {exp.data.batch_size:4d}: searched {row['searched_s']:.3f} s, best heuristic "

@@ -217,7 +217,11 @@ def measure(name: str | None = None, *, size: int = 0, copy_mb: int = 0) -> Prof
                  hbm_bandwidth=hbm, d2d_bandwidth=d2d, inter_host_bandwidth=d2d, intra_mesh_collective_bandwidth=coll,
                  memory_bytes=mem, call_overhead_s=overhead, transfer_latency_s=overhead,
                  **({"host_bandwidth": host} if host else {}),
-                 notes=f"measured by python -m search.profile on {d0.device_kind} x{len(devs)}, jax {jax.__version__}")
+                 notes=f"measured by python -m search.profile on {d0.device_kind} x{len(devs)}, jax {jax.__version__}"
+                 + ("" if host else f"; {HOST_NOT_MEASURED}"))
+
+
+HOST_NOT_MEASURED = "host_bandwidth not measured (no pinned_host memory)"
 
 
 def _host_bandwidth(devs, n: int) -> float | None:
@@ -323,7 +327,8 @@ def main(argv=None) -> None:
     else:
       cases = cal.default_cases(jax.devices()[0].platform, jax.device_count(), split(args.models),
                                 split(args.kinds) or cal.KINDS)
-    micro = {k: getattr(measured, k) for k in MEASURED}
+    micro = {k: getattr(measured, k) for k in MEASURED
+             if k != "host_bandwidth" or HOST_NOT_MEASURED not in measured.notes}
     prof = cal.calibrate(prof, out=args.out, budget_s=args.budget - (time.perf_counter() - t0), reps=args.reps,
                          cases=cases, micro=micro)
     _emit(prof, args.out, quiet=True)

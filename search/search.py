@@ -16,8 +16,9 @@ the time among layouts on the same mesh, half anywhere), and 30% of moves carry 
 calls along to the same mesh (same layout where valid, else their best there: a single-call move
 cannot leave a plan where a model's calls share a layout and no reallocation happens); accept with probability
 exp(-(t_new - t_old) / T), T decaying geometrically from 10% to 0.1% of the start time; keep the
-best plan seen. Stops after `steps` moves or `time_budget_s`; the temperature follows whichever of the two
-is nearer its end, so a search cut by its time budget still finishes cooling.
+best plan seen. Stops after `steps` moves or `time_budget_s`. The temperature follows the step count, or,
+when the first moves' pace says the budget will end the search first, the time spent: a search cut by its
+budget still finishes cooling, and one that finishes its steps in time is reproducible by seed.
 
 Host offload: a plan that does not fit is scored again with frozen models (those no train call updates,
 such as PPO's reference and reward) resting in host memory between their calls (`ExecutionPlan.offload`;
@@ -112,6 +113,10 @@ class Planner:
                offload: frozenset[str] | None = None) -> SimResult:
     """Simulates the plan. offload None: as it is, and if it does not fit, with each host-offload set of
     frozen models (the fastest that fits; `SimResult.offload` says which); a set: exactly that one."""
+    for c in self.calls:
+      if layouts[c] not in self.secs[c]:
+        raise ValueError(f"call {c!r}: layout {layouts[c]} is not one of its {len(self.cands[c])} candidates "
+                         f"(invalid for its shapes and batch, or it does not fit memory alone)")
     secs = {c: self.secs[c][layouts[c]] for c in self.calls}
     costs = {c: self.costs[c][layouts[c]] for c in self.calls}
 
@@ -229,12 +234,16 @@ class Planner:
     cur_r = self.evaluate(cur)
     best = (dict(cur), cur_r)
     t0 = time.perf_counter()
+    probe = max(1, min(steps // 100, 500))  # After this many moves: will the budget or the steps end the search?
+    by_time = False
     for i in range(steps):
       elapsed = time.perf_counter() - t0
       if elapsed > time_budget_s:
         break
+      if i == probe:  # Decided once, so a search that finishes its steps in time stays reproducible by seed.
+        by_time = elapsed / i * steps > time_budget_s
       scale = best[1].time if math.isfinite(best[1].time) else 1.0  # Temperatures relative to the best time.
-      done = max(i / max(steps - 1, 1), elapsed / time_budget_s if time_budget_s > 0 else 1.0)
+      done = elapsed / time_budget_s if by_time else i / max(steps - 1, 1)
       temp = scale * 0.1 * 1e-2 ** min(done, 1.0)
       c = rng.choice(self.calls)
       if rng.random() < 0.5:

@@ -12,7 +12,11 @@ parameters, with no task and no extra copy; a reallocation priced at zero adds n
 iteration that reads that placement (a model keeps at most one copy), so a placement read by several
 calls of an iteration is moved once, and a frozen model read away from home is moved every iteration.
 Frozen models listed in the plan's `offload` rest in host memory and are loaded (host bandwidth)
-before each of their calls.
+before each of their calls, straight into the call's layout, and count in memory only while it runs. The
+engine loads such a model into its home layout once the work before it on those devices is done, and rests
+it again after its last call of the iteration: the same for a frozen model with one call per iteration
+(every graph the planner knows: PPO's reference and reward); one with several calls would stay on the
+devices between them, which this does not count.
 
 Memory per device: resident parameters of every model in its home layout (+ optimizer state for
 trained models), the reallocated copies alive at the time (above), and, while a call runs, its

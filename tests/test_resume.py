@@ -219,3 +219,25 @@ def test_offloaded_frozen_model_is_checkpointed(base, tmp_path):
   want, _ = _restore(wd, 2, small())
   for x, y in zip(got["ref"], want["ref"]):
     np.testing.assert_array_equal(x, y)
+
+
+def test_a_resumed_run_rests_offloaded_models_again(tmp_path, monkeypatch):
+  """A resume restores the reference onto the devices; it goes back to host memory before the first resumed
+  iteration starts (the planner counts it resting through generation) and rests at every iteration's start."""
+  import jax
+
+  from real_jax.runtime.engine import Engine
+  calls = ("actor_gen", "reward_inf", "ref_inf", "critic_inf", "actor_train", "critic_train")
+  plan = ", ".join(f"{c}=0:8/d1f8t1" for c in calls) + ", offload=ref"
+  run(small(plan=plan, num_iterations=1), str(tmp_path), **QUIET)
+  seen = []
+  real = Engine.run_iteration
+
+  def spy(self, inputs):
+    slot = self.slots["ref"]
+    seen.append((slot.offloaded, {x.sharding.memory_kind for x in jax.tree.leaves(slot.params)}))
+    return real(self, inputs)
+  monkeypatch.setattr(Engine, "run_iteration", spy)
+  out = run(small(plan=plan, num_iterations=3), str(tmp_path), **QUIET)
+  assert [r["iteration"] for r in out] == [1, 2]
+  assert seen == [(True, {"pinned_host"})] * 2, seen

@@ -364,7 +364,8 @@ def test_engine_rests_an_offloaded_model_in_host_memory_from_its_start():
   graph = Graph([Call("ref_inf", "ref", CallKind.INFERENCE), Call("train", "actor", CallKind.TRAIN_STEP)],
                 models=("ref", "actor"))
   during = []
-  fns = {n: (lambda engine, call, layout, p, args: during.append((call.name, kinds(p))) or {}) for n in ("ref_inf", "train")}
+  fns = {n: (lambda engine, call, layout, p, args: during.append((call.name, kinds(p))) or {})
+         for n in ("ref_inf", "train")}
   engine = Engine(graph, ExecutionPlan({"ref_inf": lay, "train": lay}, offload={"ref"}), slots, fns, validate=False)
   assert slots["ref"].offloaded and kinds(slots["ref"].params) == {"pinned_host"}
   assert not slots["actor"].offloaded and kinds(slots["actor"].params) == {"device"}
@@ -372,6 +373,46 @@ def test_engine_rests_an_offloaded_model_in_host_memory_from_its_start():
   engine.wait()
   assert during == [("ref_inf", {"device"}), ("train", {"device"})]
   assert slots["ref"].offloaded and kinds(slots["ref"].params) == {"pinned_host"}
+  with pytest.raises(ValueError, match=r"offload names \['actor'\], which a train call updates"):
+    Engine(graph, ExecutionPlan({"ref_inf": lay, "train": lay}, offload={"actor"}), slots, fns, validate=False)
+
+
+def test_engine_loads_a_resting_model_after_the_work_before_it_on_its_devices(monkeypatch):
+  """A resting model comes back to the devices only once the calls dispatched before it there have finished:
+  the planner counts its memory only while its own call runs, and a device_put allocates when issued."""
+  import time
+
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  import real_jax.runtime.engine as E
+  from real_jax.dataflow import Call, CallKind, Graph
+  from real_jax.models import create_model, get_config
+  from search.plan import ExecutionPlan
+  from sharding import DeviceMesh, Layout, Strategy
+
+  lay = Layout(DeviceMesh(0, 8), Strategy(fsdp=8))
+  slots = {m: E.ModelSlot(m, None, nnx.split(create_model(get_config("tiny"), lay))[1], lay) for m in ("ref", "actor")}
+  graph = Graph([Call("gen", "actor", CallKind.INFERENCE, outputs=("x",)),
+                 Call("ref_inf", "ref", CallKind.INFERENCE, inputs=("x",))], models=("ref", "actor"))
+
+  fns = {"gen": lambda engine, call, layout, p, args: {"x": jnp.ones((8,))},
+         "ref_inf": lambda engine, call, layout, p, args: {}}
+  ready = jax.block_until_ready
+
+  def slow_gen(tree):  # gen's outputs take 0.5 s to be ready (a CPU program this small is done at dispatch)
+    if isinstance(tree, tuple) and isinstance(tree[0], dict) and "x" in tree[0]:
+      time.sleep(0.5)
+    return ready(tree)
+  monkeypatch.setattr(E.jax, "block_until_ready", slow_gen)
+  engine = E.Engine(graph, ExecutionPlan({"gen": lay, "ref_inf": lay}, offload={"ref"}), slots, fns, validate=False)
+  gen_done = []
+  real = E.Engine._restore_from_host
+  monkeypatch.setattr(E.Engine, "_restore_from_host",
+                      lambda self, slot: gen_done.append(self.timeline[0].end is not None) or real(self, slot))
+  engine.run_iteration({})
+  assert gen_done == [True]
 
 
 def test_engine_raises_a_call_that_failed_on_its_devices(monkeypatch):

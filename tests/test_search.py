@@ -195,6 +195,33 @@ def test_offload_makes_a_plan_fit_and_never_touches_one_that_fits():
   assert res.result.feasible and res.plan.offload == {"ref"} and res.baselines["colocated"][0].offload == {"ref"}
 
 
+def test_offload_takes_the_fastest_set_that_fits():
+  """Two frozen models of different sizes: a plan that does not fit is scored with each of the three sets
+  resting in host memory and keeps the fastest that fits (not the first, not the largest)."""
+  specs, tasks = _offload_setting()
+  specs["rew"] = dataclasses_replace(specs["ref"], name="rew", model="rew",
+                                     shape=dataclasses_replace(SHAPE, params=10_000_000))
+  tasks = []
+  for i in range(3):
+    tasks += [((i, "gen"), [(i - 1, "train")] if i else []), ((i, "ref"), [(i, "gen")]), ((i, "rew"), [(i, "gen")]),
+              ((i, "train"), [(i, "ref"), (i, "rew")])]
+  lays = {c: Layout.on(0, data=4) for c in specs}
+  roomy = _planner(specs, tasks, 1e12)
+  assert sorted(map(sorted, roomy.offload_sets)) == [["ref"], ["ref", "rew"], ["rew"]]
+  each = {off: roomy.evaluate(lays, offload=off) for off in [frozenset()] + roomy.offload_sets}
+  plain = each.pop(frozenset())
+  for usable in sorted({r.peak_memory.max() for r in each.values()}):
+    if usable >= plain.peak_memory.max():
+      continue  # The plan fits as it is: nothing rests.
+    usable *= 1 + 1e-9  # (exactly at a peak: no rounding below it)
+    tight = _planner(specs, tasks, usable / (1 - PROFILE.memory_reserve))
+    fits = {off: r.time for off, r in each.items() if r.peak_memory.max() <= usable}
+    r = tight.evaluate(lays)
+    assert r.feasible and r.offload == min(fits, key=fits.get) and r.time == pytest.approx(min(fits.values()))
+  with pytest.raises(ValueError, match=r"call 'gen': layout .* is not one of its \d+ candidates"):
+    roomy.evaluate({**lays, "gen": Layout.on(0, data=8)})  # 8 devices: this planner has 4
+
+
 def test_estimator_compiles_and_caches_on_disk(tmp_path):
   def lower(layout):
     sh = NamedSharding(layout.mesh, PartitionSpec(("data", "fsdp")))

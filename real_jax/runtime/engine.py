@@ -91,6 +91,7 @@ class ModelSlot:
 
   def set_params(self, params: Any) -> None:
     self.params = params
+    self.offloaded = False  # Wherever the new arrays live; the engine rests it again (Engine.rest_offloaded).
     self.version += 1
     self._copies.clear()
 
@@ -131,6 +132,7 @@ class Engine:
     self.timeline: list[Record] = []
     self._same_placement: dict[tuple, bool] = {}
     self._watchers: list[threading.Thread] = []
+    self._watched_devices: list[tuple[threading.Thread, int, int]] = []  # (watcher, first device, last + 1)
     self._errors: list[tuple[str, BaseException]] = []
     self._error_lock = threading.Lock()
     self._abort_timer: threading.Timer | None = None
@@ -141,9 +143,17 @@ class Engine:
     self.iteration = 0
     if validate:
       self.check_plan()
-    trained = {c.model for c in graph.calls if c.kind is CallKind.TRAIN_STEP}
-    for model in sorted(set(plan.offload) & set(self.slots) - trained):
-      self.offload(model)  # Resting from the start, as the planner counts it: not on the devices until its call.
+    trained = sorted({c.model for c in graph.calls if c.kind is CallKind.TRAIN_STEP} & set(plan.offload))
+    if trained:
+      raise ValueError(f"plan offload names {trained}, which a train call updates; only frozen models may rest in "
+                       f"host memory")
+    self.rest_offloaded()
+
+  def rest_offloaded(self) -> None:
+    """Moves every model the plan offloads to host memory: at the start (the planner counts them resting, not
+    on the devices until their call) and after their parameters are set again (a resume)."""
+    for model in sorted(set(self.plan.offload) & set(self.slots)):
+      self.offload(model)
 
   # -- plan checks -----------------------------------------------------------------------------
 
@@ -166,6 +176,13 @@ class Engine:
     t = threading.Thread(target=wait, daemon=True)
     t.start()
     self._watchers.append(t)
+    self._watched_devices.append((t, record.devices[0], record.devices[0] + record.devices[1]))
+
+  def _wait_for_devices(self, devices: set[int]) -> None:
+    """Blocks until the calls and moves dispatched so far on any of `devices` (positions) have finished."""
+    for t, lo, hi in list(self._watched_devices):
+      if any(lo <= d < hi for d in devices):
+        self._join(t)
 
   def _failed(self, name: str, error: BaseException) -> None:
     with self._error_lock:
@@ -213,6 +230,7 @@ class Engine:
     for t in self._watchers:
       self._join(t)
     self._watchers.clear()
+    self._watched_devices.clear()
     self.raise_if_failed()
 
   # -- placement -------------------------------------------------------------------------------
@@ -221,6 +239,10 @@ class Engine:
     """The model's parameters in `layout`, reallocating (and caching) when it differs from home."""
     slot = self.slots[model]
     if slot.offloaded:
+      # The planner counts a resting model's memory only while its own call runs: load it once the work
+      # before it on those devices is done, not beside that work's buffers (a device_put allocates at once).
+      self._wait_for_devices({*range(slot.home.device_mesh.start, slot.home.device_mesh.stop),
+                              *range(layout.device_mesh.start, layout.device_mesh.stop)})
       self._restore_from_host(slot)
     if layout == slot.home or self._placed_as_home(slot, layout):
       return slot.params

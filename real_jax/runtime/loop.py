@@ -294,6 +294,7 @@ def run(exp: Experiment, workdir: str, *, log=print, progress: bool | None = Non
       for role, slot in slots.items():
         slot.train_state = r.train_states.get(role)
         slot.set_params(r.params[role])
+      engine.rest_offloaded()  # The restored frozen models land on the devices: back to host memory.
       del r
       batches.restore(restored_extra["data"])
       program.load_state_dict(restored_extra.get("program", {}))
