@@ -373,7 +373,7 @@ def test_engine_rests_an_offloaded_model_in_host_memory_from_its_start():
   engine.wait()
   assert during == [("ref_inf", {"device"}), ("train", {"device"})]
   assert slots["ref"].offloaded and kinds(slots["ref"].params) == {"pinned_host"}
-  with pytest.raises(ValueError, match=r"offload names \['actor'\], which a train call updates"):
+  with pytest.raises(ValueError, match=r"offload names 'actor' \(calls \['train'\]\), which is trained"):
     Engine(graph, ExecutionPlan({"ref_inf": lay, "train": lay}, offload={"actor"}), slots, fns, validate=False)
 
 
@@ -519,7 +519,7 @@ def test_engine_failure_paths_raise_promptly_and_never_exit_once_raised(monkeypa
   engine, _, _ = _copy_engine([lay], abort_after_s=0.3)
   slow = threading.Thread(target=time.sleep, args=(3.0,), daemon=True)
   slow.start()
-  engine._watchers.append(slow)
+  engine._watchers.append((slow, 0, 8))  # (watcher, its record's devices)
   threading.Timer(0.1, engine._failed, ("c9", RuntimeError("out of memory"))).start()
   t = time.perf_counter()
   with pytest.raises(E.CallFailed, match="'c9'"):

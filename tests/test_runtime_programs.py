@@ -142,6 +142,7 @@ def test_program_config_errors_name_the_key(name, over, match):
     ("grpo", "actor_train=0:8/d1f8t1m4", r"call 'actor_train'.*grpo mini-batch of 16 rows does not divide .* 32"),
     ("dpo", "ref_inf=0:8/d1f1t8", r"call 'ref_inf'.*'heads' of size 4 does not divide"),
     ("grpo", "offload=actor", r"offload names 'actor' .*which is trained"),
+    ("grpo", "offload=critic", r"offload names 'critic', which is not a model of the graph \['actor', "),
 ])
 def test_bad_plans_of_new_programs_fail_before_compiling(name, plan, match, tmp_path):
   calls = {c: "0:8/d1f8t1" for c in CALLS[name]}

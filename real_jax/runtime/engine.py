@@ -131,8 +131,7 @@ class Engine:
       raise ValueError(f"no function given for calls {missing}")
     self.timeline: list[Record] = []
     self._same_placement: dict[tuple, bool] = {}
-    self._watchers: list[threading.Thread] = []
-    self._watched_devices: list[tuple[threading.Thread, int, int]] = []  # (watcher, first device, last + 1)
+    self._watchers: list[tuple[threading.Thread, int, int]] = []  # (watcher, its record's first device, last + 1)
     self._errors: list[tuple[str, BaseException]] = []
     self._error_lock = threading.Lock()
     self._abort_timer: threading.Timer | None = None
@@ -143,10 +142,7 @@ class Engine:
     self.iteration = 0
     if validate:
       self.check_plan()
-    trained = sorted({c.model for c in graph.calls if c.kind is CallKind.TRAIN_STEP} & set(plan.offload))
-    if trained:
-      raise ValueError(f"plan offload names {trained}, which a train call updates; only frozen models may rest in "
-                       f"host memory")
+    check_offload(graph, plan)  # Even unvalidated: offloading a trained model would lose its updates.
     self.rest_offloaded()
 
   def rest_offloaded(self) -> None:
@@ -175,12 +171,11 @@ class Engine:
       record.end = self.now()
     t = threading.Thread(target=wait, daemon=True)
     t.start()
-    self._watchers.append(t)
-    self._watched_devices.append((t, record.devices[0], record.devices[0] + record.devices[1]))
+    self._watchers.append((t, record.devices[0], record.devices[0] + record.devices[1]))
 
   def _wait_for_devices(self, devices: set[int]) -> None:
     """Blocks until the calls and moves dispatched so far on any of `devices` (positions) have finished."""
-    for t, lo, hi in list(self._watched_devices):
+    for t, lo, hi in list(self._watchers):
       if any(lo <= d < hi for d in devices):
         self._join(t)
 
@@ -227,10 +222,9 @@ class Engine:
   def wait(self) -> None:
     """Blocks until every dispatched call has finished (end of an iteration); raises `CallFailed` if
     one failed."""
-    for t in self._watchers:
+    for t, _, _ in self._watchers:
       self._join(t)
     self._watchers.clear()
-    self._watched_devices.clear()
     self.raise_if_failed()
 
   # -- placement -------------------------------------------------------------------------------
@@ -476,6 +470,18 @@ def _batch_layout(layout: Layout) -> Layout:
 def batch_target(layout: Layout, shape: tuple[int, ...]) -> jax.sharding.NamedSharding:
   """Where a batch array of `shape` goes under `layout`: rows over data x fsdp, the rest replicated."""
   return activation_sharding(layout, ("batch",) + (None,) * (len(shape) - 1), shape) if shape else layout.replicated()
+
+
+def check_offload(graph: Graph, plan: ExecutionPlan) -> None:
+  """Only frozen models of the graph may rest in host memory (`plan.offload`)."""
+  trained = graph.trained_models()
+  for model in sorted(plan.offload):
+    if model not in graph.models:
+      raise ValueError(f"plan offload names {model!r}, which is not a model of the graph {list(graph.models)}")
+    if model in trained:
+      calls = [c.name for c in graph.calls if c.model == model]
+      raise ValueError(f"plan offload names {model!r} (calls {calls}), which is trained; only frozen models may "
+                       "rest in host memory")
 
 
 def check_plan(graph: Graph, plan: ExecutionPlan, params: Mapping[str, Any]) -> None:

@@ -53,7 +53,7 @@ from real_jax.metrics import MetricsWriter, TimelineWriter, check_calls_finite
 from real_jax.models import abstract_model, create_model
 from real_jax.optim import OptimizerConfig
 from real_jax.runtime import offline, policy_gradient, ppo  # noqa: F401  (register the programs)
-from real_jax.runtime.engine import Engine, ModelSlot, check_plan, home_layouts
+from real_jax.runtime.engine import Engine, ModelSlot, check_offload, check_plan, home_layouts
 from real_jax.runtime.inputs import batch_arrays, make_batches, make_tokenizer
 from real_jax.runtime.program import Program
 from real_jax.runtime.progress import Progress, summary
@@ -374,14 +374,7 @@ def check_plan_for(program_cls, exp: Experiment, graph, plan: ExecutionPlan) -> 
     if per_mb % shards:
       raise ValueError(f"plan for call {name!r} ({plan[name]}): a {exp.algorithm} mini-batch of {per_mb} rows "
                        f"does not divide over data x fsdp x micro_batches = {shards}")
-  trained = graph.trained_models()
-  for model in sorted(plan.offload):
-    if model not in graph.models:
-      raise ValueError(f"plan offload names {model!r}, which is not a model of {exp.algorithm} {list(graph.models)}")
-    if model in trained:
-      calls = [c.name for c in graph.calls if c.model == model]
-      raise ValueError(f"plan offload names {model!r} (calls {calls}), which is trained; only frozen models may "
-                       "rest in host memory")
+  check_offload(graph, plan)
 
 
 def _build_models(exp: Experiment, graph, homes, tok, log, *, warmup: bool = True) -> dict:
